@@ -1,0 +1,468 @@
+"""The perturbation engine shared by every sharpness-aware method in flatlm.
+
+One step (see ALGORITHMS.md):
+
+1. clean pass at θ: loss L, gradient g (and, for the functional methods, r = ∂ℓ/∂logits);
+2. ε from g by the method's *direction rule*, scaled to radius ρ per parameter group;
+3. second pass at θ + ε: the full loss gradient ∇L(θ+ε), or for the functional methods the
+   vector–Jacobian product J(θ+ε)ᵀ r(θ) (``logits.backward(r)``);
+4. θ restored bit for bit from a copy (never by subtracting ε), the base optimizer steps.
+
+A method is therefore a direction rule plus one flag (``functional``), not a class of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatlm.optim.directions import Direction, global_norm
+
+__all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
+
+# Added to ‖n‖ so that an all-zero gradient gives ε = 0 rather than 0/0.
+_NORM_FLOOR = 1e-12
+
+
+class NonFiniteStepWarning(RuntimeWarning):
+    """A step was skipped because a pass gave a non-finite loss or gradient."""
+
+
+@dataclass
+class _Gathered:
+    """The parameters with a gradient, flat, and each group's [start, end) and ρ."""
+
+    params: list[Tensor]
+    slices: list[tuple[int, int, float]]
+
+
+class _RngState:
+    """The CPU and CUDA generator states, so the second pass sees the first pass's randomness."""
+
+    def __init__(self, cuda_devices: list[int]):
+        self.cpu = torch.get_rng_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda:
+            torch.cuda.set_rng_state(state, d)
+
+
+class SharpnessAwareOptimizer(torch.optim.Optimizer):
+    """Wraps a base optimizer; ``direction`` and ``functional`` define the method.
+
+    ``param_groups`` is the base optimizer's own list (LR schedulers work on either object) with
+    this optimizer's keys (``rho`` …) added; changing ``group["rho"]`` takes effect next step.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        base_optimizer: the wrapped optimizer's class (AdamW by default), built on the same groups
+            with ``base_kwargs``.
+        rho: perturbation radius ρ ≥ 0.
+        direction: the rule that makes ε's direction (see :mod:`flatlm.optim.directions`).
+        functional: take J(θ+ε)ᵀ r(θ) at the perturbed point instead of ∇L(θ+ε).
+        ascent_steps: K normalised ascent steps of size ρ/K, each projected back onto the
+            corruption set, the descent gradient taken at the last point.
+        max_grad_norm: clip the gradient handed to the base optimizer (the perturbed one).
+        replay_rng: replay the clean pass's CPU/CUDA RNG state for the second pass, so dropout
+            masks match and both passes evaluate one function.
+        skip_nonfinite: skip the whole step (θ and all state unchanged) when a pass gives a
+            non-finite loss or gradient. Deciding that costs one host read of a flag per step,
+            unless the base optimizer can skip on device (``fused=True`` Adam/AdamW/SGD), which
+            flatlm then uses, with no host sync at all.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer],
+        *,
+        rho: float,
+        direction: Direction,
+        functional: bool = False,
+        ascent_steps: int = 1,
+        max_grad_norm: float | None = None,
+        replay_rng: bool = True,
+        skip_nonfinite: bool = True,
+        **base_kwargs: Any,
+    ):
+        _check_rho(rho)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.AdamW, with its "
+                f"arguments as keywords; got an instance of {type(base_optimizer).__name__}"
+            )
+        if not (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+        ):
+            raise TypeError(
+                "base_optimizer must be a subclass of torch.optim.Optimizer (e.g. "
+                f"torch.optim.AdamW), got {base_optimizer!r}"
+            )
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, SharpnessAwareOptimizer):
+            raise TypeError("base_optimizer cannot itself be a sharpness-aware optimizer")
+        if not isinstance(ascent_steps, int) or ascent_steps < 1:
+            raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
+        if functional and ascent_steps > 1:
+            raise ValueError("the functional methods take a single ascent step")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+
+        params = list(params)
+        if not params:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        super().__init__(params, {"rho": rho})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of groups for both objects: schedulers and users see a single source of truth.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+        self.direction = direction
+        self.functional = functional
+        self.ascent_steps = ascent_steps
+        self.max_grad_norm = max_grad_norm
+        self.replay_rng = replay_rng
+        self.skip_nonfinite = skip_nonfinite
+        direction.validate(self)
+
+        # Not in self.state: the clean copies are scratch, never saved in a checkpoint.
+        self._clean_copies: dict[Tensor, Tensor] = {}
+        self._scratch: dict[str, Any] = {}
+        self._perturbed: _Gathered | None = None
+        self._clean_ok: Tensor | None = None
+        self._skipped_host = 0
+        self._skipped_device: Tensor | None = None
+
+    # --- public protocol --------------------------------------------------------------------
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        forward: Callable[[], Tensor] | None = None,
+        loss_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor | None:
+        """One full step.
+
+        ``step(forward=..., loss_fn=...)``: ``forward()`` returns the logits and ``loss_fn`` maps
+        them to the scalar loss; both passes run here. Returns the clean loss (a tensor).
+
+        ``step(closure)``: the davda54/sam protocol. The caller has already run the clean
+        forward and backward; ``closure`` recomputes loss and gradient (forward + backward) and
+        is called at the perturbed point. Returns the closure's (perturbed) loss.
+        """
+        if forward is not None:
+            if closure is not None:
+                raise TypeError("pass either closure or forward/loss_fn, not both")
+            if loss_fn is None:
+                raise TypeError("step(forward=...) also needs loss_fn=...")
+            return self._forward_step(forward, loss_fn)
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
+                "recomputes the loss and its gradient)"
+            )
+        self._require_classic_protocol("step(closure)")
+        closure = torch.enable_grad()(closure)
+        loss = None
+        for k in range(self.ascent_steps):
+            self._ascend(first=k == 0)
+            self.zero_grad(set_to_none=True)
+            loss = closure()
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``."""
+        self._require_classic_protocol("first_step()")
+        if self.ascent_steps > 1:
+            raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
+        self._ascend(first=True)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore θ exactly and step the base optimizer with the gradient now in ``p.grad``."""
+        if self._perturbed is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self._restore()
+        self._base_step(self._clean_ok)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def perturbation(self) -> list[Tensor | None]:
+        """The method's ε per parameter of ``param_groups`` from the gradients now in ``p.grad``.
+
+        Changes nothing (θ, gradients, state); None where a parameter has no gradient.
+        """
+        gathered = self._gather_params()
+        grads = torch._foreach_mul([p.grad for p in gathered.params], 1.0)  # a copy
+        u, n = self.direction(self, gathered.params, grads, {})
+        eps = self._scale_by_group(gathered, u, 1.0 / (global_norm(n) + _NORM_FLOOR))
+        by_param = dict(zip(gathered.params, eps, strict=True))
+        return [by_param.get(p) for group in self.param_groups for p in group["params"]]
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for a non-finite loss or gradient."""
+        device = 0 if self._skipped_device is None else int(self._skipped_device.item())
+        return self._skipped_host + device
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        _check_rho(param_group.setdefault("rho", self.defaults["rho"]))
+        self.base_optimizer.add_param_group(param_group)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's whole state (moments, steps, groups) plus this method's own."""
+        own = super().state_dict()
+        return {
+            "flatlm_method": type(self).__name__,
+            "base": self.base_optimizer.state_dict(),
+            "method_state": own["state"],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"base", "method_state"} <= set(state_dict):
+            raise ValueError(
+                f"not a {type(self).__name__} state dict: expected keys 'base' and 'method_state'"
+                + (
+                    f", got {sorted(state_dict)[:8]}"
+                    if isinstance(state_dict, dict)
+                    else f", got {type(state_dict).__name__}"
+                )
+            )
+        method = state_dict.get("flatlm_method")
+        if method is not None and method != type(self).__name__:
+            raise ValueError(
+                f"state dict is for {method}, cannot load it into {type(self).__name__}"
+            )
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        # Load our own state against the base's (now loaded) groups, then share them again.
+        super().load_state_dict(
+            {
+                "state": state_dict["method_state"],
+                "param_groups": state_dict["base"]["param_groups"],
+            }
+        )
+        self.param_groups = self.base_optimizer.param_groups
+        self._skipped_host = int(state_dict.get("skipped_steps", 0))
+        self._skipped_device = None
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def _forward_step(
+        self, forward: Callable[[], Tensor], loss_fn: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        self.zero_grad(set_to_none=True)
+        rng = _RngState(self._cuda_devices()) if self.replay_rng else None
+
+        with torch.enable_grad():
+            logits = forward()
+            loss = loss_fn(logits)
+            if self.functional:
+                logits.retain_grad()
+            loss.backward()
+        dlogits = logits.grad.detach() if self.functional else None
+        del logits
+        ok = torch.isfinite(loss.detach())
+
+        for k in range(self.ascent_steps):
+            self._ascend(first=k == 0)
+            self.zero_grad(set_to_none=True)
+            if rng is not None:
+                rng.restore()
+            with torch.enable_grad():
+                logits = forward()
+                if dlogits is not None:
+                    if logits.shape != dlogits.shape:
+                        raise RuntimeError(
+                            "forward() returned logits of shape "
+                            f"{tuple(logits.shape)} at the perturbed point but "
+                            f"{tuple(dlogits.shape)} at the clean point"
+                        )
+                    logits.backward(dlogits.to(logits.dtype))
+                else:
+                    perturbed_loss = loss_fn(logits)
+                    perturbed_loss.backward()
+                    ok = ok & torch.isfinite(perturbed_loss.detach())
+            del logits
+
+        self._clean_ok = self._clean_ok & ok
+        with torch.no_grad():
+            self.second_step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def _ascend(self, first: bool) -> None:
+        """Move θ to (the next) perturbed point from the gradients now in ``p.grad``."""
+        if first:
+            if self._perturbed is not None:  # a previous first_step was never completed
+                self._restore()
+            self._scratch = {}
+            self._perturbed = self._gather_params()
+            self._store_clean(self._perturbed.params)
+        gathered = self._perturbed
+        assert gathered is not None
+        params = gathered.params
+        _check_group_rhos(self.param_groups)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        u, n = self.direction(self, params, grads, self._scratch)
+        norm = global_norm(n)
+        if first:
+            self._clean_ok = torch.isfinite(norm)
+
+        if self.ascent_steps == 1:
+            torch._foreach_add_(
+                params, self._scale_by_group(gathered, u, 1.0 / (norm + _NORM_FLOOR))
+            )
+            return
+        # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
+        step = torch._foreach_div(u, (norm + _NORM_FLOOR) * self.ascent_steps)
+        delta = self._scratch.setdefault("delta", [torch.zeros_like(p) for p in params])
+        torch._foreach_add_(delta, step)
+        metric = self.direction.metric(self._scratch)
+        size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
+        torch._foreach_mul_(delta, torch.clamp(1.0 / (size + _NORM_FLOOR), max=1.0))
+        torch._foreach_copy_(params, self._clean_list(params))
+        torch._foreach_add_(
+            params, self._scale_by_group(gathered, torch._foreach_mul(delta, 1.0), 1.0)
+        )
+
+    @staticmethod
+    def _scale_by_group(
+        gathered: _Gathered, u: list[Tensor], factor: Tensor | float
+    ) -> list[Tensor]:
+        """u ← ρ_group · factor · u in place, one foreach call per parameter group."""
+        for start, end, rho in gathered.slices:
+            if end > start:
+                torch._foreach_mul_(u[start:end], factor * rho)
+        return u
+
+    def _restore(self) -> None:
+        gathered = self._perturbed
+        assert gathered is not None
+        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
+        self._perturbed = None
+
+    def _base_step(self, ok: Tensor | None) -> None:
+        params = self._params_with_grad()
+        grads = [p.grad for p in params]
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+        else:
+            grad_norm = global_norm(grads)
+        ok = torch.isfinite(grad_norm) if ok is None else ok & torch.isfinite(grad_norm)
+        scratch, self._scratch = self._scratch, {}
+
+        if not self.skip_nonfinite:
+            self.base_optimizer.step()
+            self.direction.commit(self, scratch)
+            return
+        if self._can_skip_on_device():
+            # Fused Adam/AdamW/SGD leave params and moments untouched (and undo the step count)
+            # when found_inf is set: the skip needs no host sync.
+            not_ok = (~ok).to(torch.float32)
+            self.base_optimizer.found_inf = not_ok  # type: ignore[attr-defined]
+            try:
+                self.base_optimizer.step()
+            finally:
+                del self.base_optimizer.found_inf  # type: ignore[attr-defined]
+            skipped = self._skipped_device
+            self._skipped_device = not_ok if skipped is None else skipped + not_ok
+            return
+        if bool(ok):  # the one host read of a step: was everything finite?
+            self.base_optimizer.step()
+            self.direction.commit(self, scratch)
+        else:
+            self._skipped_host += 1
+            warnings.warn(
+                f"{type(self).__name__}: non-finite loss or gradient, step skipped "
+                f"(parameters and optimizer state unchanged; {self.skipped_steps} skipped so far)",
+                NonFiniteStepWarning,
+                stacklevel=4,
+            )
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _can_skip_on_device(self) -> bool:
+        return (
+            not self.direction.stateful
+            and getattr(self.base_optimizer, "_step_supports_amp_scaling", False)
+            and all(g.get("fused", False) for g in self.param_groups)
+        )
+
+    def _require_classic_protocol(self, what: str) -> None:
+        if self.functional:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the clean pass's dlogits, which {what} cannot "
+                "see: use step(forward=lambda: model(x), loss_fn=...)"
+            )
+
+    def _params_with_grad(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _gather_params(self) -> _Gathered:
+        params: list[Tensor] = []
+        slices: list[tuple[int, int, float]] = []
+        for g in self.param_groups:
+            start = len(params)
+            params.extend(p for p in g["params"] if p.grad is not None)
+            slices.append((start, len(params), g["rho"]))
+        return _Gathered(params, slices)
+
+    def _store_clean(self, params: list[Tensor]) -> None:
+        torch._foreach_copy_(self._clean_list(params), params)
+
+    def _clean_list(self, params: list[Tensor]) -> list[Tensor]:
+        copies = self._clean_copies
+        for p in params:
+            if p not in copies:
+                copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return [copies[p] for p in params]
+
+    def _cuda_devices(self) -> list[int]:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return []
+        return sorted(
+            {p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda}
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
+            f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional})"
+        )
+
+
+def _check_rho(rho: object) -> None:
+    if (
+        isinstance(rho, bool)
+        or not isinstance(rho, (int, float))
+        or not math.isfinite(rho)
+        or rho < 0
+    ):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+
+
+def _check_group_rhos(groups: list[dict[str, Any]]) -> None:
+    for i, g in enumerate(groups):
+        try:
+            _check_rho(g["rho"])
+        except ValueError as e:
+            raise ValueError(f"param_groups[{i}]: {e}") from None
