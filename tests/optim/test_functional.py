@@ -48,7 +48,7 @@ def _functional_reference(model, x, y, rho):
 
     g = grad(lambda p: F.cross_entropy(logits_of(p), y))(theta)
     norm = _flat_norm(list(g.values()))
-    shifted = {n: theta[n] + rho * g[n] / (norm + 1e-12) for n in theta}
+    shifted = {n: theta[n] + rho * g[n] / norm for n in theta}
     r = grad(lambda z: F.cross_entropy(z, y))(logits_of(theta))
     _, pullback = vjp(logits_of, shifted)
     (functional,) = pullback(r)

@@ -46,10 +46,10 @@ def _adamw_reference(model, x, y, *, steps, rho, lr, betas, eps, wd, adaptive=Fa
         if adaptive:
             tg = {n: (theta[n].abs() + eta) * g[n] for n in names}
             norm = math.sqrt(sum(float((tg[n] ** 2).sum()) for n in names))
-            e = {n: rho * (theta[n].abs() + eta) * tg[n] / (norm + 1e-12) for n in names}
+            e = {n: rho * (theta[n].abs() + eta) * tg[n] / norm for n in names}
         else:
             norm = math.sqrt(sum(float((g[n] ** 2).sum()) for n in names))
-            e = {n: rho * g[n] / (norm + 1e-12) for n in names}
+            e = {n: rho * g[n] / norm for n in names}
         gt = loss_grad({n: theta[n] + e[n] for n in names})
         for n in names:
             theta[n] = theta[n] * (1 - lr * wd)

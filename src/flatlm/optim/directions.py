@@ -228,10 +228,12 @@ class PreconditionedDirection(_StatelessRule):
 class GradientStrengthDirection(_StatelessRule):
     """GA-SAM (flatlm's formulation): ellipsoid ‖ε ⊘ D‖ ≤ ρ with D = (ŝ + ξ)^α.
 
-    ŝ is the bias-corrected RMS of the gradient over time (EMA with ``beta``), divided by its RMS
-    over all elements when ``normalize``. D is clamped to [1/max_scale, max_scale]: with α < 0, D
-    would otherwise grow without bound where the gradient strength is near zero, and since
-    ‖ε‖ ≤ ρ·max D the clamp is what keeps every step finite.
+    s is the bias-corrected RMS of each element's gradient over time (EMA with ``beta``) and
+    ŝ = s / RMS(s), the RMS over all elements. D = clip((ŝ + ξ)^α) with clip to
+    [1/max_scale, max_scale]: with α < 0, D would otherwise grow without bound where the gradient
+    strength is near zero, and as ‖ε‖ ≤ ρ·max D the clip is what keeps every step finite.
+    With ``normalize=False`` D is further multiplied by clip(RMS(s)^α), so the set also grows and
+    shrinks with the overall gradient strength over training (≈ (s + ξ)^α, bounded).
     """
 
     alpha: float = 1.0
@@ -279,15 +281,19 @@ class GradientStrengthDirection(_StatelessRule):
         # s = sqrt(EMA / (1 − βᵗ))
         strength = torch._foreach_div(emas, _bias_corrections(self.beta, steps))
         torch._foreach_sqrt_(strength)
-        if self.normalize:
-            numel = sum(s.numel() for s in strength)
-            rms = global_norm(strength) / math.sqrt(max(numel, 1))
-            # RMS 0 means every gradient so far was zero: ŝ = 0 then, and so is ε.
-            torch._foreach_div_(strength, torch.clamp(rms, min=torch.finfo(rms.dtype).tiny))
+        numel = sum(s.numel() for s in strength)
+        rms = global_norm(strength) / math.sqrt(max(numel, 1))
+        # RMS 0 means every gradient so far was zero: ŝ = 0 then, and so is ε.
+        rms = rms.clamp_min(torch.finfo(rms.dtype).tiny)
+        torch._foreach_div_(strength, rms)  # ŝ, relative strength
         torch._foreach_add_(strength, self.xi)
         torch._foreach_pow_(strength, self.alpha)
         torch._foreach_clamp_min_(strength, 1.0 / self.max_scale)
         torch._foreach_clamp_max_(strength, self.max_scale)
+        if not self.normalize:  # the overall strength scales the set too, within the same bounds
+            torch._foreach_mul_(
+                strength, rms.pow(self.alpha).clamp(1 / self.max_scale, self.max_scale)
+            )
         return strength
 
     def __call__(

@@ -26,8 +26,15 @@ from flatlm.optim.directions import Direction, global_norm
 
 __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
 
-# Added to ‖n‖ so that an all-zero gradient gives ε = 0 rather than 0/0.
-_NORM_FLOOR = 1e-12
+
+def _inverse_norm(norm: Tensor) -> Tensor:
+    """1/‖n‖ in at least float32, with ‖n‖ = 0 giving a finite value (then u = 0, so ε = 0).
+
+    A floor instead of the usual ``+ 1e-12``: adding shrinks ε by 1e-12/‖n‖ relative, which is
+    not negligible when gradients are small.
+    """
+    norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
+    return 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
 class NonFiniteStepWarning(RuntimeWarning):
@@ -208,7 +215,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         gathered = self._gather_params()
         grads = torch._foreach_mul([p.grad for p in gathered.params], 1.0)  # a copy
         u, n = self.direction(self, gathered.params, grads, {})
-        eps = self._scale_by_group(gathered, u, 1.0 / (global_norm(n) + _NORM_FLOOR))
+        eps = self._scale_by_group(gathered, u, _inverse_norm(global_norm(n)))
         by_param = dict(zip(gathered.params, eps, strict=True))
         return [by_param.get(p) for group in self.param_groups for p in group["params"]]
 
@@ -328,17 +335,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._clean_ok = torch.isfinite(norm)
 
         if self.ascent_steps == 1:
-            torch._foreach_add_(
-                params, self._scale_by_group(gathered, u, 1.0 / (norm + _NORM_FLOOR))
-            )
+            torch._foreach_add_(params, self._scale_by_group(gathered, u, _inverse_norm(norm)))
             return
         # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
-        step = torch._foreach_div(u, (norm + _NORM_FLOOR) * self.ascent_steps)
+        step = torch._foreach_mul(u, _inverse_norm(norm) / self.ascent_steps)
         delta = self._scratch.setdefault("delta", [torch.zeros_like(p) for p in params])
         torch._foreach_add_(delta, step)
         metric = self.direction.metric(self._scratch)
         size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
-        torch._foreach_mul_(delta, torch.clamp(1.0 / (size + _NORM_FLOOR), max=1.0))
+        torch._foreach_mul_(delta, torch.clamp(_inverse_norm(size), max=1.0))
         torch._foreach_copy_(params, self._clean_list(params))
         torch._foreach_add_(
             params, self._scale_by_group(gathered, torch._foreach_mul(delta, 1.0), 1.0)
