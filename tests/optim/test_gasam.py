@@ -111,14 +111,15 @@ def test_multi_step_ascent_stays_inside_the_ellipsoid(alpha):
     assert torch.equal(theta.detach(), theta0)  # restored exactly (lr = 0)
 
 
-def test_multi_step_reaches_a_higher_loss_inside_the_set_than_one_step():
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_multi_step_reaches_a_higher_loss_inside_the_set_than_one_step(alpha):
     # Very unequal curvature: one linearised step points along g, far from the worst corner.
-    a, loss = _quadratic([100.0, 1.0, 0.01])
+    _, loss = _quadratic([100.0, 1.0, 0.01])
     theta0 = torch.tensor([0.01, 1.0, 10.0], dtype=torch.float64)
     final_losses = {}
     for k in (1, 8):
         theta = nn.Parameter(theta0.clone())
-        opt = GASAM([theta], SpySGD, rho=1.0, alpha=0.0, ascent_steps=k, lr=0.0)
+        opt = GASAM([theta], SpySGD, rho=1.0, alpha=alpha, ascent_steps=k, lr=0.0)
         points, forward = _record_points(theta)
         opt.step(forward=forward, loss_fn=loss)
         final_losses[k] = float(loss(points[-1]))

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -153,13 +154,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self,
         closure: Callable[[], Tensor] | None = None,
         *,
-        forward: Callable[[], Tensor] | None = None,
-        loss_fn: Callable[[Tensor], Tensor] | None = None,
+        forward: Callable[..., Tensor] | None = None,
+        loss_fn: Callable[..., Tensor] | None = None,
+        micro_batches: Sequence[Any] | None = None,
     ) -> Tensor | None:
         """One full step.
 
         ``step(forward=..., loss_fn=...)``: ``forward()`` returns the logits and ``loss_fn`` maps
         them to the scalar loss; both passes run here. Returns the clean loss (a tensor).
+
+        With ``micro_batches=[mb, ...]`` (gradient accumulation) it calls ``forward(mb)`` and
+        ``loss_fn(logits, mb)`` for each, weights each loss by 1/M, makes ε from the accumulated
+        clean gradient and accumulates the second pass over the same micro-batches (each with its
+        own dlogits and RNG state). With equal-sized micro-batches and mean losses this equals one
+        step on the concatenated batch. Returns the mean clean loss.
 
         ``step(closure)``: the davda54/sam protocol. The caller has already run the clean
         forward and backward; ``closure`` recomputes loss and gradient (forward + backward) and
@@ -170,7 +178,19 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 raise TypeError("pass either closure or forward/loss_fn, not both")
             if loss_fn is None:
                 raise TypeError("step(forward=...) also needs loss_fn=...")
-            return self._forward_step(forward, loss_fn)
+            if micro_batches is None:
+                return self._forward_step([(forward, loss_fn)])
+            micro_batches = list(micro_batches)
+            if not micro_batches:
+                raise ValueError("micro_batches is empty")
+            return self._forward_step(
+                [
+                    (partial(forward, mb), partial(_loss_of_micro_batch, loss_fn, mb))
+                    for mb in micro_batches
+                ]
+            )
+        if micro_batches is not None:
+            raise TypeError("micro_batches needs forward= and loss_fn=")
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
@@ -274,46 +294,57 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # --- the step -----------------------------------------------------------------------------
 
     def _forward_step(
-        self, forward: Callable[[], Tensor], loss_fn: Callable[[Tensor], Tensor]
+        self, passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]]
     ) -> Tensor:
+        """Both passes over ``passes`` (one (forward, loss_fn) per micro-batch), then the update."""
         self.zero_grad(set_to_none=True)
-        rng = _RngState(self._cuda_devices()) if self.replay_rng else None
-
-        with torch.enable_grad():
-            logits = forward()
-            loss = loss_fn(logits)
-            if self.functional:
-                logits.retain_grad()
-            loss.backward()
-        dlogits = logits.grad.detach() if self.functional else None
-        del logits
-        ok = torch.isfinite(loss.detach())
+        weight = 1.0 / len(passes)
+        rngs: list[_RngState | None] = []
+        dlogits: list[Tensor | None] = []
+        clean_loss = None
+        ok = None
+        for forward, loss_fn in passes:
+            rngs.append(_RngState(self._cuda_devices()) if self.replay_rng else None)
+            with torch.enable_grad():
+                logits = forward()
+                loss = loss_fn(logits)
+                if self.functional:
+                    logits.retain_grad()
+                (loss * weight if weight != 1.0 else loss).backward()
+            # r of the weighted loss, so the second pass's VJP carries the same weight.
+            dlogits.append(logits.grad.detach() if self.functional else None)
+            del logits
+            loss = loss.detach()
+            clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
+            ok = _all_finite(ok, loss)
 
         for k in range(self.ascent_steps):
             self._ascend(first=k == 0)
             self.zero_grad(set_to_none=True)
-            if rng is not None:
-                rng.restore()
-            with torch.enable_grad():
-                logits = forward()
-                if dlogits is not None:
-                    if logits.shape != dlogits.shape:
-                        raise RuntimeError(
-                            "forward() returned logits of shape "
-                            f"{tuple(logits.shape)} at the perturbed point but "
-                            f"{tuple(dlogits.shape)} at the clean point"
-                        )
-                    logits.backward(dlogits.to(logits.dtype))
-                else:
-                    perturbed_loss = loss_fn(logits)
-                    perturbed_loss.backward()
-                    ok = ok & torch.isfinite(perturbed_loss.detach())
-            del logits
+            for (forward, loss_fn), rng, r in zip(passes, rngs, dlogits, strict=True):
+                if rng is not None:
+                    rng.restore()
+                with torch.enable_grad():
+                    logits = forward()
+                    if r is not None:
+                        if logits.shape != r.shape:
+                            raise RuntimeError(
+                                "forward() returned logits of shape "
+                                f"{tuple(logits.shape)} at the perturbed point but "
+                                f"{tuple(r.shape)} at the clean point"
+                            )
+                        logits.backward(r.to(logits.dtype))
+                    else:
+                        perturbed_loss = loss_fn(logits)
+                        (perturbed_loss * weight if weight != 1.0 else perturbed_loss).backward()
+                        ok = _all_finite(ok, perturbed_loss.detach())
+                del logits
 
         self._clean_ok = self._clean_ok & ok
         with torch.no_grad():
             self.second_step()
-        return loss.detach()
+        assert clean_loss is not None
+        return clean_loss
 
     @torch.no_grad()
     def _ascend(self, first: bool) -> None:
@@ -453,6 +484,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional})"
         )
+
+
+def _loss_of_micro_batch(loss_fn: Callable[..., Tensor], mb: Any, logits: Tensor) -> Tensor:
+    return loss_fn(logits, mb)
+
+
+def _all_finite(ok: Tensor | None, value: Tensor) -> Tensor:
+    finite = torch.isfinite(value).all()
+    return finite if ok is None else ok & finite
 
 
 def _check_rho(rho: object) -> None:
