@@ -308,3 +308,20 @@ def test_step_returns_the_clean_loss_as_a_tensor():
     loss = SAM(model.parameters(), rho=0.1, lr=0.01).step(forward=lambda: model(x), loss_fn=ce(y))
     assert torch.is_tensor(loss) and not loss.requires_grad
     assert math.isclose(loss.item(), expected.item(), rel_tol=0, abs_tol=0)
+
+
+def test_method_specs_name_variants():
+    from flatlm.optim import parse_method
+
+    assert parse_method("gasam:alpha=-1,ascent_steps=2") == (
+        "gasam",
+        {"alpha": -1, "ascent_steps": 2},
+    )
+    assert parse_method("SAM:adaptive=true, eta=0.1") == ("sam", {"adaptive": True, "eta": 0.1})
+    model = make_mlp()
+    opt = create("gasam:alpha=0.5,ascent_steps=3", model.parameters(), lr=0.01, rho=0.2)
+    assert opt.direction.alpha == 0.5 and opt.ascent_steps == 3 and opt.defaults["rho"] == 0.2
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("gasam:alpha")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        create("fsam:alpha=1", model.parameters(), lr=0.01)

@@ -40,6 +40,7 @@ __all__ = [
     "PreconditionedSAM",
     "SharpnessAwareOptimizer",
     "create",
+    "parse_method",
     "register_preconditioner",
 ]
 
@@ -56,6 +57,36 @@ METHODS: dict[str, type[torch.optim.Optimizer]] = {
 _ENGINE_ONLY = ("rho", "max_grad_norm")
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"gasam:alpha=-1,ascent_steps=2"`` -> ``("gasam", {"alpha": -1.0, "ascent_steps": 2})``.
+
+    A method name with optional keyword overrides, so a comparison can name variants of one
+    method. Values are read as int, float or bool (true/false) where they parse as such.
+    """
+    name, _, rest = spec.partition(":")
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name.strip()!r}; choose one of {', '.join(METHODS)}")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"bad method option {item!r} in {spec!r}: expected key=value")
+        kwargs[k.strip()] = _parse_value(v.strip())
+    return key, kwargs
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def create(
     name: str,
     params: Any,
@@ -63,15 +94,14 @@ def create(
     base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """Build a method by its short name (see ``METHODS``) over ``base_optimizer``.
+    """Build a method by its short name (see ``METHODS``, ``parse_method``) over ``base_optimizer``.
 
     ``"adamw"`` gives a plain AdamW; the sharpness-aware options (``rho``, ``max_grad_norm``) are
     then ignored if None and an error otherwise. A None value means "the method's default".
+    Options in the name (``"gasam:alpha=-1"``) take precedence over keyword arguments.
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    key, overrides = parse_method(name)
+    kwargs = {k: v for k, v in {**kwargs, **overrides}.items() if v is not None}
     if key == "adamw":
         extra = sorted(set(kwargs) & {*_ENGINE_ONLY, "alpha", "beta", "ascent_steps", "adaptive"})
         if extra:
