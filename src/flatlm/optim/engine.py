@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -85,6 +86,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             non-finite loss or gradient. Deciding that costs one host read of a flag per step,
             unless the base optimizer can skip on device (``fused=True`` Adam/AdamW/SGD), which
             flatlm then uses, with no host sync at all.
+        distributed: with DistributedDataParallel, ``"sync"`` (default) makes ε from the
+            all-reduced clean gradient, so N ranks equal one process on the global batch;
+            ``"local"`` makes it from each rank's own gradient (SAM's m-sharpness) and needs
+            ``step(..., no_sync=ddp_model.no_sync)``. Either way the norms need no all-reduce of
+            their own: in sync mode every rank holds the same gradient.
     """
 
     def __init__(
@@ -99,9 +105,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         replay_rng: bool = True,
         skip_nonfinite: bool = True,
+        distributed: str = "sync",
         **base_kwargs: Any,
     ):
         _check_rho(rho)
+        if distributed not in ("sync", "local"):
+            raise ValueError(f"distributed must be 'sync' or 'local', got {distributed!r}")
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.AdamW, with its "
@@ -138,6 +147,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.replay_rng = replay_rng
         self.skip_nonfinite = skip_nonfinite
+        self.distributed = distributed
         direction.validate(self)
 
         # Not in self.state: the clean copies are scratch, never saved in a checkpoint.
@@ -157,6 +167,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         forward: Callable[..., Tensor] | None = None,
         loss_fn: Callable[..., Tensor] | None = None,
         micro_batches: Sequence[Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
     ) -> Tensor | None:
         """One full step.
 
@@ -169,6 +181,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         own dlogits and RNG state). With equal-sized micro-batches and mean losses this equals one
         step on the concatenated batch. Returns the mean clean loss.
 
+        ``grad_scaler``: fp16 with ``torch.amp.GradScaler``. Both passes' losses are scaled, both
+        passes' gradients unscaled (ε is made from unscaled gradients), an overflow in either
+        pass skips the whole step (θ and state unchanged, counted in ``skipped_steps``, no
+        warning), and ``grad_scaler.update()`` is called here: do not call ``scaler.step`` or
+        ``scaler.update`` yourself.
+
+        ``no_sync``: a DDP model's ``no_sync``. With it, micro-batches all-reduce only once per
+        pass, and ``distributed="local"`` keeps the clean pass local (forward and backward).
+
         ``step(closure)``: the davda54/sam protocol. The caller has already run the clean
         forward and backward; ``closure`` recomputes loss and gradient (forward + backward) and
         is called at the perturbed point. Returns the closure's (perturbed) loss.
@@ -179,18 +200,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             if loss_fn is None:
                 raise TypeError("step(forward=...) also needs loss_fn=...")
             if micro_batches is None:
-                return self._forward_step([(forward, loss_fn)])
-            micro_batches = list(micro_batches)
-            if not micro_batches:
-                raise ValueError("micro_batches is empty")
-            return self._forward_step(
-                [
+                passes = [(forward, loss_fn)]
+            else:
+                passes = [
                     (partial(forward, mb), partial(_loss_of_micro_batch, loss_fn, mb))
                     for mb in micro_batches
                 ]
-            )
-        if micro_batches is not None:
-            raise TypeError("micro_batches needs forward= and loss_fn=")
+                if not passes:
+                    raise ValueError("micro_batches is empty")
+            return self._forward_step(passes, grad_scaler, no_sync)
+        if micro_batches is not None or grad_scaler is not None or no_sync is not None:
+            raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
@@ -217,12 +237,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, _warn: bool = True) -> None:
         """Restore θ exactly and step the base optimizer with the gradient now in ``p.grad``."""
         if self._perturbed is None:
             raise RuntimeError("second_step() called without first_step()")
         self._restore()
-        self._base_step(self._clean_ok)
+        self._base_step(self._clean_ok, warn=_warn)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -294,37 +314,52 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # --- the step -----------------------------------------------------------------------------
 
     def _forward_step(
-        self, passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]]
+        self,
+        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
+        grad_scaler: torch.amp.GradScaler | None = None,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
     ) -> Tensor:
         """Both passes over ``passes`` (one (forward, loss_fn) per micro-batch), then the update."""
+        if self.distributed == "local" and no_sync is None:
+            raise ValueError(
+                "distributed='local' perturbs with each rank's own gradient: pass "
+                "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
+            )
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.zero_grad(set_to_none=True)
         weight = 1.0 / len(passes)
         rngs: list[_RngState | None] = []
         dlogits: list[Tensor | None] = []
         clean_loss = None
         ok = None
-        for forward, loss_fn in passes:
+        for i, (forward, loss_fn) in enumerate(passes):
             rngs.append(_RngState(self._cuda_devices()) if self.replay_rng else None)
-            with torch.enable_grad():
+            # DDP: all-reduce once, on the last micro-batch; never in 'local' mode (m-sharpness).
+            skip_sync = no_sync is not None and (i < len(passes) - 1 or self.distributed == "local")
+            with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
                 logits = forward()
                 loss = loss_fn(logits)
                 if self.functional:
                     logits.retain_grad()
-                (loss * weight if weight != 1.0 else loss).backward()
-            # r of the weighted loss, so the second pass's VJP carries the same weight.
+                _backward(loss, weight, scaler)
+            # r of the weighted (and scaled) loss: the second pass's VJP carries the same factors.
             dlogits.append(logits.grad.detach() if self.functional else None)
             del logits
             loss = loss.detach()
             clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
             ok = _all_finite(ok, loss)
+        clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
 
         for k in range(self.ascent_steps):
             self._ascend(first=k == 0)
             self.zero_grad(set_to_none=True)
-            for (forward, loss_fn), rng, r in zip(passes, rngs, dlogits, strict=True):
+            for i, ((forward, loss_fn), rng, r) in enumerate(
+                zip(passes, rngs, dlogits, strict=True)
+            ):
                 if rng is not None:
                     rng.restore()
-                with torch.enable_grad():
+                skip_sync = no_sync is not None and i < len(passes) - 1
+                with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
                     logits = forward()
                     if r is not None:
                         if logits.shape != r.shape:
@@ -336,15 +371,61 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                         logits.backward(r.to(logits.dtype))
                     else:
                         perturbed_loss = loss_fn(logits)
-                        (perturbed_loss * weight if weight != 1.0 else perturbed_loss).backward()
+                        _backward(perturbed_loss, weight, scaler)
                         ok = _all_finite(ok, perturbed_loss.detach())
                 del logits
 
+        if scaler is not None:
+            assert clean_overflow is not None
+            self._unscale_perturbed(scaler, clean_overflow)
         self._clean_ok = self._clean_ok & ok
         with torch.no_grad():
-            self.second_step()
+            self.second_step(_warn=scaler is None)
+        if scaler is not None:
+            scaler.update()
         assert clean_loss is not None
         return clean_loss
+
+    @torch.no_grad()
+    def _unscale_clean(self, scaler: torch.amp.GradScaler) -> Tensor:
+        """Unscale the clean gradients in place; returns a found-inf flag (no host sync).
+
+        Done by hand, not with ``scaler.unscale_``, which may run once per optimizer and
+        update: that one call is kept for the perturbed gradients, so "unscale twice" never
+        happens.
+        """
+        grads = [p.grad for p in self._params_with_grad()]
+        found = torch.zeros(1, device=scaler._scale.device)  # type: ignore[union-attr]
+        if not grads:
+            return found
+        inv_scale = scaler._scale.double().reciprocal().float()  # type: ignore[union-attr]
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, device_grads in by_device.items():
+            device_found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                device_grads, device_found, inv_scale.to(device)
+            )
+            found = found + device_found.to(found.device)
+        return found
+
+    @torch.no_grad()
+    def _unscale_perturbed(self, scaler: torch.amp.GradScaler, clean_overflow: Tensor) -> None:
+        """``scaler.unscale_`` on the perturbed gradients, seeing the clean pass's overflow too.
+
+        A clean-pass overflow is folded in by turning the gradients into NaN (×1 otherwise, which
+        is exact), so the scaler records it, backs off at ``update()``, and the step is skipped.
+        """
+        grads = [p.grad for p in self._params_with_grad()]
+        if grads:
+            poison = torch.where(clean_overflow.sum() > 0, float("nan"), 1.0)
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
+            for device, device_grads in by_device.items():
+                torch._foreach_mul_(device_grads, poison.to(device))
+        scaler.unscale_(self)
 
     @torch.no_grad()
     def _ascend(self, first: bool) -> None:
@@ -396,7 +477,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
         self._perturbed = None
 
-    def _base_step(self, ok: Tensor | None) -> None:
+    def _base_step(self, ok: Tensor | None, warn: bool = True) -> None:
         params = self._params_with_grad()
         grads = [p.grad for p in params]
         if self.max_grad_norm is not None:
@@ -427,6 +508,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.direction.commit(self, scratch)
         else:
             self._skipped_host += 1
+            if not warn:  # an fp16 overflow: routine while GradScaler finds its scale
+                return
             warnings.warn(
                 f"{type(self).__name__}: non-finite loss or gradient, step skipped "
                 f"(parameters and optimizer state unchanged; {self.skipped_steps} skipped so far)",
@@ -484,6 +567,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional})"
         )
+
+
+def _backward(loss: Tensor, weight: float, scaler: torch.amp.GradScaler | None) -> None:
+    if weight != 1.0:
+        loss = loss * weight
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    loss.backward()
 
 
 def _loss_of_micro_batch(loss_fn: Callable[..., Tensor], mb: Any, logits: Tensor) -> Tensor:

@@ -1,0 +1,94 @@
+"""Mixed precision: bf16 autocast, and fp16 with torch.amp.GradScaler through step(grad_scaler=)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatlm.optim import METHODS, create
+from helpers.optim import assert_bitwise_equal, make_batch, make_mlp, params_of
+
+SAM_METHODS = [m for m in METHODS if m != "adamw"]
+
+
+def _loss(y):
+    return lambda z: F.cross_entropy(z.float(), y)
+
+
+@pytest.mark.parametrize("name", SAM_METHODS)
+def test_a_power_of_two_loss_scale_changes_nothing(name):
+    # Scaling by 2^k and unscaling is exact, so GradScaler steps equal unscaled ones.
+    batches = [make_batch(seed=s, dtype=torch.float32) for s in range(3)]
+    a, b = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    opt_a = create(name, a.parameters(), rho=0.2, lr=0.01)
+    opt_b = create(name, b.parameters(), rho=0.2, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=1)
+    for x, y in batches:
+        la = opt_a.step(forward=lambda: a(x), loss_fn=_loss(y), grad_scaler=scaler)
+        lb = opt_b.step(forward=lambda: b(x), loss_fn=_loss(y))
+        assert torch.equal(la, lb)
+    assert_bitwise_equal(params_of(a), params_of(b))
+    assert scaler.get_scale() == 2.0**17  # grown once per step: update() was called each time
+
+
+def _nan_on_call(model, x, bad_call):
+    calls = {"n": 0}
+
+    def forward():
+        out = model(x)
+        if calls["n"] == bad_call:
+            out = out * float("inf")
+        calls["n"] += 1
+        return out
+
+    return forward
+
+
+@pytest.mark.parametrize("name", SAM_METHODS)
+@pytest.mark.parametrize("bad_call", [0, 1])
+def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name, bad_call):
+    x, y = make_batch(dtype=torch.float32)
+    model = make_mlp(dtype=torch.float32)
+    opt = create(name, model.parameters(), rho=0.2, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt.step(forward=lambda: model(x), loss_fn=_loss(y), grad_scaler=scaler)
+    params = params_of(model)
+    state = [t.clone() for s in opt.base_optimizer.state.values() for t in s.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow is routine with fp16: no warning
+        opt.step(forward=_nan_on_call(model, x, bad_call), loss_fn=_loss(y), grad_scaler=scaler)
+    assert_bitwise_equal(params_of(model), params)
+    assert_bitwise_equal([t for s in opt.base_optimizer.state.values() for t in s.values()], state)
+    assert opt.skipped_steps == 1
+    assert scaler.get_scale() == 512.0
+    opt.step(
+        forward=lambda: model(x), loss_fn=_loss(y), grad_scaler=scaler
+    )  # never "unscale twice"
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("name", SAM_METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_steps_track_the_float32_steps(name, dtype):
+    # Low-precision passes give the float32 update up to their rounding (checked on θ's change).
+    x, y = make_batch(dtype=torch.float32)
+    a, b = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    start = params_of(a)
+    opt_a = create(name, a.parameters(), rho=0.2, lr=0.01)
+    opt_b = create(name, b.parameters(), rho=0.2, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+
+    def low_precision_forward():
+        with torch.autocast("cpu", dtype=dtype):
+            return a(x)
+
+    for _ in range(3):
+        opt_a.step(forward=low_precision_forward, loss_fn=_loss(y), grad_scaler=scaler)
+        opt_b.step(forward=lambda: b(x), loss_fn=_loss(y))
+    assert opt_a.skipped_steps == 0
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start, strict=True):
+        moved = (q - p0).abs().max()
+        assert (p - q).abs().max() <= 0.1 * moved + 1e-6
