@@ -173,3 +173,22 @@ def test_preconditioned_amsgrad_uses_the_running_maximum():
     norm = _flat_norm(u)
     for got, ui in zip(opt.perturbation(), u, strict=True):
         torch.testing.assert_close(got, 0.2 * ui / norm, rtol=1e-12, atol=1e-15)
+
+
+def test_two_phase_protocol_with_an_external_vjp_equals_the_forward_protocol():
+    x, y = make_batch()
+    a, b = make_mlp(), make_mlp()
+    opt_a = FunctionalSAM(a.parameters(), rho=0.3, lr=0.01)
+    opt_b = FunctionalSAM(b.parameters(), rho=0.3, lr=0.01)
+    for _ in range(3):
+        opt_a.step(forward=lambda: a(x), loss_fn=ce(y))
+        opt_b.zero_grad()
+        logits = b(x)
+        logits.retain_grad()
+        ce(y)(logits).backward()
+        r = logits.grad.detach()
+        opt_b.first_step(zero_grad=True, functional_vjp=True)
+        b(x).backward(r)
+        opt_b.second_step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

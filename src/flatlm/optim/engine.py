@@ -227,9 +227,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``."""
-        self._require_classic_protocol("first_step()")
+    def first_step(self, zero_grad: bool = False, *, functional_vjp: bool = False) -> None:
+        """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``.
+
+        The functional methods refuse this protocol unless ``functional_vjp=True``: the caller
+        then promises to run the second pass as ``logits.backward(r)`` with the clean pass's
+        dlogits r (integrations that own the training loop do; see flatlm.integrations).
+        """
+        if not functional_vjp:
+            self._require_classic_protocol("first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
         self._ascend(first=True)
