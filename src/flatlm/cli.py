@@ -1,0 +1,182 @@
+"""The ``flatlm`` command line: ``flatlm train``, ``flatlm compare``, ``flatlm report``.
+
+Adding a subcommand is one decorated function::
+
+    @subcommand("sharpness", "measure sharpness of a checkpoint", arg("run_dir"), arg("--k", type=int))
+    def sharpness(args: argparse.Namespace) -> int:
+        ...
+        return 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flatlm.lm.config import RunConfig
+
+Handler = Callable[[argparse.Namespace], int]
+# name -> (help, argument specs, handler); filled by @subcommand in definition order.
+SUBCOMMANDS: dict[str, tuple[str, tuple[tuple[tuple, dict], ...], Handler]] = {}
+# Argument groups several subcommands share; refer to them by name in ``arg`` lists.
+ARG_GROUPS: dict[str, tuple[tuple[tuple, dict], ...]] = {}
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple, dict]:
+    """One ``add_argument`` call, written down for later."""
+    return flags, kwargs
+
+
+def subcommand(
+    name: str, help: str, *args: tuple[tuple, dict] | str
+) -> Callable[[Handler], Handler]:
+    """Register ``fn(args) -> exit code`` as ``flatlm NAME``; a str in ``args`` names an ARG_GROUP."""
+
+    def register(fn: Handler) -> Handler:
+        specs: list[tuple[tuple, dict]] = []
+        for a in args:
+            specs.extend(ARG_GROUPS[a] if isinstance(a, str) else [a])
+        SUBCOMMANDS[name] = (help, tuple(specs), fn)
+        return fn
+
+    return register
+
+
+ARG_GROUPS["config"] = (
+    arg("--preset", help="built-in config name (flatlm/configs/NAME.toml), e.g. quick"),
+    arg("--config", help="a .toml/.yaml config file (overrides the preset)"),
+    arg(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optim.lr=3e-4 (repeatable; wins over files)",
+    ),
+    arg("--steps", type=int, help="= --set train.steps=N"),
+    arg("--device", help="cpu (default) or cuda (bf16 autocast)"),
+    arg("--data", help="your own text file or folder instead of the bundled corpus"),
+    arg("--out", help="output folder (default: runs/<preset-or-config-name>...)"),
+    arg("--resume", action="store_true", help="continue from the checkpoint(s) in --out"),
+    arg("--quiet", action="store_true", help="no progress bar"),
+)
+
+
+def _load(args: argparse.Namespace, extra: dict[str, Any]) -> RunConfig:
+    """Preset, config file, then the shortcut flags, then ``--set`` (which wins)."""
+    from flatlm.lm.config import load_config, parse_override
+
+    flags = {
+        "train.steps": args.steps,
+        "train.device": args.device,
+        "data.corpus": args.data,
+        **extra,
+    }
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    overrides |= dict(parse_override(item) for item in args.overrides)  # --set wins
+    return load_config(args.preset, args.config, overrides)
+
+
+def _run_name(args: argparse.Namespace) -> str:
+    if args.config:
+        return Path(args.config).stem
+    return args.preset or "default"
+
+
+@subcommand(
+    "train",
+    "train one model with one optimizer method",
+    "config",
+    arg("--method", help="optimizer: adamw, sam, fsam, psam, pfsam, gasam (= --set optim.method=)"),
+    arg("--seed", type=int, help="= --set train.seed=N"),
+)
+def cmd_train(args: argparse.Namespace) -> int:
+    from flatlm.lm.train import train
+
+    cfg = _load(args, {"optim.method": args.method, "train.seed": args.seed})
+    out = args.out or f"runs/{_run_name(args)}/{cfg.optim.method}-s{cfg.train.seed}"
+    result = train(cfg, out, resume=args.resume, quiet=args.quiet)
+    if result["status"] != "completed":
+        print(
+            f"stopped at step {result['step']} ({result['status']}); resume with --resume --out {out}"
+        )
+        return 130
+    print(
+        f"{cfg.optim.method} seed {cfg.train.seed}: {result['step']} steps, "
+        f"val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}), "
+        f"test loss {result['test_loss']:.4f} (ppl {result['test_ppl']:.2f}), "
+        f"{1000 * result['time_per_step_s']:.1f} ms/step -> {out}"
+    )
+    return 0
+
+
+@subcommand(
+    "compare",
+    "run the same config with several methods and seeds; write a table and plots",
+    "config",
+    arg("--methods", nargs="+", help="default: the config's compare.methods (all six)"),
+    arg("--seeds", nargs="+", type=int, help="default: the config's compare.seeds"),
+    arg("--jobs", type=int, help="parallel processes (default: the config's compare.jobs)"),
+)
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flatlm.lm.compare import compare
+
+    cfg = _load(args, {})
+    methods = args.methods or cfg.compare.methods
+    seeds = args.seeds if args.seeds is not None else cfg.compare.seeds
+    jobs = args.jobs or cfg.compare.jobs
+    out = args.out or f"runs/compare-{_run_name(args)}"
+    report = compare(cfg, out, methods, seeds, jobs=jobs, quiet=args.quiet, resume=args.resume)
+    print(report["table"], end="")
+    if report["missing"]:
+        print(f"interrupted: {len(report['missing'])} runs unfinished; continue with --resume")
+        return 130
+    print(f"wrote {out}/results.md, results.json and plots")
+    return 0
+
+
+@subcommand(
+    "report",
+    "rebuild results.md/results.json/plots from a comparison folder",
+    arg("dir", help="the folder `flatlm compare` wrote"),
+)
+def cmd_report(args: argparse.Namespace) -> int:
+    from flatlm.lm.compare import write_report
+
+    report = write_report(args.dir)
+    print(report["table"], end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flatlm", description="Sharpness-aware training of language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, specs, fn) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for flags, kwargs in specs:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(handler=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (errors in configs, data or checkpoints give 2)."""
+    from flatlm.lm.config import ConfigError
+    from flatlm.lm.train import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"flatlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

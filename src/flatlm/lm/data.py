@@ -1,0 +1,358 @@
+"""Corpora, train/val/test splits, tokenisers and memory-mapped token files.
+
+The pipeline is: documents -> split by document order (or by year for the bundled corpus) ->
+tokeniser fitted on the training split only -> token ids written once to ``.bin`` files in a cache
+directory keyed by the corpus hash and tokeniser -> ``np.memmap`` at training time, so a corpus
+larger than RAM only costs disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import lzma
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flatlm.lm.config import DataConfig
+
+SOTU_PATH = Path(__file__).resolve().parent.parent / "data" / "sotu.txt.xz"
+# Validation and test are later periods than training, so evaluation sees a real shift in topic
+# and style (the 1970s+ vocabulary of energy, computers, terrorism, ... is rare before 1970).
+SOTU_SPLITS = {"train": (1790, 1969), "val": (1970, 1995), "test": (1996, 2021)}
+SPLITS = ("train", "val", "test")
+EOT = "<|endoftext|>"
+CACHE_VERSION = "1"  # bump when the on-disk format or the splitting rules change
+
+
+def cache_root() -> Path:
+    """``$FLATLM_CACHE`` or ``~/.cache/flatlm``."""
+    return Path(os.environ.get("FLATLM_CACHE") or Path.home() / ".cache" / "flatlm")
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass
+class Piece:
+    """A run of text; ``ends_doc`` says whether an end-of-text token follows it."""
+
+    text: str
+    ends_doc: bool = True
+
+
+def read_sotu() -> list[tuple[int, str]]:
+    """The bundled State of the Union corpus as (year, text) in chronological order."""
+    with lzma.open(SOTU_PATH, "rt", encoding="utf-8") as f:
+        raw = f.read()
+    docs = re.findall(r"<doc year=(\d+)[^>]*>(.*?)</doc>", raw, flags=re.S)
+    return [(int(year), text.strip()) for year, text in docs]
+
+
+def sotu_splits() -> dict[str, list[Piece]]:
+    out: dict[str, list[Piece]] = {s: [] for s in SPLITS}
+    for year, text in read_sotu():
+        for split, (lo, hi) in SOTU_SPLITS.items():
+            if lo <= year <= hi:
+                out[split].append(Piece(text))
+    return out
+
+
+def _user_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if files:
+            return files
+        raise ValueError(f"data folder {path} contains no files")
+    raise FileNotFoundError(f"data path not found: {path}")
+
+
+def _cut_points(text: str, size: int) -> list[int]:
+    """Cut positions roughly every ``size`` chars, preferring blank lines, then newlines, spaces."""
+    cuts, start = [], 0
+    while len(text) - start > size:
+        lo, hi = start + size // 2, start + size
+        cut = -1
+        for sep in ("\n\n", "\n", " "):
+            cut = text.rfind(sep, lo, hi)
+            if cut >= 0:
+                cut += len(sep)
+                break
+        cut = cut if cut > start else hi
+        cuts.append(cut)
+        start = cut
+    return cuts
+
+
+def split_documents(
+    docs: list[str], val_fraction: float, test_fraction: float
+) -> dict[str, list[Piece]]:
+    """Split documents in order: first (1 - val - test) of the characters train, then val, test.
+
+    Documents longer than 1/50 of the corpus (e.g. a single-file corpus) are cut into pieces at
+    paragraph boundaries first, so every split gets text whatever the file layout.
+    """
+    total = sum(len(d) for d in docs)
+    if total == 0:
+        raise ValueError("the corpus is empty")
+    size = max(total // 50, 1000)
+    pieces: list[Piece] = []
+    for doc in docs:
+        bounds = [0, *_cut_points(doc, size), len(doc)]
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            pieces.append(Piece(doc[a:b], ends_doc=i == len(bounds) - 2))
+    cut_val, cut_test = (1 - val_fraction - test_fraction) * total, (1 - test_fraction) * total
+    out: dict[str, list[Piece]] = {s: [] for s in SPLITS}
+    pos = 0
+    for p in pieces:
+        mid = pos + len(p.text) / 2
+        out["train" if mid < cut_val else "val" if mid < cut_test else "test"].append(p)
+        pos += len(p.text)
+    return out
+
+
+def user_splits(
+    path: str | Path, val_fraction: float, test_fraction: float
+) -> dict[str, list[Piece]]:
+    """A file or folder of UTF-8 text, one document per file, split by document order."""
+    files = _user_files(Path(path))
+    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    docs = [d.replace("\r\n", "\n").strip() for d in docs]
+    return split_documents([d for d in docs if d], val_fraction, test_fraction)
+
+
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """Hash of the corpus bytes and the splitting rule: the cache key for everything derived."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    if cfg.corpus == "sotu":
+        files, root = [SOTU_PATH], SOTU_PATH.parent
+        h.update(repr(SOTU_SPLITS).encode())
+    else:
+        root = Path(cfg.corpus)
+        files = _user_files(root)
+        root = root if root.is_dir() else root.parent
+        h.update(f"{cfg.val_fraction}/{cfg.test_fraction}".encode())
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[Piece]]:
+    if cfg.corpus == "sotu":
+        return sotu_splits()
+    return user_splits(cfg.corpus, cfg.val_fraction, cfg.test_fraction)
+
+
+# ----------------------------------------------------------------------------- tokenisers
+
+
+class CharTokenizer:
+    """Characters seen in the training split; id 0 is end-of-text, id 1 stands for unseen chars."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.stoi = {c: i + 2 for i, c in enumerate(chars)}
+        self.eot_id, self.unk_id = 0, 1
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls("".join(sorted(seen)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 2
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(c, 1) for c in text]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i - 2] if i >= 2 else "" for i in map(int, ids))
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps({"type": "char", "chars": self.chars}))
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) from ``tokenizers``: any UTF-8 text round-trips exactly."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eot_id = tok.token_to_id(EOT)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.tok.to_str())
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text)
+    if data.get("type") == "char":
+        return CharTokenizer(data["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return BPETokenizer(HFTokenizer.from_str(text))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temp file in the same folder, then ``os.replace``: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_tokens(path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type) -> int:
+    """Stream token ids to ``path`` piece by piece (never the whole split in memory)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    n = 0
+    with os.fdopen(fd, "wb") as f:
+        for i in range(0, len(pieces), 64):
+            chunk = pieces[i : i + 64]
+            for p, ids in zip(chunk, tok.encode_batch([p.text for p in chunk]), strict=True):
+                if p.ends_doc:
+                    ids = [*ids, tok.eot_id]
+                np.asarray(ids, dtype=dtype).tofile(f)
+                n += len(ids)
+    os.replace(tmp, path)
+    return n
+
+
+@dataclass
+class Corpus:
+    """Tokenised splits as read-only memmaps, plus the tokeniser that made them."""
+
+    tokenizer: Tokenizer
+    splits: dict[str, np.ndarray]
+    fingerprint: str
+    directory: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corpus:
+    """Tokenise the corpus once into the cache (or reuse it) and memory-map the splits."""
+    fp = corpus_fingerprint(cfg)
+    spec = "char" if cfg.tokenizer == "char" else f"bpe{cfg.vocab_size}"
+    directory = Path(cache_dir or cache_root()) / fp / spec
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():  # meta.json is written last: its presence means complete
+        directory.mkdir(parents=True, exist_ok=True)
+        splits = load_splits(cfg)
+        train_texts = (p.text for p in splits["train"])
+        if cfg.tokenizer == "char":
+            tok: Tokenizer = CharTokenizer.train(train_texts)
+        else:
+            tok = BPETokenizer.train(train_texts, cfg.vocab_size)
+        tok.save(directory / "tokenizer.json")
+        dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+        sizes = {s: _write_tokens(directory / f"{s}.bin", tok, splits[s], dtype) for s in SPLITS}
+        meta = {"dtype": np.dtype(dtype).name, "tokens": sizes, "vocab_size": tok.vocab_size}
+        meta |= {"corpus": cfg.corpus, "fingerprint": fp}
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    meta = json.loads(meta_path.read_text())
+    tok = load_tokenizer(directory / "tokenizer.json")
+    arrays = {}
+    for s in SPLITS:
+        n = meta["tokens"][s]
+        arrays[s] = (
+            np.memmap(directory / f"{s}.bin", dtype=meta["dtype"], mode="r")
+            if n
+            else np.zeros(0, dtype=meta["dtype"])
+        )
+    return Corpus(tok, arrays, fp, directory)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _check_length(data: np.ndarray, block_size: int, split: str) -> None:
+    if len(data) < block_size + 1:
+        raise ValueError(
+            f"the {split} split has {len(data)} tokens, fewer than block_size+1 = {block_size + 1};"
+            " use a larger corpus or a smaller model.block_size"
+        )
+
+
+def _windows(data: np.ndarray, starts: Iterable[int], block_size: int):
+    idx = np.stack([np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts])
+    t = torch.from_numpy(idx)
+    return t[:, :-1], t[:, 1:]
+
+
+def get_batch(
+    data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows; the sampling generator is separate from the model's RNG (resumable)."""
+    _check_length(data, block_size, "training")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    return _windows(data, starts, block_size)
+
+
+def eval_batches(
+    data: np.ndarray, n_batches: int, batch_size: int, block_size: int, split: str = "eval"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, evenly spaced windows: every method and seed is scored on the same text."""
+    _check_length(data, block_size, split)
+    starts = np.linspace(0, len(data) - block_size - 1, n_batches * batch_size).astype(np.int64)
+    for b in range(n_batches):
+        yield _windows(data, starts[b * batch_size : (b + 1) * batch_size].tolist(), block_size)

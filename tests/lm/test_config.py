@@ -1,0 +1,67 @@
+"""Config loading: strict keys and types, precedence, presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from flatlm.lm.config import CONFIG_DIR, ConfigError, load_config, parse_override
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 5\nlr_sceduler = 'cosine'\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lr_sceduler'"):
+        load_config(path=path)
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'"):
+        load_config(overrides=["trian.steps=3"])
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 'many'\n")
+    with pytest.raises(ConfigError, match=r"'train\.steps' must be int, got str"):
+        load_config(path=path)
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be float, got bool"):
+        load_config(overrides={"optim.lr": True})
+    with pytest.raises(ConfigError, match=r"'model' must be a section"):
+        load_config(overrides={"model": 3})
+
+
+def test_malformed_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nsteps = 5\n")
+    with pytest.raises(ConfigError, match=r"malformed config file .*broken.toml"):
+        load_config(path=path)
+
+
+def test_yaml_and_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n  batch_size: 3\noptim:\n  lr: 1\n")
+    cfg = load_config(preset="quick", path=path, overrides=["train.steps=9", "optim.method=sam"])
+    assert cfg.train.steps == 9  # --set beats the file
+    assert cfg.train.batch_size == 3  # the file beats the preset
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int widened to float
+    assert cfg.optim.method == "sam"  # bare word -> string
+    assert cfg.model.size == "micro"  # from the preset
+
+
+def test_optional_and_nested_values():
+    cfg = load_config(overrides=["optim.rho=0.1", "optim.method_kwargs={gasam={alpha=0.5}}"])
+    assert cfg.optim.rho == 0.1 and cfg.optim.method_kwargs == {"gasam": {"alpha": 0.5}}
+    assert load_config(overrides=["optim.rho=none"]).optim.rho is None
+    assert parse_override("compare.seeds=[1, 2]") == ("compare.seeds", [1, 2])
+    with pytest.raises(ConfigError, match=r"section.key=value"):
+        parse_override("train.steps")
+
+
+def test_value_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"'data.tokenizer'"):
+        load_config(overrides={"data.tokenizer": "words"})
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*quick"):
+        load_config(preset="nope")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+def test_every_builtin_preset_loads(name):
+    cfg = load_config(preset=name)
+    assert cfg.train.steps > 0

@@ -1,0 +1,136 @@
+"""Training: resume is bit-exact, checkpoints fail clearly, schedule and init are shared."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import flatlm.lm.train as train_mod
+from flatlm.lm.models import build_model
+from flatlm.lm.train import CheckpointError, lr_lambda, param_groups, train
+
+
+def _params(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", ["adamw", "pfsam"])
+def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, method):
+    cfg = tiny_cfg(optim__method=method, model__dropout=0.1)  # dropout: RNG state must resume too
+    straight = train(cfg, tmp_path / "a", quiet=True)
+    part = train(cfg, tmp_path / "b", quiet=True, stop_after=3)
+    assert part["status"] == "stopped" and part["step"] == 3
+    resumed = train(cfg, tmp_path / "b", quiet=True, resume=True)
+    assert resumed["step"] == straight["step"] == 6
+    _assert_same_params(_params(tmp_path / "a"), _params(tmp_path / "b"))
+    assert resumed["val_loss"] == straight["val_loss"]
+    assert resumed["test_loss"] == straight["test_loss"]
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # the log holds both halves
+
+
+def _losses(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"]) for r in records]
+
+
+def test_sigint_checkpoints_and_resume_continues(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    straight = train(cfg, tmp_path / "a", quiet=True)
+    real_step, calls = train_mod.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; handled, not raised
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_then_ctrl_c)
+    part = train(cfg, tmp_path / "b", quiet=True)
+    assert part["status"] == "interrupted" and part["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    train(cfg, tmp_path / "b", quiet=True, resume=True)
+    _assert_same_params(_params(tmp_path / "a"), _params(tmp_path / "b"))
+    assert straight["status"] == "completed"
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(train__steps=2)
+    train(cfg, tmp_path, quiet=True)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(cfg, tmp_path, quiet=True, resume=True)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(cfg, tmp_path, quiet=True, resume=True)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(cfg, tmp_path, quiet=True, resume=True)
+
+
+def test_mismatched_checkpoint_names_the_difference(tiny_cfg, tmp_path):
+    train(tiny_cfg(train__steps=2), tmp_path, quiet=True)
+    with pytest.raises(CheckpointError, match=r"model\.n_embd is 64 in the checkpoint but 32 now"):
+        train(tiny_cfg(train__steps=4, model__n_embd=32), tmp_path, quiet=True, resume=True)
+    with pytest.raises(CheckpointError, match=r"optim\.method is 'adamw'"):
+        train(tiny_cfg(train__steps=4, optim__method="sam"), tmp_path, quiet=True, resume=True)
+
+
+def test_same_init_and_data_order_for_every_method(tiny_cfg, tmp_path):
+    a = train(tiny_cfg(train__steps=0, optim__method="adamw"), tmp_path / "a", quiet=True)
+    b = train(tiny_cfg(train__steps=0, optim__method="fsam"), tmp_path / "b", quiet=True)
+    _assert_same_params(_params(tmp_path / "a"), _params(tmp_path / "b"))
+    assert a["val_loss"] == b["val_loss"]
+    c = train(tiny_cfg(train__steps=0, train__seed=1), tmp_path / "c", quiet=True)
+    assert c["val_loss"] != a["val_loss"]
+
+
+def test_run_outputs_and_metrics(tiny_cfg, tmp_path):
+    result = train(tiny_cfg(optim__method="sam"), tmp_path, quiet=True)
+    assert result["status"] == "completed" and result["skipped_steps"] == 0
+    assert math.isfinite(result["val_loss"]) and result["val_ppl"] == pytest.approx(
+        math.exp(result["val_loss"])
+    )
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [0, 2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["split"] == "test" and records[-1]["loss"] == result["test_loss"]
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,split,loss,ppl,lr,elapsed_s" and len(csv_lines) == len(records) + 1
+    first_val = next(r for r in records if r["split"] == "val")["loss"]
+    # near-uniform predictions at init: loss ~ log(vocab)
+    assert first_val == pytest.approx(math.log(result["vocab_size"]), rel=0.05)
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
+def test_warmup_cosine_schedule(tiny_cfg):
+    cfg = tiny_cfg(train__steps=110, train__warmup_steps=10, train__min_lr_ratio=0.1).train
+    f = lr_lambda(cfg)
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)  # half way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tiny_cfg):
+    model = build_model(tiny_cfg().model, 50)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "blocks.0.attn.qkv.weight" in decayed
+    assert not any(n.startswith(("wte", "wpe")) or "ln" in n or n.endswith("bias") for n in decayed)
+    n_all = sum(p.numel() for p in model.parameters())
+    assert n_all == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
