@@ -70,7 +70,16 @@ def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name,
     assert opt.skipped_steps == 1
 
 
-@pytest.mark.parametrize("name", SAM_METHODS)
+# GA-SAM with α < 0 turns weak-gradient coordinates up to max_scale: in bf16 their rounding
+# noise then dominates ε (measured: 0.85 of a step's movement at the default max_scale = 100,
+# 0.06 at max_scale = 3), hence the bf16 recipe in docs/algorithms.md.
+AUTOCAST_METHODS = [m for m in SAM_METHODS if m != "gasam"] + [
+    "gasam:alpha=1",
+    "gasam:alpha=-1,max_scale=3",
+]
+
+
+@pytest.mark.parametrize("name", AUTOCAST_METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_steps_track_the_float32_steps(name, dtype):
     # Low-precision passes give the float32 update up to their rounding (checked on θ's change).

@@ -98,7 +98,10 @@ class GASAM(SharpnessAwareOptimizer):
     RMS of each element's gradient over time (EMA ``beta``), relative to its RMS over all elements
     when ``normalize``. One step: ε = ρ D²g/‖Dg‖; ``ascent_steps=K`` takes K projected steps of
     size ρ/K. α = 0 is SAM. D is clamped to [1/max_scale, max_scale] so no α gives a
-    non-finite step. See docs/algorithms.md.
+    non-finite step. The default α = −1 (shrink the corruption where gradients are strong) won
+    flatlm's LSTM and GPT comparisons against α ∈ {0.5, 1} (docs/results.md); note that ρ bounds
+    the ellipsoid norm, so the Euclidean ‖ε‖ can exceed ρ (up to ρ·max_scale).
+    See docs/algorithms.md.
     """
 
     def __init__(
@@ -106,7 +109,7 @@ class GASAM(SharpnessAwareOptimizer):
         params: Params,
         base_optimizer: type[torch.optim.Optimizer] = AdamW,
         rho: float = 0.05,
-        alpha: float = 1.0,
+        alpha: float = -1.0,
         beta: float = 0.99,
         normalize: bool = True,
         ascent_steps: int = 1,
