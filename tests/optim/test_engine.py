@@ -325,3 +325,40 @@ def test_method_specs_name_variants():
         parse_method("gasam:alpha")
     with pytest.raises(TypeError, match="unexpected keyword"):
         create("fsam:alpha=1", model.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("name", SAM_METHODS)
+def test_an_error_in_the_perturbed_pass_leaves_theta_exactly_clean(name):
+    x, y = make_batch()
+    model = make_mlp()
+    opt = create(name, model.parameters(), rho=0.5, lr=0.01)
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    before, state = params_of(model), _state_tensors(opt)
+    calls = {"n": 0}
+
+    def forward():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("out of memory in the second pass")
+        return model(x)
+
+    with pytest.raises(MemoryError):
+        opt.step(forward=forward, loss_fn=ce(y))
+    assert_bitwise_equal(params_of(model), before)
+    assert_bitwise_equal(_state_tensors(opt), state)
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))  # and the next step is normal
+
+
+def test_abort_step_undoes_a_first_step():
+    x, y = make_batch()
+    model = make_mlp()
+    opt = SAM(model.parameters(), rho=0.5, lr=0.01)
+    before = params_of(model)
+    ce(y)(model(x)).backward()
+    opt.first_step()
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
+    opt.abort_step()
+    assert_bitwise_equal(params_of(model), before)
+    opt.abort_step()  # a no-op now
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()

@@ -219,10 +219,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._require_classic_protocol("step(closure)")
         closure = torch.enable_grad()(closure)
         loss = None
-        for k in range(self.ascent_steps):
-            self._ascend(first=k == 0)
-            self.zero_grad(set_to_none=True)
-            loss = closure()
+        try:
+            for k in range(self.ascent_steps):
+                self._ascend(first=k == 0)
+                self.zero_grad(set_to_none=True)
+                loss = closure()
+        except BaseException:
+            self.abort_step()
+            raise
         self.second_step()
         return loss
 
@@ -251,6 +255,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._base_step(self._clean_ok, warn=_warn)
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Undo a started step: θ copied back (bit for bit), nothing stepped; a no-op when no
+        step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
+        if self._perturbed is not None:
+            self._restore()
+        self._scratch = {}
 
     @torch.no_grad()
     def perturbation(self) -> list[Tensor | None]:
@@ -356,30 +368,34 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             ok = _all_finite(ok, loss)
         clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
 
-        for k in range(self.ascent_steps):
-            self._ascend(first=k == 0)
-            self.zero_grad(set_to_none=True)
-            for i, ((forward, loss_fn), rng, r) in enumerate(
-                zip(passes, rngs, dlogits, strict=True)
-            ):
-                if rng is not None:
-                    rng.restore()
-                skip_sync = no_sync is not None and i < len(passes) - 1
-                with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
-                    logits = forward()
-                    if r is not None:
-                        if logits.shape != r.shape:
-                            raise RuntimeError(
-                                "forward() returned logits of shape "
-                                f"{tuple(logits.shape)} at the perturbed point but "
-                                f"{tuple(r.shape)} at the clean point"
-                            )
-                        logits.backward(r.to(logits.dtype))
-                    else:
-                        perturbed_loss = loss_fn(logits)
-                        _backward(perturbed_loss, weight, scaler)
-                        ok = _all_finite(ok, perturbed_loss.detach())
-                del logits
+        try:  # an error in a perturbed pass must not leave θ perturbed
+            for k in range(self.ascent_steps):
+                self._ascend(first=k == 0)
+                self.zero_grad(set_to_none=True)
+                for i, ((forward, loss_fn), rng, r) in enumerate(
+                    zip(passes, rngs, dlogits, strict=True)
+                ):
+                    if rng is not None:
+                        rng.restore()
+                    skip_sync = no_sync is not None and i < len(passes) - 1
+                    with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
+                        logits = forward()
+                        if r is not None:
+                            if logits.shape != r.shape:
+                                raise RuntimeError(
+                                    "forward() returned logits of shape "
+                                    f"{tuple(logits.shape)} at the perturbed point but "
+                                    f"{tuple(r.shape)} at the clean point"
+                                )
+                            logits.backward(r.to(logits.dtype))
+                        else:
+                            perturbed_loss = loss_fn(logits)
+                            _backward(perturbed_loss, weight, scaler)
+                            ok = _all_finite(ok, perturbed_loss.detach())
+                    del logits
+        except BaseException:
+            self.abort_step()
+            raise
 
         if scaler is not None:
             assert clean_overflow is not None
