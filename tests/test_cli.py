@@ -94,6 +94,7 @@ def test_compare_in_parallel_then_report(text_file, tmp_path, capsys):
     assert set(results["summary"]) == {"adamw", "fsam"}
     assert f"{results['summary']['fsam']['test_loss']:.4f}" in printed
     assert (out / "val_loss.png").is_file() and (out / "results.md").is_file()
+    assert results["timing"] == {"jobs": 2, "device": "cpu", "shared_device": True}
     assert cli.main(["report", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[:4] == printed.splitlines()[:4]
 
@@ -115,5 +116,41 @@ def test_console_entry_point_help():
     done = subprocess.run(
         [sys.executable, "-m", "flatlm.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for name in ("train", "compare", "report"):
+    for name in ("train", "compare", "report", "sharpness"):
         assert name in done.stdout
+
+
+def test_sharpness_subcommand_table_json_and_errors(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--data", str(text_file), *TINY, "--out", str(run), "--quiet"]
+    assert cli.main([*base, "--steps", "2"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "sharp.json"
+    argv = ["sharpness", str(run), "--split", "val", "train", "--batches", "1",
+            "--what", "hessian", "decomposition", "--lanczos-iters", "4", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["step"] == 2 and set(report["figures"]) == {"val", "train"}
+    lam = report["figures"]["val"]["hessian.lambda_max"]
+    assert lam > 0 and report["settings"]["lanczos_iters"] == 4
+    line = next(x for x in printed.splitlines() if x.startswith("hessian.lambda_max "))
+    assert f"{lam:.6g}" in line and "sam.logit_functional_ratio" in printed
+    # the checkpoint file itself works too, and gives the same numbers (fixed windows)
+    assert cli.main([*argv[:1], str(run / "checkpoint.pt"), *argv[2:]]) == 0
+    assert json.loads(out.read_text())["figures"] == report["figures"]
+    capsys.readouterr()
+    assert cli.main(["sharpness", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    assert cli.main(["sharpness", str(run)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_compare_rejects_a_mistyped_method_before_running(text_file, tmp_path, capsys):
+    argv = ["compare", "--data", str(text_file), *TINY, "--steps", "2", "--out", str(tmp_path),
+            "--methods", "adamw", "gasam:alpah", "--seeds", "0", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "'compare.methods[1]'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

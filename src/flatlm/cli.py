@@ -1,9 +1,9 @@
-"""The ``flatlm`` command line: ``flatlm train``, ``flatlm compare``, ``flatlm report``.
+"""The ``flatlm`` command line: ``flatlm train``, ``compare``, ``report``, ``sharpness``.
 
 Adding a subcommand is one decorated function::
 
-    @subcommand("sharpness", "measure sharpness of a checkpoint", arg("run_dir"), arg("--k", type=int))
-    def sharpness(args: argparse.Namespace) -> int:
+    @subcommand("params", "count a run's parameters", arg("run_dir"), arg("--by-layer", action="store_true"))
+    def params(args: argparse.Namespace) -> int:
         ...
         return 0
 """
@@ -118,17 +118,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     "compare",
     "run the same config with several methods and seeds; write a table and plots",
     "config",
-    arg("--methods", nargs="+", help="default: the config's compare.methods (all six)"),
+    arg(
+        "--methods",
+        nargs="+",
+        help="default: the config's compare.methods; options allowed, e.g. gasam:alpha=-1",
+    ),
     arg("--seeds", nargs="+", type=int, help="default: the config's compare.seeds"),
-    arg("--jobs", type=int, help="parallel processes (default: the config's compare.jobs)"),
+    arg(
+        "--jobs",
+        type=int,
+        help="parallel processes, also on one GPU with --device cuda (default: compare.jobs)",
+    ),
 )
 def cmd_compare(args: argparse.Namespace) -> int:
     from flatlm.lm.compare import compare
 
-    cfg = _load(args, {})
-    methods = args.methods or cfg.compare.methods
-    seeds = args.seeds if args.seeds is not None else cfg.compare.seeds
-    jobs = args.jobs or cfg.compare.jobs
+    # Through the config, so a mistyped method is a ConfigError naming it before any run starts.
+    extra = {
+        "compare.methods": args.methods,
+        "compare.seeds": args.seeds,
+        "compare.jobs": args.jobs,
+    }
+    cfg = _load(args, extra)
+    methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
     out = args.out or f"runs/compare-{_run_name(args)}"
     report = compare(cfg, out, methods, seeds, jobs=jobs, quiet=args.quiet, resume=args.resume)
     print(report["table"], end="")
@@ -149,6 +161,52 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = write_report(args.dir)
     print(report["table"], end="")
+    return 0
+
+
+@subcommand(
+    "sharpness",
+    "sharpness figures (Hessian spectrum, SAM decomposition, ...) of a trained checkpoint",
+    arg("checkpoint", help="a run folder (holding checkpoint.pt) or a checkpoint file"),
+    arg("--split", nargs="+", default=["val"], choices=["train", "val", "test"],
+        help="which fixed windows (default: val; train = the run's training tokens)"),
+    arg("--batches", type=int, default=2, help="fixed batches of train.batch_size windows per split"),
+    arg("--what", nargs="+", help="figures: hessian ggn residual decomposition sam_sharpness "
+        "corruption (default: all but residual)"),
+    arg("--top-k", type=int, default=1, help="top eigenvalues per curvature matrix"),
+    arg("--trace-samples", type=int, default=0, help="Hutch++ products for traces (0 = none)"),
+    arg("--lanczos-iters", type=int, help="exactly N Lanczos products (default: ARPACK to 1e-6)"),
+    arg("--params", help="parameter subset: fnmatch pattern on names, e.g. 'blocks.0.*', or re:REGEX"),
+    arg("--device", default="cpu", help="cpu (default) or cuda"),
+    arg("--out", help="JSON file (default: sharpness.json beside the checkpoint)"),
+    arg("--progress", action="store_true", help="a progress bar of matrix-vector products"),
+)  # fmt: skip
+def cmd_sharpness(args: argparse.Namespace) -> int:
+    import json
+
+    from flatlm.lm.diagnostics import checkpoint_sharpness, format_sharpness
+
+    if args.batches < 1:
+        raise ValueError("--batches must be >= 1")
+    report = checkpoint_sharpness(
+        args.checkpoint,
+        splits=args.split,
+        batches=args.batches,
+        what=args.what,
+        top_k=args.top_k,
+        trace_samples=args.trace_samples,
+        lanczos_iters=args.lanczos_iters,
+        params=args.params,
+        device=args.device,
+        progress=args.progress,
+    )
+    path = Path(args.checkpoint)
+    out = (
+        Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "sharpness.json"
+    )
+    out.write_text(json.dumps(report, indent=1))
+    print(format_sharpness(report), end="")
+    print(f"wrote {out}")
     return 0
 
 

@@ -134,3 +134,14 @@ def test_no_weight_decay_on_norms_biases_embeddings(tiny_cfg):
     assert not any(n.startswith(("wte", "wpe")) or "ln" in n or n.endswith("bias") for n in decayed)
     n_all = sum(p.numel() for p in model.parameters())
     assert n_all == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+
+
+def test_method_kwargs_apply_to_a_method_and_its_named_variants(tiny_cfg):
+    from flatlm.lm.models import build_model
+    from flatlm.lm.train import make_optimizer
+
+    cfg = tiny_cfg(optim__method="gasam:ascent_steps=2")
+    cfg.optim.method_kwargs = {"gasam": {"alpha": 0.25, "ascent_steps": 3}}
+    opt = make_optimizer(build_model(cfg.model, 50), cfg.optim, grad_clip=1.0)
+    assert opt.direction.alpha == 0.25  # from the table
+    assert opt.ascent_steps == 2  # the name's option wins

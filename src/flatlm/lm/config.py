@@ -46,6 +46,9 @@ class DataConfig:
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.1  # user corpora only (split by document order)
     test_fraction: float = 0.1
+    # Train on only the last N tokens of the training split (0 = all of it): a small split seen
+    # for many epochs is the over-fitting regime. The tokeniser still sees the whole split.
+    train_tokens: int = 0
 
 
 @dataclass
@@ -79,6 +82,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    # Sharpness logging (flatlm.lm.diagnostics): every N steps (0 = off) a few Lanczos products
+    # on fixed training batches give lambda_max(H) and SAM's logit/functional ratio.
+    sharpness_every: int = 0
+    sharpness_batches: int = 1  # fixed training batches (of batch_size windows) it uses
+    sharpness_iters: int = 10  # Lanczos products per estimate (a lower bound on lambda_max)
+    sharpness_final: bool = False  # once at the end of the run, into result.json
 
 
 @dataclass
@@ -245,8 +254,22 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _check_method(key: str, spec: str) -> None:
+    """A method name (with options) that ``flatlm.optim.parse_method`` accepts, else a ConfigError."""
+    from flatlm.optim import parse_method
+
+    try:
+        parse_method(spec)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from e
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
+    _check_method("optim.method", cfg.optim.method)
+    for i, method in enumerate(cfg.compare.methods):
+        _check_method(f"compare.methods[{i}]", method)
+    tc = cfg.train
     checks = [
         (cfg.model.arch in ("gpt", "lstm"), "model.arch", "must be 'gpt' or 'lstm'"),
         (cfg.data.tokenizer in ("char", "bpe"), "data.tokenizer", "must be 'char' or 'bpe'"),
@@ -258,6 +281,14 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.eval_batches > 0, "train.eval_batches", "must be > 0"),
         (cfg.train.test_batches > 0, "train.test_batches", "must be > 0"),
         (cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (tc.sharpness_every >= 0, "train.sharpness_every", "must be >= 0 (0 = off)"),
+        (tc.sharpness_batches > 0, "train.sharpness_batches", "must be > 0"),
+        (tc.sharpness_iters > 0, "train.sharpness_iters", "must be > 0"),
+        (
+            cfg.data.train_tokens == 0 or cfg.data.train_tokens > cfg.model.block_size,
+            "data.train_tokens",
+            "must be 0 (all) or more than model.block_size",
+        ),
         (
             cfg.data.val_fraction > 0
             and cfg.data.test_fraction > 0

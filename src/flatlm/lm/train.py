@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,12 @@ from tqdm import tqdm
 
 from flatlm.lm.config import OptimConfig, RunConfig, TrainConfig, config_from_dict
 from flatlm.lm.data import Corpus, atomic_write_text, eval_batches, get_batch, prepare_corpus
+from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, train_split
 from flatlm.lm.models import build_model, count_params, resolve_dims
 
 CHECKPOINT_FORMAT = "flatlm-lm-checkpoint-1"
 CSV_FIELDS = ("step", "split", "loss", "ppl", "lr", "elapsed_s")
+SHARPNESS_FIELDS = ("hessian.lambda_max", "sam.logit_functional_ratio")  # split="sharpness" rows
 
 
 class CheckpointError(RuntimeError):
@@ -57,10 +60,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, grad_clip: float) -> torch.optim.Optimizer:
     """``flatlm.optim.create`` with the config's hyper-parameters (clipping inside for SAM-types)."""
-    from flatlm.optim import create
+    from flatlm.optim import create, parse_method
 
-    kwargs = dict(cfg.method_kwargs.get(cfg.method, {}))
-    if cfg.method != "adamw":
+    # [optim.method_kwargs.gasam] applies to "gasam" and to variants like "gasam:alpha=-1"
+    # (options in the name win, in create); a table under the full name applies to that name.
+    base, _ = parse_method(cfg.method)
+    kwargs = {**cfg.method_kwargs.get(base, {}), **cfg.method_kwargs.get(cfg.method, {})}
+    if base != "adamw":
         if cfg.rho is not None:
             kwargs.setdefault("rho", cfg.rho)
         kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
@@ -142,17 +148,41 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]])
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``: never a half-written file."""
+def _atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """Write to a temp file in the same folder, fsync, then ``os.replace``: never a half-written
+    file. ``keep_previous`` first moves the old file to ``previous_checkpoint(path)``, so a later
+    unreadable checkpoint (a full disk, a copy cut short) still leaves one to resume from."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, previous_checkpoint(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def load_latest_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, or, if that one is missing or unreadable, the previous one
+    (with a warning naming why); a ``CheckpointError`` if neither can be read."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as latest_error:
+        prev = previous_checkpoint(path)
+        if not prev.is_file():
+            raise
+        ckpt = load_checkpoint(prev)
+        warnings.warn(f"{latest_error}; resuming from the previous checkpoint {prev}", stacklevel=2)
+        return ckpt
 
 
 def model_spec(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
@@ -216,7 +246,9 @@ class MetricsLog:
     def add(self, **record: Any) -> None:
         self.records.append(record)
         if self.tb is not None:
-            self.tb.add_scalar(f"loss/{record['split']}", record["loss"], record["step"])
+            for key in ("loss", *SHARPNESS_FIELDS):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"{key}/{record['split']}", record[key], record["step"])
 
     def flush(self) -> None:
         """Rewrite both files from memory: after a resume they hold exactly the resumed history."""
@@ -224,7 +256,8 @@ class MetricsLog:
             self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
         )
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        extra = [f for f in SHARPNESS_FIELDS if any(f in r for r in self.records)]
+        writer = csv.DictWriter(buf, fieldnames=(*CSV_FIELDS, *extra), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.records)
         atomic_write_text(self.out / "metrics.csv", buf.getvalue())
@@ -297,6 +330,7 @@ def _train(
     device = torch.device(tc.device)
     corpus = corpus or prepare_corpus(cfg.data)
     block = cfg.model.block_size
+    train_data = train_split(corpus, cfg.data)  # data.train_tokens: the last N tokens only
 
     torch.manual_seed(tc.seed)  # the same init for every method with this seed
     model = build_model(cfg.model, corpus.vocab_size).to(device)
@@ -312,7 +346,7 @@ def _train(
     ckpt_path = out / "checkpoint.pt"
     step, train_time, records = 0, 0.0, []
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_latest_checkpoint(ckpt_path)
         check_compatible(ckpt, spec, cfg, corpus.fingerprint, ckpt_path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -343,7 +377,7 @@ def _train(
             "metrics": log.records,
             "train_time_s": train_time,
         }
-        _atomic_save(state, ckpt_path)
+        _atomic_save(state, ckpt_path, keep_previous=True)
         log.flush()
 
     def validate() -> float:
@@ -356,6 +390,9 @@ def _train(
 
     if step == 0 and tc.eval_every > 0:
         validate()
+    sharpness = SharpnessLogger(cfg, train_data, device)  # never touches the training RNG
+    if step == 0:
+        sharpness.log(model, step, log, train_time)
     wall0 = time.perf_counter()
     status = "completed"
     bar = tqdm(
@@ -369,7 +406,7 @@ def _train(
     model.train()
     with stop_on_signals() as stop, bar:
         while step < tc.steps:
-            x, y = get_batch(corpus.splits["train"], tc.batch_size, block, sampler)
+            x, y = get_batch(train_data, tc.batch_size, block, sampler)
             x, y = x.to(device), y.to(device)
             t0 = time.perf_counter()
             loss = train_step(model, opt, x, y, tc.grad_clip)
@@ -386,6 +423,7 @@ def _train(
                 bar.set_postfix(loss=f"{loss_value:.3f}")
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                 bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{validate():.3f}")
+            sharpness.log(model, step, log, train_time)
             if stop["signal"] is not None or step == stop_after:
                 status = "interrupted" if stop["signal"] is not None else "stopped"
                 break
@@ -419,6 +457,7 @@ def _train(
         log.add(step=step, split="test", loss=result["test_loss"], elapsed_s=train_time)
         result["val_ppl"] = math.exp(min(result["val_loss"], 50))
         result["test_ppl"] = math.exp(min(result["test_loss"], 50))
+        result |= regime_figures(model, cfg, train_data, step, device) | sharpness.final(model)
     log.close()
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result

@@ -1,0 +1,271 @@
+"""Sharpness in workbench runs: periodic logging, a final figure, and checkpoint reports.
+
+Why a separate module: the training loop only calls in here (a couple of lines), and everything
+that could disturb the trajectory is handled here once. The sharpness functions leave parameters
+bit for bit and ``.grad`` as they were; what they could still touch is the global RNG (seeded
+start vectors, dropout if a figure ran in train mode), so :class:`SharpnessLogger` saves and
+restores it around every call. A run with logging therefore ends with the same parameters as one
+without (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flatlm.lm.config import DataConfig, RunConfig, config_from_dict
+from flatlm.lm.data import Corpus, eval_batches, prepare_corpus
+
+# The cheap subset logged during training (split="sharpness" rows in metrics.jsonl/.csv).
+LOGGED = ("hessian.lambda_max", "sam.logit_functional_ratio")
+DEFAULT_RHO = 0.05  # SAM's default radius, for the decomposition when optim.rho is unset
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_split(corpus: Corpus, cfg: DataConfig) -> np.ndarray:
+    """The training tokens a run samples from: the last ``data.train_tokens`` (0 = all).
+
+    The last tokens are the text nearest the (later) validation period, so a limited split adds
+    repetition (over-fitting) without adding more distribution shift.
+    """
+    data = corpus.splits["train"]
+    n = cfg.train_tokens
+    return data[len(data) - n :] if 0 < n < len(data) else data
+
+
+def fixed_batches(
+    data: np.ndarray, n_batches: int, batch_size: int, block_size: int, split: str, device: Any
+) -> Batches:
+    """Evenly spaced windows (the same for every method, seed and call), on ``device``."""
+    return [
+        (x.to(device), y.to(device))
+        for x, y in eval_batches(data, n_batches, batch_size, block_size, split)
+    ]
+
+
+@contextlib.contextmanager
+def rng_preserved(device: torch.device) -> Iterator[None]:
+    """Leave the global CPU (and CUDA) RNG as it was: diagnostics must not shift dropout masks."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def double_backward_attention() -> contextlib.AbstractContextManager:
+    """The math SDPA kernel: the fused (flash / memory-efficient) kernels have no second
+    derivative, which every Hessian-vector product needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from flatlm.lm.train import lm_loss  # lazy: train imports this module
+
+    return lm_loss(logits, targets)
+
+
+class SharpnessLogger:
+    """``train.sharpness_every`` / ``train.sharpness_final``: λ_max(H) by a fixed number of
+    Lanczos products and SAM's logit/functional ratio, on fixed training batches."""
+
+    def __init__(self, cfg: RunConfig, train_data: np.ndarray, device: torch.device):
+        tc = cfg.train
+        self.every, self.final_on = tc.sharpness_every, tc.sharpness_final
+        self.iters = tc.sharpness_iters
+        self.rho = cfg.optim.rho if cfg.optim.rho is not None else DEFAULT_RHO
+        self.device = device
+        self.batches: Batches = []
+        if self.every > 0 or self.final_on:
+            n, block = tc.sharpness_batches, cfg.model.block_size
+            self.batches = fixed_batches(train_data, n, tc.batch_size, block, "train", device)
+
+    def figures(self, model: nn.Module, iters: int | None = None) -> dict[str, Any]:
+        """The logged figures now, plus the clean loss on the fixed batches (``loss``)."""
+        from flatlm.sharpness import quick_sharpness
+
+        with rng_preserved(self.device), double_backward_attention():
+            figs = quick_sharpness(
+                model, _lm_loss, self.batches, lanczos_iters=iters or self.iters, rho=self.rho
+            )
+        return {"loss": figs.get("sam.loss")} | {k: figs.get(k) for k in LOGGED}
+
+    def log(self, model: nn.Module, step: int, log: Any, elapsed_s: float) -> None:
+        """Add a split="sharpness" record every ``sharpness_every`` steps (step 0 included)."""
+        if self.every > 0 and step % self.every == 0:
+            log.add(step=step, split="sharpness", elapsed_s=elapsed_s, **self.figures(model))
+            log.flush()
+
+    def final(self, model: nn.Module) -> dict[str, Any]:
+        """``final_sharpness`` for result.json (twice the Lanczos products: it runs once)."""
+        if not self.final_on:
+            return {}
+        figs = self.figures(model, iters=2 * self.iters)
+        return {
+            "final_sharpness": figs
+            | {"lanczos_iters": 2 * self.iters, "windows": sum(len(x) for x, _ in self.batches)}
+        }
+
+
+def regime_figures(
+    model: nn.Module, cfg: RunConfig, train_data: np.ndarray, step: int, device: Any
+) -> dict[str, Any]:
+    """What the regime sentence needs: training loss on fixed training windows, epochs seen."""
+    from flatlm.lm.train import evaluate
+
+    tc = cfg.train
+    batches = fixed_batches(
+        train_data, tc.eval_batches, tc.batch_size, cfg.model.block_size, "train", device
+    )
+    seen = step * tc.batch_size * cfg.model.block_size
+    return {
+        "train_loss": evaluate(model, batches),
+        "tokens_seen": seen,
+        "train_tokens": len(train_data),
+        "epochs": seen / max(1, len(train_data)),
+    }
+
+
+# ----------------------------------------------------------------------------- flatlm sharpness
+
+
+def load_trained(
+    path: str | Path, device: str = "cpu"
+) -> tuple[nn.Module, RunConfig, Corpus, dict]:
+    """Model, config and corpus of a checkpoint (a ``checkpoint.pt`` or the run folder holding it)."""
+    from flatlm.lm.models import build_model
+    from flatlm.lm.train import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"no checkpoint at {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} holds an unusable config: {e}") from e
+    corpus = prepare_corpus(cfg.data)
+    if corpus.fingerprint != ckpt["data_fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was trained on another corpus/tokenizer than "
+            f"{cfg.data.corpus!r} now holds (data fingerprint differs)"
+        )
+    model = build_model(cfg.model, corpus.vocab_size)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), cfg, corpus, ckpt
+
+
+def checkpoint_sharpness(
+    path: str | Path,
+    *,
+    splits: Sequence[str] = ("val",),
+    batches: int = 2,
+    what: Sequence[str] | None = None,
+    top_k: int = 1,
+    trace_samples: int = 0,
+    lanczos_iters: int | None = None,
+    params: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``sharpness_report`` of a trained run on fixed windows of each split in ``splits``.
+
+    Runs with the run's ``train.threads`` (as training does): on a busy 2-core machine the
+    Hessian products of a micro GPT took ~30 s with torch's default 2 threads and ~1 s with 1.
+    """
+    from flatlm.sharpness import sharpness_report
+    from flatlm.sharpness.report import DEFAULT_FIGURES
+
+    model, cfg, corpus, ckpt = load_trained(path, device)
+    what = tuple(what or DEFAULT_FIGURES)
+    rho = cfg.optim.rho if cfg.optim.rho is not None else DEFAULT_RHO
+    threads = torch.get_num_threads()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        for split in splits:
+            data = train_split(corpus, cfg.data) if split == "train" else corpus.splits[split]
+            bs = fixed_batches(
+                data, batches, cfg.train.batch_size, cfg.model.block_size, split, device
+            )
+            with double_backward_attention():
+                figures[split] = sharpness_report(
+                    model,
+                    _lm_loss,
+                    bs,
+                    params=params,
+                    what=what,
+                    top_k=top_k,
+                    trace_samples=trace_samples,
+                    lanczos_iters=lanczos_iters,
+                    rho=rho,
+                    progress=progress,
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "checkpoint": str(path),
+        "method": ckpt["method"],
+        "seed": cfg.train.seed,
+        "step": ckpt["step"],
+        "settings": {
+            "splits": list(splits),
+            "batches": batches,
+            "windows_per_split": batches * cfg.train.batch_size,
+            "block_size": cfg.model.block_size,
+            "what": list(what),
+            "top_k": top_k,
+            "trace_samples": trace_samples,
+            "lanczos_iters": lanczos_iters,
+            "params": params,
+            "rho": rho,
+            "threads": cfg.train.threads or threads,
+        },
+        "figures": figures,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def format_sharpness(report: dict[str, Any]) -> str:
+    """A plain-text table: one row per figure, one column per split."""
+    splits = list(report["figures"])
+    keys: list[str] = []
+    for figs in report["figures"].values():
+        keys += [k for k in figs if k not in keys]
+    rows = [["figure", *splits]] + [
+        [k, *(_fmt(report["figures"][s].get(k)) for s in splits)] for k in keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        f"{report['method']} seed {report['seed']} at step {report['step']} ({report['checkpoint']})"
+    ]
+    for i, r in enumerate(rows):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if j == 0 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""The comparison report's verdicts: paired Δ vs AdamW, intervals, one-seed wording, regime."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from scipy import stats as sps
+
+from flatlm.lm.compare import collect_runs, compare, paired_deltas, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Synthetic final losses (method -> per seed): sam is clearly lower, fsam is noise around adamw.
+VAL = {
+    "adamw": [6.10, 6.25, 6.05],
+    "sam": [5.90, 6.04, 5.86],
+    "fsam": [6.15, 6.20, 6.07],
+}
+
+
+def _fake_comparison(out, val=VAL, seeds=(0, 1, 2), epochs=0.08, gap=0.3):
+    """Run folders as `flatlm compare` writes them, without training anything."""
+    methods = list(val)
+    (out / "compare.json").write_text(
+        json.dumps({"methods": methods, "seeds": list(seeds), "jobs": 2, "device": "cpu"})
+    )
+    for method in methods:
+        for i, seed in enumerate(seeds):
+            run = out / "runs" / f"{method}-s{seed}"
+            run.mkdir(parents=True)
+            v = val[method][i]
+            result = {
+                "method": method, "seed": seed, "status": "completed", "step": 10, "steps": 10,
+                "val_loss": v, "test_loss": v + 0.1, "val_ppl": 2.0**v, "test_ppl": 2.0**v,
+                "time_per_step_s": 0.01, "train_time_s": 0.1, "skipped_steps": 0,
+                "train_loss": v - gap, "epochs": epochs,
+                "final_sharpness": {"hessian.lambda_max": 10.0 + i},
+            }  # fmt: skip
+            (run / "result.json").write_text(json.dumps(result))
+            records = [
+                {"step": 0, "split": "val", "loss": 7.0},
+                {"step": 10, "split": "val", "loss": v},
+            ]
+            records += [
+                {"step": s, "split": "sharpness", "loss": 6.0, "hessian.lambda_max": 5.0 + s,
+                 "sam.logit_functional_ratio": 0.1 * (s + 1)}
+                for s in (0, 5, 10)
+            ]  # fmt: skip
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_paired_deltas_intervals_and_verdicts_in_table_json_and_plot(tmp_path):
+    _fake_comparison(tmp_path)
+    report = write_report(tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    deltas = results["deltas_vs_adamw"]
+    diffs = [s - a for s, a in zip(VAL["sam"], VAL["adamw"], strict=True)]
+    mean, sem = statistics.fmean(diffs), statistics.stdev(diffs) / 3**0.5
+    lo, hi = sps.t.interval(0.95, 2, loc=mean, scale=sem)
+    assert deltas["sam"]["val"]["mean"] == pytest.approx(mean)
+    assert (deltas["sam"]["val"]["t_low"], deltas["sam"]["val"]["t_high"]) == pytest.approx(
+        (lo, hi)
+    )
+    assert deltas["sam"]["test"]["mean"] == pytest.approx(mean)  # test = val + 0.1 here
+    assert deltas["sam"]["verdict"] == "better"
+    assert deltas["fsam"]["verdict"] == "not distinguishable"
+    assert deltas["adamw"]["val"]["mean"] == 0.0
+    assert deltas["adamw"]["verdict"] == "not distinguishable"  # AdamW against itself
+    table = report["table"]
+    sam_row = [x for x in table.splitlines() if x.startswith("| sam | 3 | ")][1]  # verdict table
+    assert f"{mean:+.4f} | [{lo:+.4f}, {hi:+.4f}]" in sam_row and sam_row.endswith("| better |")
+    assert "λ_max(H)" in table and "| 11 |" in table  # mean of 10, 11, 12 per method
+    assert "distribution-shift regime" in table
+    assert "shared the cpu device" in table and results["timing"]["shared_device"] is True
+    for name in ("delta_vs_adamw.png", "sharpness.png", "val_loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    assert "![delta_vs_adamw](delta_vs_adamw.png)" in (tmp_path / "results.md").read_text()
+
+
+def test_one_seed_says_no_verdict(tmp_path):
+    _fake_comparison(tmp_path, val={m: v[:1] for m, v in VAL.items()}, seeds=(0,))
+    report = write_report(tmp_path)
+    assert "One seed: no verdict is possible" in report["table"]
+    deltas = json.loads((tmp_path / "results.json").read_text())["deltas_vs_adamw"]
+    assert deltas["sam"]["verdict"] == "no verdict (1 seed)"
+    assert "better" not in report["table"] and "worse" not in report["table"]
+
+
+def test_overfitting_regime_in_report(tmp_path):
+    _fake_comparison(tmp_path, epochs=25.0, gap=1.5)
+    table = write_report(tmp_path)["table"]
+    assert "over-fitting regime, where plain SAM tends to help most" in table
+
+
+def test_real_runs_adamw_against_itself(tiny_cfg, tmp_path):
+    compare(tiny_cfg(train__steps=2), tmp_path, ["adamw"], [0, 1], quiet=True)
+    runs = collect_runs(tmp_path)
+    d = paired_deltas(runs, ["adamw"])["adamw"]
+    assert d["val"]["mean"] == 0.0 and d["test"]["mean"] == 0.0
+    assert d["verdict"] == "not distinguishable"
+    for r in runs:  # the regime figures every completed run records
+        assert (
+            r["tokens_seen"] == 2 * 4 * 16 and r["epochs"] == r["tokens_seen"] / r["train_tokens"]
+        )
+        assert r["train_loss"] > 0 and "final_sharpness" not in r
