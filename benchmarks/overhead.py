@@ -1,0 +1,175 @@
+"""Step time and memory of every flatlm method against plain AdamW on a GPT-style model.
+
+Every sharpness-aware step costs two forward–backward passes, so its floor is about twice an
+AdamW step; the goal is ``ratio = t_method / (2 · t_adamw) ≤ 1.05``. Methods are interleaved
+(each repetition times every method once, in a shuffled order) and medians reported, so drift
+in machine load hits all of them alike.
+
+    python benchmarks/overhead.py                       # CPU, sizes micro and tiny
+    python benchmarks/overhead.py --sizes small --device cuda --batch 32 --seq 256
+
+Extra memory is what a method keeps between steps beyond AdamW's own state (the clean copy of θ,
+GA-SAM's EMA), in bytes and as a multiple of the parameter size; the functional methods also hold
+the logits-sized dlogits *during* a step, reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flatlm.lm.models import GPT, GPT_SIZES
+from flatlm.optim import METHODS, SharpnessAwareOptimizer, create
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def extra_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held between steps beyond the base AdamW state."""
+    if not isinstance(opt, SharpnessAwareOptimizer):
+        return 0
+    return _tensor_bytes(list(opt._clean_copies.values())) + _tensor_bytes(dict(opt.state))
+
+
+def make_stepper(name, model, x, y, lr=3e-4):
+    opt = create(name, model.parameters(), lr=lr, weight_decay=0.1)
+
+    def loss_fn(logits):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    if isinstance(opt, SharpnessAwareOptimizer):
+
+        def step():
+            opt.step(forward=lambda: model(x), loss_fn=loss_fn)
+
+    else:
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x)).backward()
+            opt.step()
+
+    return opt, step
+
+
+def bench_size(size: str, args, device: torch.device) -> list[dict]:
+    n_layer, n_head, n_embd = GPT_SIZES[size]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    runs = {}
+    for name in args.methods:
+        torch.manual_seed(0)
+        model = GPT(args.vocab, args.seq, n_layer, n_head, n_embd).to(device)
+        opt, step = make_stepper(name, model, x, y)
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        runs[name] = {"model": model, "opt": opt, "step": step, "times": []}
+
+    order = list(args.methods)
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for name in order:
+            run = runs[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                run["step"]()
+            _sync(device)
+            run["times"].append((time.perf_counter() - t0) / args.steps)
+
+    param_bytes = _tensor_bytes(list(runs[args.methods[0]]["model"].parameters()))
+    n_params = sum(p.numel() for p in runs[args.methods[0]]["model"].parameters())
+    logits_bytes = args.batch * args.seq * args.vocab * 4
+    base = statistics.median(runs["adamw"]["times"]) if "adamw" in runs else None
+    rows = []
+    for name in args.methods:
+        run = runs[name]
+        t = statistics.median(run["times"])
+        extra = extra_bytes(run["opt"])
+        functional = getattr(run["opt"], "functional", False)
+        rows.append(
+            {
+                "size": size,
+                "params": n_params,
+                "method": name,
+                "step_ms": 1e3 * t,
+                "iqr_ms": 1e3
+                * (
+                    statistics.quantiles(run["times"], n=4)[2]
+                    - statistics.quantiles(run["times"], n=4)[0]
+                ),
+                "ratio_to_2x_adamw": (t / (2 * base)) if base and name != "adamw" else None,
+                "extra_bytes": extra,
+                "extra_param_copies": extra / param_bytes,
+                "transient_dlogits_bytes": logits_bytes if functional else 0,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["micro", "tiny"], choices=list(GPT_SIZES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per method")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if "adamw" not in args.methods:
+        args.methods = ["adamw", *args.methods]
+    device = torch.device(args.device)
+
+    print(
+        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"batch={args.batch} seq={args.seq} vocab={args.vocab} "
+        f"({args.repeats} interleaved blocks of {args.steps} steps, medians)"
+    )
+    print(
+        f"{'size':<6} {'params':>8} {'method':<6} {'step ms':>9} {'IQR':>7} "
+        f"{'/(2·AdamW)':>10} {'extra mem':>10} {'× params':>8} {'dlogits':>9}"
+    )
+    rows = []
+    for size in args.sizes:
+        for r in bench_size(size, args, device):
+            rows.append(r)
+            ratio = "" if r["ratio_to_2x_adamw"] is None else f"{r['ratio_to_2x_adamw']:.3f}"
+            print(
+                f"{r['size']:<6} {r['params'] / 1e6:>7.2f}M {r['method']:<6} {r['step_ms']:>9.2f} "
+                f"{r['iqr_ms']:>7.2f} {ratio:>10} {r['extra_bytes'] / 2**20:>8.2f}Mi "
+                f"{r['extra_param_copies']:>8.2f} {r['transient_dlogits_bytes'] / 2**20:>7.1f}Mi"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
