@@ -11,6 +11,7 @@ Adding a subcommand is one decorated function::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +144,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
     out = args.out or f"runs/compare-{_run_name(args)}"
     report = compare(cfg, out, methods, seeds, jobs=jobs, quiet=args.quiet, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 reports
+        return 0
     print(report["table"], end="")
     if report["missing"]:
         print(f"interrupted: {len(report['missing'])} runs unfinished; continue with --resume")

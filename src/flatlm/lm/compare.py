@@ -72,6 +72,10 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prepare_corpus(cfg.data)  # tokenise once here, so parallel workers only read the cache
+    # Under torchrun every rank runs this loop, one distributed run at a time; rank 0 writes.
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        jobs = 1
     jobs = max(1, min(jobs, len(methods) * len(seeds)))
     tasks = []
     for method in methods:
@@ -85,13 +89,16 @@ def compare(
     tasks.sort(key=lambda t: t[0]["optim"]["method"] == "adamw")
     # jobs > 1: the runs shared the cores (or the GPU), which the report says beside step times.
     meta = {"methods": methods, "seeds": seeds, "jobs": jobs, "device": cfg.train.device}
-    (out / "compare.json").write_text(json.dumps(meta | {"config": cfg.to_dict()}, indent=1))
+    if main_rank:
+        (out / "compare.json").write_text(json.dumps(meta | {"config": cfg.to_dict()}, indent=1))
     if jobs == 1:
         for t in tasks:
             if _run(t)["status"] != "completed":  # Ctrl-C: train checkpointed; stop here
                 break
     else:
         _run_pool(tasks, jobs)
+    if not main_rank:  # rank 0 writes the runs' results and the report
+        return {"summary": {}, "table": "", "plots": [], "missing": []}
     missing = [t[1] for t in tasks if _result(Path(t[1])).get("status") != "completed"]
     if len(missing) == len(tasks):
         return {"summary": {}, "table": "", "plots": [], "missing": missing}

@@ -327,7 +327,10 @@ def _train(
 ) -> dict[str, Any]:
     tc = cfg.train
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(tc.device)
+    rank, world, device = _distributed_setup(torch.device(tc.device))
+    run_dir = out  # where the checkpoint is read from; every rank resumes from rank 0's
+    if rank > 0:  # only rank 0 writes: the others log and checkpoint into a throwaway folder
+        out = Path(tempfile.mkdtemp(prefix=f"flatlm-rank{rank}-"))
     corpus = corpus or prepare_corpus(cfg.data)
     block = cfg.model.block_size
     train_data = train_split(corpus, cfg.data)  # data.train_tokens: the last N tokens only
@@ -335,6 +338,9 @@ def _train(
     torch.manual_seed(tc.seed)  # the same init for every method with this seed
     model = build_model(cfg.model, corpus.vocab_size).to(device)
     opt = make_optimizer(model, cfg.optim, tc.grad_clip)
+    # Under torchrun the passes go through DDP (gradients all-reduced: ε from the global
+    # gradient); evaluation and checkpoints use the plain module.
+    forward_model = _ddp(model, device) if world > 1 else model
     sched = LambdaLR(opt, lr_lambda(tc))
     sampler = torch.Generator().manual_seed(tc.seed)
     spec = model_spec(cfg, corpus.vocab_size)
@@ -346,8 +352,8 @@ def _train(
     ckpt_path = out / "checkpoint.pt"
     step, train_time, records = 0, 0.0, []
     if resume:
-        ckpt = load_latest_checkpoint(ckpt_path)
-        check_compatible(ckpt, spec, cfg, corpus.fingerprint, ckpt_path)
+        ckpt = load_latest_checkpoint(run_dir / "checkpoint.pt")
+        check_compatible(ckpt, spec, cfg, corpus.fingerprint, run_dir / "checkpoint.pt")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -406,10 +412,11 @@ def _train(
     model.train()
     with stop_on_signals() as stop, bar:
         while step < tc.steps:
-            x, y = get_batch(train_data, tc.batch_size, block, sampler)
-            x, y = x.to(device), y.to(device)
+            # Every rank draws the same global batch and takes its share: one sampler state.
+            x, y = get_batch(train_data, tc.batch_size * world, block, sampler)
+            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
             t0 = time.perf_counter()
-            loss = train_step(model, opt, x, y, tc.grad_clip)
+            loss = train_step(forward_model, opt, x, y, tc.grad_clip)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             if device.type == "cuda":  # honest step times: wait for the queued kernels
@@ -461,6 +468,30 @@ def _train(
     log.close()
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def _distributed_setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under ``torchrun`` (WORLD_SIZE > 1) joins the process group
+    (NCCL on CUDA, gloo on CPU) and puts each rank on its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
