@@ -42,6 +42,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, create, parse_method
 from flatlm.optim.directions import global_norm
+from flatlm.optim.engine import RngState
 
 __all__ = ["SharpnessAwareStep", "SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]
 
@@ -108,19 +109,6 @@ class SharpnessAwareStep(torch.optim.Optimizer):
         return f"{type(self).__name__}({self.optimizer!r})"
 
 
-class _RngState:
-    """CPU and CUDA generator states, so a replayed micro-batch gets the same dropout masks."""
-
-    def __init__(self, cuda_devices: list[int]):
-        self.cpu = torch.get_rng_state()
-        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in self.cuda:
-            torch.cuda.set_rng_state(state, d)
-
-
 @dataclass
 class _MicroBatch:
     """What the second pass needs to replay one micro-batch of the clean pass exactly."""
@@ -128,7 +116,7 @@ class _MicroBatch:
     model: nn.Module
     inputs: Any
     num_items_in_batch: Tensor | int | None
-    rng: _RngState
+    rng: RngState
     dlogits: Tensor | None
 
 
@@ -346,7 +334,7 @@ class SharpnessAwareTrainerMixin:
             # skipped it for an overflow in the clean pass): drop it.
             self._sam_stash = []
             self._sam_stash_step = self.state.global_step
-        rng = _RngState(self._cuda_devices(model))
+        rng = RngState(self._cuda_devices(model))
         capture = _LogitsCapture(model, want_grad=True) if sam.functional else None
         try:
             loss = self._trainer_step(model, inputs, num_items_in_batch)
@@ -377,7 +365,7 @@ class SharpnessAwareTrainerMixin:
                 "micro-batches training_step stashed"
             )
         model = stash[-1].model
-        end = _RngState(self._cuda_devices(model))
+        end = RngState(self._cuda_devices(model))
         sam.first_step(zero_grad=True, functional_vjp=sam.functional)
         try:
             for i, mb in enumerate(stash):

@@ -51,7 +51,7 @@ class _Gathered:
     slices: list[tuple[int, int, float]]
 
 
-class _RngState:
+class RngState:
     """The CPU and CUDA generator states, so the second pass sees the first pass's randomness."""
 
     def __init__(self, cuda_devices: list[int]):
@@ -346,12 +346,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.zero_grad(set_to_none=True)
         weight = 1.0 / len(passes)
-        rngs: list[_RngState | None] = []
+        rngs: list[RngState | None] = []
         dlogits: list[Tensor | None] = []
         clean_loss = None
         ok = None
         for i, (forward, loss_fn) in enumerate(passes):
-            rngs.append(_RngState(self._cuda_devices()) if self.replay_rng else None)
+            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
             # DDP: all-reduce once, on the last micro-batch; never in 'local' mode (m-sharpness).
             skip_sync = no_sync is not None and (i < len(passes) - 1 or self.distributed == "local")
             with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
