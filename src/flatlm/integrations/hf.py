@@ -42,7 +42,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, create, parse_method
 from flatlm.optim.directions import global_norm
-from flatlm.optim.engine import RngState
+from flatlm.optim.engine import RngState, unscale_grads_
 
 __all__ = ["SharpnessAwareStep", "SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]
 
@@ -434,18 +434,8 @@ class SharpnessAwareTrainerMixin:
         sam = self._sam_optimizer
         assert sam is not None
         grads = [p.grad for g in sam.param_groups for p in g["params"] if p.grad is not None]
-        inv_scale = 1.0 / scaler.get_scale()
-        found: list[Tensor] = []
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for grad in grads:
-            by_device.setdefault(grad.device, []).append(grad)
-        for device, device_grads in by_device.items():
-            flag = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                device_grads, flag, torch.full((1,), inv_scale, device=device)
-            )
-            found.append(flag)
-        if not any(bool(flag.item()) for flag in found):
+        inv_scale = torch.full((1,), 1.0 / scaler.get_scale())
+        if not bool(unscale_grads_(grads, inv_scale).item()):
             return False
         state = scaler._per_optimizer_states.get(id(self._sam_step))
         if state is not None:

@@ -417,20 +417,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         happens.
         """
         grads = [p.grad for p in self._params_with_grad()]
-        found = torch.zeros(1, device=scaler._scale.device)  # type: ignore[union-attr]
-        if not grads:
-            return found
         inv_scale = scaler._scale.double().reciprocal().float()  # type: ignore[union-attr]
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for device, device_grads in by_device.items():
-            device_found = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                device_grads, device_found, inv_scale.to(device)
-            )
-            found = found + device_found.to(found.device)
-        return found
+        return unscale_grads_(grads, inv_scale)
 
     @torch.no_grad()
     def _unscale_perturbed(self, scaler: torch.amp.GradScaler, clean_overflow: Tensor) -> None:
@@ -442,10 +430,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self._params_with_grad()]
         if grads:
             poison = torch.where(clean_overflow.sum() > 0, float("nan"), 1.0)
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for g in grads:
-                by_device.setdefault(g.device, []).append(g)
-            for device, device_grads in by_device.items():
+            for device, device_grads in _by_device(grads).items():
                 torch._foreach_mul_(device_grads, poison.to(device))
         scaler.unscale_(self)
 
@@ -589,6 +574,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional})"
         )
+
+
+def unscale_grads_(grads: list[Tensor], inv_scale: Tensor) -> Tensor:
+    """Gradients × inv_scale in place (as GradScaler unscales, per device, no host sync); returns a
+    1-element flag, > 0 if any gradient was non-finite."""
+    found = torch.zeros(1, device=inv_scale.device)
+    for device, device_grads in _by_device(grads).items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(device_grads, flag, inv_scale.to(device))
+        found += flag.to(found.device)
+    return found
+
+
+def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
 
 
 def _backward(loss: Tensor, weight: float, scaler: torch.amp.GradScaler | None) -> None:
