@@ -60,6 +60,21 @@ SpySGD = make_spy(torch.optim.SGD)
 SpyAdamW = make_spy(torch.optim.AdamW)
 
 
+def poisoned_forward(model: nn.Module, x: torch.Tensor, bad_call: int, value: float = float("nan")):
+    """forward() whose logits are multiplied by ``value`` (NaN, inf) on call number ``bad_call``
+    (0 the clean pass, 1 the perturbed one)."""
+    calls = {"n": 0}
+
+    def forward() -> torch.Tensor:
+        out = model(x)
+        if calls["n"] == bad_call:
+            out = out * value
+        calls["n"] += 1
+        return out
+
+    return forward
+
+
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

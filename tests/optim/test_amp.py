@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flatlm.optim import METHODS, create
-from helpers.optim import assert_bitwise_equal, make_batch, make_mlp, params_of
+from helpers.optim import assert_bitwise_equal, make_batch, make_mlp, params_of, poisoned_forward
 
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
 
@@ -34,19 +34,6 @@ def test_a_power_of_two_loss_scale_changes_nothing(name):
     assert scaler.get_scale() == 2.0**17  # grown once per step: update() was called each time
 
 
-def _nan_on_call(model, x, bad_call):
-    calls = {"n": 0}
-
-    def forward():
-        out = model(x)
-        if calls["n"] == bad_call:
-            out = out * float("inf")
-        calls["n"] += 1
-        return out
-
-    return forward
-
-
 @pytest.mark.parametrize("name", SAM_METHODS)
 @pytest.mark.parametrize("bad_call", [0, 1])
 def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name, bad_call):
@@ -59,7 +46,11 @@ def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name,
     state = [t.clone() for s in opt.base_optimizer.state.values() for t in s.values()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an overflow is routine with fp16: no warning
-        opt.step(forward=_nan_on_call(model, x, bad_call), loss_fn=_loss(y), grad_scaler=scaler)
+        opt.step(
+            forward=poisoned_forward(model, x, bad_call, float("inf")),
+            loss_fn=_loss(y),
+            grad_scaler=scaler,
+        )
     assert_bitwise_equal(params_of(model), params)
     assert_bitwise_equal([t for s in opt.base_optimizer.state.values() for t in s.values()], state)
     assert opt.skipped_steps == 1

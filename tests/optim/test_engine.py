@@ -29,6 +29,7 @@ from helpers.optim import (
     make_batch,
     make_mlp,
     params_of,
+    poisoned_forward,
 )
 
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
@@ -63,20 +64,6 @@ def test_restore_is_bitwise_for_any_radius_and_scale(rho, scale, seed):
     assert torch.equal(theta.detach(), before)  # lr = 0
 
 
-def _poisoned_forward(model, x, bad_call):
-    """forward() that returns NaN logits on call number ``bad_call`` (0 clean, 1 perturbed)."""
-    calls = {"n": 0}
-
-    def forward():
-        out = model(x)
-        if calls["n"] == bad_call:
-            out = out * float("nan")
-        calls["n"] += 1
-        return out
-
-    return forward
-
-
 def _state_tensors(opt):
     sd = opt.state_dict()
     return [
@@ -99,7 +86,7 @@ def test_a_non_finite_pass_skips_the_step_and_changes_nothing(name, bad_call):
     params, state = params_of(model), _state_tensors(opt)
 
     with pytest.warns(NonFiniteStepWarning, match="skipped"):
-        opt.step(forward=_poisoned_forward(model, x, bad_call), loss_fn=ce(y))
+        opt.step(forward=poisoned_forward(model, x, bad_call), loss_fn=ce(y))
 
     assert_bitwise_equal(params_of(model), params)
     assert_bitwise_equal(_state_tensors(opt), state)
@@ -116,7 +103,7 @@ def test_fused_adamw_skips_on_device_without_a_host_read():
     assert opt._can_skip_on_device()
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
     params, state = params_of(model), _state_tensors(opt)
-    opt.step(forward=_poisoned_forward(model, x, 1), loss_fn=ce(y))  # no warning: no host read
+    opt.step(forward=poisoned_forward(model, x, 1), loss_fn=ce(y))  # no warning: no host read
     assert_bitwise_equal(params_of(model), params)
     assert_bitwise_equal(_state_tensors(opt), state)
     assert opt.skipped_steps == 1
