@@ -457,9 +457,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(params, self._scale_by_group(gathered, u, _inverse_norm(norm)))
             return
         # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
-        step = torch._foreach_mul(u, _inverse_norm(norm) / self.ascent_steps)
+        torch._foreach_mul_(u, _inverse_norm(norm) / self.ascent_steps)  # u is scratch here
         delta = self._scratch.setdefault("delta", [torch.zeros_like(p) for p in params])
-        torch._foreach_add_(delta, step)
+        torch._foreach_add_(delta, u)
         metric = self.direction.metric(self._scratch)
         size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
         torch._foreach_mul_(delta, torch.clamp(_inverse_norm(size), max=1.0))
