@@ -12,10 +12,14 @@ from helpers.optim import make_batch, make_mlp
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
 
 
+@pytest.mark.parametrize("perturb_every", [1, 2])
 @pytest.mark.parametrize("name", SAM_METHODS)
-def test_micro_batches_equal_the_concatenated_batch(name):
+def test_micro_batches_equal_the_concatenated_batch(name, perturb_every):
+    # With perturb_every=2 the second step reuses the first's direction (one pass, or for the
+    # functional methods a no-grad clean forward per micro-batch plus one pass).
     batches = [make_batch(seed=s, n=24) for s in range(3)]
     kwargs = {"ascent_steps": 2} if name == "gasam" else {}
+    kwargs["perturb_every"] = perturb_every
     big, acc = make_mlp(), make_mlp()
     opt_big = create(name, big.parameters(), rho=0.2, lr=0.01, **kwargs)
     opt_acc = create(name, acc.parameters(), rho=0.2, lr=0.01, **kwargs)

@@ -18,13 +18,14 @@ def _loss(y):
     return lambda z: F.cross_entropy(z.float(), y)
 
 
+@pytest.mark.parametrize("perturb_every", [1, 2])
 @pytest.mark.parametrize("name", SAM_METHODS)
-def test_a_power_of_two_loss_scale_changes_nothing(name):
+def test_a_power_of_two_loss_scale_changes_nothing(name, perturb_every):
     # Scaling by 2^k and unscaling is exact, so GradScaler steps equal unscaled ones.
     batches = [make_batch(seed=s, dtype=torch.float32) for s in range(3)]
     a, b = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
-    opt_a = create(name, a.parameters(), rho=0.2, lr=0.01)
-    opt_b = create(name, b.parameters(), rho=0.2, lr=0.01)
+    opt_a = create(name, a.parameters(), rho=0.2, lr=0.01, perturb_every=perturb_every)
+    opt_b = create(name, b.parameters(), rho=0.2, lr=0.01, perturb_every=perturb_every)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=1)
     for x, y in batches:
         la = opt_a.step(forward=lambda: a(x), loss_fn=_loss(y), grad_scaler=scaler)

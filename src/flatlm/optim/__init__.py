@@ -54,7 +54,7 @@ METHODS: dict[str, type[torch.optim.Optimizer]] = {
     "gasam": GASAM,
 }
 
-_ENGINE_ONLY = ("rho", "max_grad_norm")
+_ENGINE_ONLY = ("rho", "max_grad_norm", "perturb_every")
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:

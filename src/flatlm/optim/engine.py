@@ -80,6 +80,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ascent_steps: K normalised ascent steps of size ρ/K, each projected back onto the
             corruption set, the descent gradient taken at the last point.
         max_grad_norm: clip the gradient handed to the base optimizer (the perturbed one).
+        perturb_every: make a fresh ε only every k-th step (as LookSAM and composer's SAM
+            ``interval`` save compute). The steps in between reuse the last ε's direction (its
+            unit direction, times the group's current ρ) and skip the clean backward: one
+            forward–backward at θ + ε for SAM/PSAM/GA-SAM (the returned loss is then L(θ+ε)),
+            a no-grad clean forward for r(θ) plus one forward–backward for the functional
+            methods. Costs one more parameter copy (the stored direction, saved in
+            ``state_dict``); GA-SAM's gradient-strength EMA only sees the clean gradients.
         replay_rng: replay the clean pass's CPU/CUDA RNG state for the second pass, so dropout
             masks match and both passes evaluate one function.
         skip_nonfinite: skip the whole step (θ and all state unchanged) when a pass gives a
@@ -103,6 +110,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         functional: bool = False,
         ascent_steps: int = 1,
         max_grad_norm: float | None = None,
+        perturb_every: int = 1,
         replay_rng: bool = True,
         skip_nonfinite: bool = True,
         distributed: str = "sync",
@@ -129,6 +137,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
         if functional and ascent_steps > 1:
             raise ValueError("the functional methods take a single ascent step")
+        if (
+            isinstance(perturb_every, bool)
+            or not isinstance(perturb_every, int)
+            or perturb_every < 1
+        ):
+            raise ValueError(f"perturb_every must be an integer >= 1, got {perturb_every!r}")
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
 
@@ -145,6 +159,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.functional = functional
         self.ascent_steps = ascent_steps
         self.max_grad_norm = max_grad_norm
+        self.perturb_every = perturb_every
         self.replay_rng = replay_rng
         self.skip_nonfinite = skip_nonfinite
         self.distributed = distributed
@@ -157,6 +172,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._clean_ok: Tensor | None = None
         self._skipped_host = 0
         self._skipped_device: Tensor | None = None
+        # perturb_every > 1: steps since the last fresh ε was taken (None: a fresh one is due).
+        self._since_fresh: int | None = None
+        self._last_step_taken: bool | None = None
 
     # --- public protocol --------------------------------------------------------------------
 
@@ -217,6 +235,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "recomputes the loss and its gradient)"
             )
         self._require_classic_protocol("step(closure)")
+        self._require_fresh_every_step("step(closure)")
         closure = torch.enable_grad()(closure)
         loss = None
         try:
@@ -240,6 +259,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """
         if not functional_vjp:
             self._require_classic_protocol("first_step()")
+        self._require_fresh_every_step("first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
         self._ascend(first=True)
@@ -300,6 +320,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             "base": self.base_optimizer.state_dict(),
             "method_state": own["state"],
             "skipped_steps": self.skipped_steps,
+            "steps_since_fresh_perturbation": self._since_fresh,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -328,6 +349,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._skipped_host = int(state_dict.get("skipped_steps", 0))
         self._skipped_device = None
+        since = state_dict.get("steps_since_fresh_perturbation")
+        self._since_fresh = None if since is None else int(since)
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -344,6 +367,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if not self._fresh_perturbation_due():
+            return self._reuse_step(passes, scaler, no_sync)
         self.zero_grad(set_to_none=True)
         weight = 1.0 / len(passes)
         rngs: list[RngState | None] = []
@@ -372,41 +397,163 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             for k in range(self.ascent_steps):
                 self._ascend(first=k == 0)
                 self.zero_grad(set_to_none=True)
-                for i, ((forward, loss_fn), rng, r) in enumerate(
-                    zip(passes, rngs, dlogits, strict=True)
-                ):
-                    if rng is not None:
-                        rng.restore()
-                    skip_sync = no_sync is not None and i < len(passes) - 1
-                    with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
-                        logits = forward()
-                        if r is not None:
-                            if logits.shape != r.shape:
-                                raise RuntimeError(
-                                    "forward() returned logits of shape "
-                                    f"{tuple(logits.shape)} at the perturbed point but "
-                                    f"{tuple(r.shape)} at the clean point"
-                                )
-                            logits.backward(r.to(logits.dtype))
-                        else:
-                            perturbed_loss = loss_fn(logits)
-                            _backward(perturbed_loss, weight, scaler)
-                            ok = _all_finite(ok, perturbed_loss.detach())
-                    del logits
+                ok, _ = self._perturbed_passes(passes, rngs, dlogits, weight, scaler, no_sync, ok)
         except BaseException:
             self.abort_step()
             raise
+        self._finish_step(scaler, clean_overflow, ok)
+        if self.perturb_every > 1:  # a skipped step leaves no direction worth reusing
+            self._since_fresh = 1 if self._step_taken_or_unknown() else None
+        assert clean_loss is not None
+        return clean_loss
 
+    def _perturbed_passes(
+        self,
+        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
+        rngs: list[RngState | None],
+        dlogits: list[Tensor | None],
+        weight: float,
+        scaler: torch.amp.GradScaler | None,
+        no_sync: Callable[[], AbstractContextManager] | None,
+        ok: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Forward–backward of every micro-batch at the perturbed point: ∇L, or with dlogits r
+        the VJP J(θ+ε)ᵀ r. Returns ``ok`` and'ed with the finiteness of the perturbed losses,
+        and their weighted sum (None for the VJP, which computes no loss)."""
+        total = None
+        for i, ((forward, loss_fn), rng, r) in enumerate(zip(passes, rngs, dlogits, strict=True)):
+            if rng is not None:
+                rng.restore()
+            skip_sync = no_sync is not None and i < len(passes) - 1
+            with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
+                logits = forward()
+                if r is not None:
+                    if logits.shape != r.shape:
+                        raise RuntimeError(
+                            f"forward() returned logits of shape {tuple(logits.shape)} at the "
+                            f"perturbed point but {tuple(r.shape)} at the clean point"
+                        )
+                    logits.backward(r.to(logits.dtype))
+                else:
+                    perturbed_loss = loss_fn(logits)
+                    _backward(perturbed_loss, weight, scaler)
+                    perturbed_loss = perturbed_loss.detach()
+                    ok = _all_finite(ok, perturbed_loss)
+                    part = perturbed_loss * weight
+                    total = part if total is None else total + part
+            del logits
+        return ok, total
+
+    def _finish_step(
+        self, scaler: torch.amp.GradScaler | None, clean_overflow: Tensor | None, ok: Tensor | None
+    ) -> None:
+        """Unscale the perturbed gradients, restore θ, step the base optimizer (or skip)."""
         if scaler is not None:
             assert clean_overflow is not None
             self._unscale_perturbed(scaler, clean_overflow)
+        assert self._clean_ok is not None and ok is not None
         self._clean_ok = self._clean_ok & ok
         with torch.no_grad():
             self.second_step(_warn=scaler is None)
         if scaler is not None:
             scaler.update()
-        assert clean_loss is not None
-        return clean_loss
+
+    # --- perturb_every: reusing the last direction -------------------------------------------
+
+    def _fresh_perturbation_due(self) -> bool:
+        if self.perturb_every == 1 or self._since_fresh is None:
+            return True
+        return self._since_fresh >= self.perturb_every
+
+    def _step_taken_or_unknown(self) -> bool:
+        """False only when the last step was skipped on the host path (known without a sync)."""
+        return self._last_step_taken is not False
+
+    @torch.no_grad()
+    def _ascend_stored(self) -> None:
+        """θ → θ + ρ·δ with the stored δ and each group's current ρ (θ kept for the restore)."""
+        _check_group_rhos(self.param_groups)
+        gathered = self._gather_reusable()
+        self._scratch = {}
+        self._store_clean(gathered.params)
+        self._perturbed = gathered
+        device = gathered.params[0].device if gathered.params else torch.device("cpu")
+        self._clean_ok = torch.ones((), dtype=torch.bool, device=device)
+        directions = self._stored_directions(gathered.params)
+        for start, end, rho in gathered.slices:
+            if end > start:
+                torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
+
+    def _gather_reusable(self) -> _Gathered:
+        """The parameters with a stored direction and a gradient-carrying group, per group."""
+        params: list[Tensor] = []
+        slices: list[tuple[int, int, float]] = []
+        for g in self.param_groups:
+            start = len(params)
+            params.extend(p for p in g["params"] if "perturb_direction" in self.state.get(p, {}))
+            slices.append((start, len(params), g["rho"]))
+        return _Gathered(params, slices)
+
+    def _stored_directions(self, params: list[Tensor]) -> list[Tensor]:
+        """δ per parameter (ε = ρ·δ), allocated on first use; kept in ``state`` for checkpoints."""
+        for p in params:
+            state = self.state[p]
+            if "perturb_direction" not in state:
+                state["perturb_direction"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+        return [self.state[p]["perturb_direction"] for p in params]
+
+    def _reuse_step(
+        self,
+        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
+        scaler: torch.amp.GradScaler | None,
+        no_sync: Callable[[], AbstractContextManager] | None,
+    ) -> Tensor:
+        """A step between fresh perturbations: θ + ρ·δ with the stored unit direction δ, one
+        forward–backward there (the functional methods first take r(θ) from a no-grad clean
+        forward), θ restored, the base optimizer steps."""
+        self.zero_grad(set_to_none=True)
+        weight = 1.0 / len(passes)
+        rngs: list[RngState | None] = []
+        dlogits: list[Tensor | None] = []
+        clean_loss = None
+        ok: Tensor | None = None
+        for forward, loss_fn in passes:
+            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
+            if not self.functional:
+                dlogits.append(None)
+                continue
+            with torch.no_grad():
+                logits = forward()
+            logits = logits.detach().requires_grad_()
+            with torch.enable_grad():
+                loss = loss_fn(logits)
+                _backward(loss, weight, scaler)
+            dlogits.append(logits.grad)
+            loss = loss.detach()
+            clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
+            ok = _all_finite(ok, loss)
+            if rngs[-1] is not None:  # the perturbed forward sees the clean forward's randomness
+                rngs[-1].restore()
+
+        clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
+
+        self._ascend_stored()
+        try:
+            self.zero_grad(set_to_none=True)
+            ok, perturbed_loss = self._perturbed_passes(
+                passes, rngs, dlogits, weight, scaler, no_sync, ok
+            )
+        except BaseException:
+            self.abort_step()
+            raise
+        self._finish_step(scaler, clean_overflow, ok)
+        assert self._since_fresh is not None
+        self._since_fresh += 1
+        loss = clean_loss if clean_loss is not None else perturbed_loss
+        assert loss is not None
+        return loss
 
     @torch.no_grad()
     def _unscale_clean(self, scaler: torch.amp.GradScaler) -> Tensor:
@@ -454,6 +601,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._clean_ok = torch.isfinite(norm)
 
         if self.ascent_steps == 1:
+            if self.perturb_every > 1:  # keep the unit direction δ for the steps in between
+                torch._foreach_mul_(u, _inverse_norm(norm))
+                torch._foreach_copy_(self._stored_directions(params), u)
+                torch._foreach_add_(params, self._scale_by_group(gathered, u, 1.0))
+                return
             torch._foreach_add_(params, self._scale_by_group(gathered, u, _inverse_norm(norm)))
             return
         # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
@@ -464,6 +616,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
         torch._foreach_mul_(delta, torch.clamp(_inverse_norm(size), max=1.0))
         torch._foreach_copy_(params, self._clean_list(params))
+        if self.perturb_every > 1:
+            torch._foreach_copy_(self._stored_directions(params), delta)
         torch._foreach_add_(
             params, self._scale_by_group(gathered, torch._foreach_mul(delta, 1.0), 1.0)
         )
@@ -494,9 +648,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ok = torch.isfinite(grad_norm) if ok is None else ok & torch.isfinite(grad_norm)
         scratch, self._scratch = self._scratch, {}
 
+        self._last_step_taken = None  # unknown until decided below
         if not self.skip_nonfinite:
             self.base_optimizer.step()
             self.direction.commit(self, scratch)
+            self._last_step_taken = True
             return
         if self._can_skip_on_device():
             # Fused Adam/AdamW/SGD leave params and moments untouched (and undo the step count)
@@ -510,7 +666,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             skipped = self._skipped_device
             self._skipped_device = not_ok if skipped is None else skipped + not_ok
             return
-        if bool(ok):  # the one host read of a step: was everything finite?
+        self._last_step_taken = bool(ok)  # the one host read of a step: was everything finite?
+        if self._last_step_taken:
             self.base_optimizer.step()
             self.direction.commit(self, scratch)
         else:
@@ -538,6 +695,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__} needs the clean pass's dlogits, which {what} cannot "
                 "see: use step(forward=lambda: model(x), loss_fn=...)"
+            )
+
+    def _require_fresh_every_step(self, what: str) -> None:
+        if self.perturb_every > 1:
+            raise RuntimeError(
+                f"perturb_every > 1 saves the clean backward, which {what} has already run: use "
+                "step(forward=lambda: model(x), loss_fn=...)"
             )
 
     def _params_with_grad(self) -> list[Tensor]:
@@ -572,7 +736,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
-            f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional})"
+            f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
+            + (f", perturb_every={self.perturb_every})" if self.perturb_every > 1 else ")")
         )
 
 
