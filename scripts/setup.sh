@@ -15,5 +15,5 @@ python -c 'import torch' 2>/dev/null || pip_q torch==2.13.0
 # curvlinops without its declared dependencies: backpack-for-pytorch -> torchvision would replace
 # torch with a CUDA build. The operators flatlm uses need only these.
 python -c 'import curvlinops' 2>/dev/null || pip_q --no-deps curvlinops-for-pytorch==3.0.1 einconv linear_operator
-pip_q -e ".[dev,hf]"
+pip_q -e ".[dev,hf,bench]"
 python -c 'import torch, flatlm, curvlinops; print(f"flatlm {flatlm.__version__}, torch {torch.__version__}")'
