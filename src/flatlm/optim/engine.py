@@ -485,7 +485,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
 
     def _gather_reusable(self) -> _Gathered:
-        """The parameters with a stored direction and a gradient-carrying group, per group."""
+        """The parameters with a stored direction, grouped like ``param_groups``, with each
+        group's current ρ."""
         params: list[Tensor] = []
         slices: list[tuple[int, int, float]] = []
         for g in self.param_groups:
@@ -534,9 +535,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             loss = loss.detach()
             clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
             ok = _all_finite(ok, loss)
-            if rngs[-1] is not None:  # the perturbed forward sees the clean forward's randomness
-                rngs[-1].restore()
-
+        # No parameter has a gradient yet: this only makes the (clear) overflow flag; a non-finite
+        # scaled r shows up in the perturbed gradients instead.
         clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
 
         self._ascend_stored()
