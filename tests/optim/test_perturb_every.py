@@ -226,3 +226,23 @@ def test_the_protocols_that_run_their_own_clean_pass_refuse_perturb_every():
         opt.step(lambda: ce(y)(model(x)))
     with pytest.raises(ValueError, match="plain AdamW takes no sharpness-aware options"):
         create("adamw", model.parameters(), perturb_every=2)
+
+
+def test_with_a_fused_base_a_skipped_fresh_step_skips_until_the_next_fresh_one():
+    # The fused skip happens on the device, so the host cannot know the fresh step failed: the
+    # stored direction is then non-finite and the steps that reuse it are skipped as well, with θ
+    # intact, until the next fresh step.
+    x, y = make_batch(dtype=torch.float32)
+    model = make_mlp(dtype=torch.float32)
+    opt = create("sam", model.parameters(), rho=0.1, lr=0.01, fused=True, perturb_every=3)
+    assert opt._can_skip_on_device()
+    before = params_of(model)
+    log: list[bool] = []
+    opt.step(forward=_poisoned_on_call(model, x, 0, log), loss_fn=ce(y))  # clean pass NaN
+    for _ in range(2):
+        opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    assert_bitwise_equal(params_of(model), before)
+    assert opt.skipped_steps == 3
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))  # fresh again: taken
+    assert opt.skipped_steps == 3
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
