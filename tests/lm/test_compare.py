@@ -56,6 +56,12 @@ def test_compare_resume_skips_finished_runs(tiny_cfg, tmp_path):
     before = result.stat().st_mtime_ns
     compare(cfg, tmp_path, ["adamw"], [0], quiet=True, resume=True)
     assert result.stat().st_mtime_ns == before
+    # a changed setting must not silently reuse the old run
+    with pytest.raises(ValueError, match=r"train\.batch_size = 4 there, 8 now"):
+        compare(
+            tiny_cfg(train__steps=2, train__batch_size=8), tmp_path, ["adamw"], [0], resume=True
+        )
+    assert result.stat().st_mtime_ns == before
 
 
 def test_report_on_a_non_comparison_folder_is_an_error(tmp_path):

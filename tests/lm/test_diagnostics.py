@@ -17,9 +17,10 @@ from flatlm.lm.diagnostics import (
     double_backward_attention,
     fixed_batches,
     load_trained,
+    run_rho,
     train_split,
 )
-from flatlm.lm.train import CheckpointError, lm_loss, train
+from flatlm.lm.train import CheckpointError, lm_loss, make_optimizer, train
 from flatlm.sharpness import quick_sharpness, sharpness_report
 
 
@@ -118,3 +119,21 @@ def test_method_typos_are_config_errors_naming_the_key():
         load_config(overrides={"compare.methods": ["adamw", "gasam:alpha"]})
     cfg = load_config(overrides={"compare.methods": ["adamw", "gasam:alpha=-1,ascent_steps=2"]})
     assert cfg.compare.methods[1] == "gasam:alpha=-1,ascent_steps=2"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rho"),
+    [
+        ({"optim.method": "sam:rho=1.0"}, 1.0),  # in the name: what the optimizer is built with
+        ({"optim.method": "sam:rho=1.0", "optim.rho": 0.2}, 1.0),
+        ({"optim.method": "sam", "optim.rho": 0.2}, 0.2),
+        ({"optim.method": "gasam", "optim.method_kwargs": {"gasam": {"rho": 0.3}}}, 0.3),
+        ({"optim.method": "adamw"}, 0.05),  # SAM's default, for AdamW's decomposition
+    ],
+)
+def test_the_logged_rho_is_the_one_the_method_was_built_with(overrides, rho):
+    cfg = load_config(overrides=overrides)
+    assert run_rho(cfg) == rho
+    if overrides["optim.method"] != "adamw":
+        opt = make_optimizer(torch.nn.Linear(2, 2), cfg.optim, grad_clip=1.0)
+        assert all(g["rho"] == rho for g in opt.param_groups)

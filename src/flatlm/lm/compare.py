@@ -51,11 +51,38 @@ def _run(task: tuple[dict[str, Any], str, bool, bool]) -> dict[str, Any]:
         return {"status": "not started"}
     cfg = config_from_dict(cfg_dict)
     out_path = Path(out)
+    if resume:
+        _check_same_run(out_path, cfg_dict)
     result = _result(out_path) if resume else {}
     if result.get("status") == "completed" and result["steps"] == cfg.train.steps:
         return result
     resume = resume and (out_path / "checkpoint.pt").is_file()
     return train(cfg, out_path, resume=resume, quiet=quiet)
+
+
+# Settings that do not change what a run computes: a resumed comparison may differ in these.
+_RESUME_FREE = {("train", "threads"), ("train", "log_every"), ("train", "checkpoint_every")}
+
+
+def _check_same_run(out: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to resume (or reuse) a run made with other settings, naming them: otherwise a
+    changed config under ``--resume`` would silently keep the old runs."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    diffs = [
+        f"{section}.{key} = {saved.get(section, {}).get(key)!r} there, {value!r} now"
+        for section, values in wanted.items()
+        if section != "compare"
+        for key, value in values.items()
+        if (section, key) not in _RESUME_FREE and saved.get(section, {}).get(key) != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume {out}: it was run with other settings ({'; '.join(diffs)}); "
+            "use another --out, or drop --resume to start the comparison afresh"
+        )
 
 
 def compare(

@@ -254,6 +254,21 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def method_options(cfg: OptimConfig) -> tuple[str, dict[str, Any]]:
+    """The method's base name and the options it is built with, by precedence: options in the
+    name, then ``[optim.method_kwargs."<full name>"]``, then ``[optim.method_kwargs.<base>]``,
+    then ``optim.rho``."""
+    from flatlm.optim import parse_method
+
+    # [optim.method_kwargs.gasam] applies to "gasam" and to variants like "gasam:alpha=-1";
+    # a table under the full name applies to that name only.
+    base, in_name = parse_method(cfg.method)
+    kwargs = {**cfg.method_kwargs.get(base, {}), **cfg.method_kwargs.get(cfg.method, {})}
+    if base != "adamw" and cfg.rho is not None:
+        kwargs.setdefault("rho", cfg.rho)
+    return base, kwargs | in_name
+
+
 def _check_method(key: str, spec: str) -> None:
     """A method name (with options) that ``flatlm.optim.parse_method`` accepts, else a ConfigError."""
     from flatlm.optim import parse_method

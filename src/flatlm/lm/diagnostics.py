@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatlm.lm.config import DataConfig, RunConfig, config_from_dict
+from flatlm.lm.config import DataConfig, RunConfig, config_from_dict, method_options
 from flatlm.lm.data import Corpus, eval_batches, prepare_corpus
 
 # The cheap subset logged during training (split="sharpness" rows in metrics.jsonl/.csv).
@@ -78,6 +78,12 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lm_loss(logits, targets)
 
 
+def run_rho(cfg: RunConfig) -> float:
+    """The ρ the run's method was built with (``sam:rho=1`` included), or SAM's default for the
+    SAM decomposition of an AdamW run."""
+    return float(method_options(cfg.optim)[1].get("rho", DEFAULT_RHO))
+
+
 class SharpnessLogger:
     """``train.sharpness_every`` / ``train.sharpness_final``: λ_max(H) by a fixed number of
     Lanczos products and SAM's logit/functional ratio, on fixed training batches."""
@@ -86,7 +92,7 @@ class SharpnessLogger:
         tc = cfg.train
         self.every, self.final_on = tc.sharpness_every, tc.sharpness_final
         self.iters = tc.sharpness_iters
-        self.rho = cfg.optim.rho if cfg.optim.rho is not None else DEFAULT_RHO
+        self.rho = run_rho(cfg)
         self.device = device
         self.batches: Batches = []
         if self.every > 0 or self.final_on:
@@ -192,7 +198,7 @@ def checkpoint_sharpness(
 
     model, cfg, corpus, ckpt = load_trained(path, device)
     what = tuple(what or DEFAULT_FIGURES)
-    rho = cfg.optim.rho if cfg.optim.rho is not None else DEFAULT_RHO
+    rho = run_rho(cfg)
     threads = torch.get_num_threads()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)

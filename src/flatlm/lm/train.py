@@ -29,7 +29,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from flatlm.lm.config import OptimConfig, RunConfig, TrainConfig, config_from_dict
+from flatlm.lm.config import (
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    method_options,
+)
 from flatlm.lm.data import Corpus, atomic_write_text, eval_batches, get_batch, prepare_corpus
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, train_split
 from flatlm.lm.models import build_model, count_params, resolve_dims
@@ -60,15 +66,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, grad_clip: float) -> torch.optim.Optimizer:
     """``flatlm.optim.create`` with the config's hyper-parameters (clipping inside for SAM-types)."""
-    from flatlm.optim import create, parse_method
+    from flatlm.optim import create
 
-    # [optim.method_kwargs.gasam] applies to "gasam" and to variants like "gasam:alpha=-1"
-    # (options in the name win, in create); a table under the full name applies to that name.
-    base, _ = parse_method(cfg.method)
-    kwargs = {**cfg.method_kwargs.get(base, {}), **cfg.method_kwargs.get(cfg.method, {})}
+    base, kwargs = method_options(cfg)
     if base != "adamw":
-        if cfg.rho is not None:
-            kwargs.setdefault("rho", cfg.rho)
         kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
