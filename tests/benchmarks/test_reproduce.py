@@ -1,0 +1,258 @@
+"""benchmarks/reproduce.py: ρ chosen by validation loss, the GPU profile's configs, and an
+end-to-end smoke study whose report must agree with the run folders it was built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from flatlm.lm.config import config_from_dict
+from flatlm.lm.data import read_sotu
+from flatlm.lm.models import resolve_dims
+from flatlm.optim import parse_method
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script() -> ModuleType:
+    """The script is not a package module: load it by path (registered, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _load_script()
+
+
+# ----------------------------------------------------------------------------- (a) ρ selection
+
+
+def _run(method: str, seed: int, val: float, status: str = "completed") -> dict[str, Any]:
+    return {"method": method, "seed": seed, "status": status, "val_loss": val}
+
+
+def test_choose_rho_takes_each_methods_argmin_of_validation_at_the_tuning_seed():
+    grid = [0.02, 0.1, 0.5]
+    runs = [
+        _run("adamw", 0, 1.0),  # the baseline is never tuned, however low its loss
+        # sam: the middle ρ is best; a lower loss at another seed or off the grid must not count
+        _run("sam:rho=0.02", 0, 6.10),
+        _run("sam:rho=0.1", 0, 6.00),
+        _run("sam:rho=0.5", 0, 6.20),
+        _run("sam:rho=0.5", 1, 2.00),
+        _run("sam:rho=0.3", 0, 3.00),
+        _run("sam:rho=0.5,adaptive=true", 0, 3.00),  # another variant, not this grid's point
+        # fsam: the last ρ is best, the first diverged (NaN must never win nor break min)
+        _run("fsam:rho=0.02", 0, math.nan),
+        _run("fsam:rho=0.1", 0, 6.30),
+        _run("fsam:rho=0.5", 0, 6.25),
+        # psam: the first ρ is best; an interrupted run's (lower) loss does not count
+        _run("psam:rho=0.02", 0, 6.05),
+        _run("psam:rho=0.1", 0, 5.00, status="interrupted"),
+        _run("psam:rho=0.5", 0, 6.40),
+        # pfsam: written with other float spellings, best at 0.1 (the highest validation loss
+        # is at 0.02, so "first" or "argmax" would both fail)
+        _run("pfsam:rho=0.020", 0, 6.30),
+        _run("pfsam:rho=0.10", 0, 5.90),
+        _run("pfsam:rho=5e-1", 0, 6.00),
+    ]
+    choice = reproduce.choose_rho(runs, ["adamw", "sam", "fsam", "psam", "pfsam"], grid, seed=0)
+    assert {m: c["chosen_rho"] for m, c in choice.items()} == {
+        "sam": 0.1,
+        "fsam": 0.5,
+        "psam": 0.02,
+        "pfsam": 0.1,
+    }
+    assert choice["sam"]["spec"] == "sam:rho=0.1"
+    assert parse_method(choice["fsam"]["spec"]) == ("fsam", {"rho": 0.5})
+    assert choice["sam"]["val_loss_by_rho"] == {"0.02": 6.10, "0.1": 6.00, "0.5": 6.20}
+    assert choice["psam"]["val_loss_by_rho"]["0.1"] is None
+    assert math.isnan(choice["fsam"]["val_loss_by_rho"]["0.02"])
+
+    # At tuning seed 1 only sam's ρ = 0.5 ran: it is chosen, and the others have no choice.
+    at_seed_1 = reproduce.choose_rho(runs, ["adamw", "sam", "fsam"], grid, seed=1)
+    assert at_seed_1["sam"]["chosen_rho"] == 0.5
+    assert at_seed_1["fsam"] == {
+        "val_loss_by_rho": {"0.02": None, "0.1": None, "0.5": None},
+        "chosen_rho": None,
+        "spec": None,
+    }
+
+
+def test_choose_rho_breaks_ties_towards_the_smaller_radius():
+    runs = [
+        _run("gasam:rho=1", 0, 5.5),
+        _run("gasam:rho=0.2", 0, 5.5),
+        _run("gasam:rho=0.05", 0, 5.6),
+    ]
+    choice = reproduce.choose_rho(runs, ["gasam"], [1.0, 0.2, 0.05], seed=0)
+    assert choice["gasam"]["chosen_rho"] == 0.2
+    assert choice["gasam"]["spec"] == "gasam:rho=0.2"
+
+
+# ----------------------------------------------------------------------------- (b) profiles
+
+
+def test_gpu_profile_builds_cuda_configs_at_sizes_small_and_medium():
+    args = reproduce.parse_args(["--profile", "gpu"])
+    parts = reproduce.build_parts(args)
+    cpu_parts = {p.name: p for p in reproduce.build_parts(reproduce.parse_args([]))}
+    assert args.out == "runs/reproduce_gpu"
+    assert [p.name for p in parts] == ["gpt-small", "gpt-medium", "lstm"]
+    small, medium, lstm = parts
+    assert resolve_dims(small.cfg.model) == {"n_layer": 4, "n_head": 4, "n_embd": 256}
+    assert resolve_dims(medium.cfg.model) == {"n_layer": 6, "n_head": 6, "n_embd": 384}
+    assert lstm.cfg.model.arch == "lstm" and lstm.methods == ("adamw", "sam", "gasam")
+    for part in parts:
+        cfg = part.cfg
+        assert cfg.train.device == "cuda"
+        assert cfg.train.sharpness_final and cfg.optim.rho is None
+        cpu = cpu_parts["lstm" if part.name == "lstm" else "gpt-micro"].cfg
+        assert cfg.train.steps >= 1500 and cfg.train.steps > cpu.train.steps
+        tokens = cfg.train.steps * cfg.train.batch_size * cfg.model.block_size
+        cpu_tokens = cpu.train.steps * cpu.train.batch_size * cpu.model.block_size
+        # more data than the CPU study, but under one epoch of the ~1.8 M-token training split
+        assert cpu_tokens < tokens <= 1.6e6
+        assert config_from_dict(cfg.to_dict()) == cfg  # what compare() hands its workers
+        for method in part.methods:
+            for rho in part.grid:
+                spec = reproduce.method_spec(method, rho)
+                want = {} if method == "adamw" else {"rho": rho}
+                assert parse_method(spec) == (method, want)
+    assert small.methods == ("adamw", "sam", "fsam", "psam", "pfsam")
+    assert small.grid == (0.02, 0.1, 0.5) and lstm.grid == (0.05, 0.2, 1.0)
+
+    cpu_gpt = [cpu_parts["gpt-micro"].cfg, cpu_parts["gpt-tiny"].cfg]
+    assert [c.model.size for c in cpu_gpt] == ["micro", "tiny"]
+    cpu_lstm = cpu_parts["lstm"].cfg
+    assert (cpu_lstm.model.size, cpu_lstm.data.vocab_size, cpu_lstm.train.steps) == (
+        "micro",
+        2048,
+        600,
+    )
+    for cfg in (*cpu_gpt, cpu_lstm):
+        assert cfg.train.device == "cpu" and cfg.train.threads == 1
+        assert cfg.data.tokenizer == "bpe" and cfg.train.sharpness_final
+
+
+def test_gpu_profile_refuses_to_start_without_cuda(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        reproduce.main(["--profile", "gpu", "--out", str(tmp_path / "gpu")])
+    assert not (tmp_path / "gpu").exists()
+
+
+# ----------------------------------------------------------------------------- (c) smoke
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    """About 60 kB of State of the Union text: every split non-empty, tokenised in no time."""
+    text = ""
+    for _, doc in read_sotu():
+        text += doc + "\n\n"
+        if len(text) > 60_000:
+            break
+    path = tmp_path / "speeches.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _result(out: Path, part: str, spec: str, seed: int) -> dict[str, Any]:
+    folder = spec.replace(":", "_").replace(",", "_")
+    return json.loads((out / part / "runs" / f"{folder}-s{seed}" / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_smoke_study_report_matches_its_runs(tmp_path, corpus_file, monkeypatch):
+    monkeypatch.setenv("FLATLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "study"
+    small = [
+        f"data.corpus={json.dumps(str(corpus_file))}",
+        "data.tokenizer='char'",
+        "model.block_size=16",
+        "train.batch_size=4",
+        "train.eval_batches=1",
+        "train.test_batches=1",
+        "train.sharpness_iters=2",
+        "train.log_every=1",
+    ]
+    argv = ["--steps", "3", "--grid", "0.02", "0.5", "--lstm-grid", "0.05", "1.0"]
+    argv += ["--seeds", "0", "1", "--sizes", "micro", "--jobs", "1", "--quiet", "--out", str(out)]
+    argv += [x for item in small for x in ("--set", item)]
+    report = reproduce.main(argv)
+
+    assert (out / "report.md").is_file() and (out / "report.json").is_file()
+    data = json.loads((out / "report.json").read_text())
+    assert data["complete"] and data["runs_trained"] == 22 and data["runs_reused"] == 0
+    assert json.loads(json.dumps(report["parts"])) == data["parts"]
+    md = (out / "report.md").read_text()
+    grids = {"gpt-micro": (0.02, 0.5), "lstm": (0.05, 1.0)}
+    methods = {"gpt-micro": reproduce.GPT_METHODS, "lstm": reproduce.LSTM_METHODS}
+    assert list(data["parts"]) == ["gpt-micro", "lstm"]
+    for name, part in data["parts"].items():
+        assert part["steps"] == 3 and part["config"]["train"]["sharpness_final"]
+        assert list(part["methods"]) == list(methods[name])
+        adamw = {s: _result(out, name, "adamw", s) for s in (0, 1)}
+        section = md.split(f"## {part['title']}\n", 1)[1].split("\n## ", 1)[0]
+        for method, row in part["methods"].items():
+            if method == "adamw":
+                spec = "adamw"
+            else:  # the chosen ρ is the argmin of the seed-0 validation losses on disk
+                val = {
+                    rho: _result(out, name, f"{method}:rho={rho:g}", 0)["val_loss"]
+                    for rho in grids[name]
+                }
+                best = min(val, key=lambda rho: (val[rho], rho))
+                spec = f"{method}:rho={best:g}"
+                assert part["tuning"][method]["chosen_rho"] == best
+                assert row["rho"] == best
+                for rho in grids[name]:  # seed 1 ran at the chosen ρ only
+                    ran = (out / name / "runs" / f"{method}_rho={rho:g}-s1").is_dir()
+                    assert ran == (rho == best)
+            assert row["spec"] == spec and row["seeds"] == [0, 1]
+            res = {s: _result(out, name, spec, s) for s in (0, 1)}
+            assert row["test_loss"] == pytest.approx(
+                statistics.fmean(r["test_loss"] for r in res.values())
+            )
+            assert row["val_loss"] == pytest.approx(
+                statistics.fmean(r["val_loss"] for r in res.values())
+            )
+            lam = [r["final_sharpness"]["hessian.lambda_max"] for r in res.values()]
+            assert row["lambda_max"] == pytest.approx(statistics.fmean(lam))
+            assert row["lambda_max_std"] == pytest.approx(statistics.stdev(lam))
+            if method != "adamw":
+                diffs = [res[s]["test_loss"] - adamw[s]["test_loss"] for s in (0, 1)]
+                delta = row["delta_test_vs_adamw"]
+                assert delta["mean"] == pytest.approx(statistics.fmean(diffs))
+                assert delta["t_low"] < delta["mean"] < delta["t_high"] or delta["std"] == 0
+                assert row["verdict_test"] == delta["verdict"]
+            # a row for every method in the headline table, with its numbers
+            line = next(
+                x for x in section.splitlines() if x.startswith(f"| {method} | ") and "±" in x
+            )
+            assert f"{row['test_loss']:.4f} ± " in line
+    assert "python benchmarks/reproduce.py --steps 3" in md and "Wall time" in md
+    for png in ("test_loss.png", "lambda_max.png", "rho_grid.png", "plots/gpt-micro/val_loss.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert png in md
+
+    # --resume trains nothing again and reports the same numbers
+    reproduce.main([*argv, "--resume"])
+    again = json.loads((out / "report.json").read_text())
+    assert again["runs_trained"] == 0 and again["runs_reused"] == 22
+    assert again["parts"] == data["parts"]
