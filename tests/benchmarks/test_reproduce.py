@@ -3,37 +3,24 @@ end-to-end smoke study whose report must agree with the run folders it was built
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from flatlm.lm.config import config_from_dict
-from flatlm.lm.data import read_sotu
 from flatlm.lm.models import resolve_dims
 from flatlm.optim import parse_method
+from helpers.scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script() -> ModuleType:
-    """The script is not a package module: load it by path (registered, as dataclasses need)."""
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = _load_script()
+reproduce = load_benchmark("reproduce")
 
 
 # ----------------------------------------------------------------------------- (a) ρ selection
@@ -157,19 +144,6 @@ def test_gpu_profile_refuses_to_start_without_cuda(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- (c) smoke
-
-
-@pytest.fixture
-def corpus_file(tmp_path: Path) -> Path:
-    """About 60 kB of State of the Union text: every split non-empty, tokenised in no time."""
-    text = ""
-    for _, doc in read_sotu():
-        text += doc + "\n\n"
-        if len(text) > 60_000:
-            break
-    path = tmp_path / "speeches.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def _result(out: Path, part: str, spec: str, seed: int) -> dict[str, Any]:
