@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from flatlm.lm.compare import (
     BASELINE,
     collect_runs,
     compare,
+    final_lambda_max,
     paired_deltas,
     plot_curves,
     regime,
@@ -299,13 +299,6 @@ def _runs(folder: Path, part: Part) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- summary
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample std (0 for one value); None for none (a run without λ_max)."""
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 def summarize_part(
     part: Part, folder: Path, choice: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]
 ) -> dict[str, Any]:
@@ -320,11 +313,7 @@ def summarize_part(
             continue
         row = summary[spec]
         done = [r for r in runs if r["method"] == spec and r["status"] == "completed"]
-        lam = [
-            (r.get("final_sharpness") or {}).get("hessian.lambda_max")
-            for r in sorted(done, key=lambda r: r["seed"])
-        ]
-        lam_mean, lam_std = _mean_std([x for x in lam if x is not None])
+        lam = [final_lambda_max(r) for r in sorted(done, key=lambda r: r["seed"])]
         d = deltas.get(spec)
         rows[method] = {
             "spec": spec,
@@ -335,8 +324,8 @@ def summarize_part(
             "test_loss": row["test_loss"],
             "test_loss_std": row["test_loss_std"],
             "test_loss_by_seed": {r["seed"]: r["test_loss"] for r in done},
-            "lambda_max": lam_mean,
-            "lambda_max_std": lam_std,
+            "lambda_max": row["lambda_max"],
+            "lambda_max_std": row["lambda_max_std"],
             "lambda_max_by_seed": dict(zip(sorted(r["seed"] for r in done), lam, strict=True)),
             "time_per_step_ms": 1000 * row["time_per_step_s"],
             "time_vs_adamw": row["time_vs_adamw"],

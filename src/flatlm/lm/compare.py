@@ -209,14 +209,18 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
             done, lambda r: r["val_loss"] - r["train_loss"] if "train_loss" in r else None
         )
         row["epochs"] = _mean_of(done, lambda r: r.get("epochs"))
-        row["lambda_max"] = _mean_of(
-            done, lambda r: (r.get("final_sharpness") or {}).get("hessian.lambda_max")
-        )
+        lams = [x for x in map(final_lambda_max, done) if x is not None]
+        row["lambda_max"], row["lambda_max_std"] = _mean_std(lams) if lams else (None, None)
         summary[method] = row
     base = summary.get(BASELINE, {}).get("time_per_step_s")
     for row in summary.values():
         row["time_vs_adamw"] = row["time_per_step_s"] / base if base else None
     return summary
+
+
+def final_lambda_max(run: dict[str, Any]) -> float | None:
+    """λ_max(H) of a run's final weights (``train.sharpness_final``), None if not computed."""
+    return (run.get("final_sharpness") or {}).get("hessian.lambda_max")
 
 
 def _mean_of(runs: list[dict[str, Any]], get: Any) -> float | None:
@@ -375,7 +379,9 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], out: Path) -> li
         n = min(len(c) for c in curves)
         steps = np.array([s for s, _ in curves[0][:n]])
         losses = np.array([[v for _, v in c[:n]] for c in curves])
-        mean, std = losses.mean(0), losses.std(0)
+        # the sample std (ddof=1), as in the tables; one seed draws no band
+        mean = losses.mean(0)
+        std = losses.std(0, ddof=1) if len(losses) > 1 else np.zeros_like(mean)
         ax.plot(steps, mean, label=f"{method} (n={len(curves)})")
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="Validation loss")
