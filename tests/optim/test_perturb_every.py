@@ -246,3 +246,104 @@ def test_with_a_fused_base_a_skipped_fresh_step_skips_until_the_next_fresh_one()
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # fresh again: taken
     assert opt.skipped_steps == 3
     assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
+
+
+def test_a_grad_scaler_resumed_between_fresh_perturbations_continues_bit_for_bit():
+    # A just-loaded GradScaler has no scale tensor until it scales a loss; a reused step of a
+    # non-functional method must not need one before its single pass.
+    batches = [make_batch(seed=s, dtype=torch.float32) for s in range(4)]
+    straight = make_mlp(dtype=torch.float32)
+    opt = create("sam", straight.parameters(), rho=0.2, lr=0.01, perturb_every=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for x, y in batches:
+        opt.step(forward=lambda x=x: straight(x), loss_fn=ce(y), grad_scaler=scaler)
+
+    first = make_mlp(dtype=torch.float32)
+    opt1 = create("sam", first.parameters(), rho=0.2, lr=0.01, perturb_every=3)
+    scaler1 = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batches[0]
+    opt1.step(forward=lambda: first(x), loss_fn=ce(y), grad_scaler=scaler1)
+    resumed = make_mlp(dtype=torch.float32)
+    resumed.load_state_dict(first.state_dict())
+    opt2 = create("sam", resumed.parameters(), rho=0.2, lr=0.01, perturb_every=3)
+    opt2.load_state_dict(opt1.state_dict())
+    scaler2 = torch.amp.GradScaler("cpu")
+    scaler2.load_state_dict(scaler1.state_dict())
+    for x, y in batches[1:]:
+        opt2.step(forward=lambda x=x: resumed(x), loss_fn=ce(y), grad_scaler=scaler2)
+    assert_bitwise_equal(params_of(resumed), params_of(straight))
+
+
+@pytest.mark.parametrize("name", ["sam", "fsam"])
+def test_reused_steps_over_micro_batches_give_each_its_own_dropout_mask(name):
+    # ρ = 0: every step must equal AdamW with accumulation over the same micro-batches, which
+    # holds only if each micro-batch's forward sees its own randomness, as AdamW's would.
+    x, y = make_batch(n=16)
+    micro = list(zip(x.split(8), y.split(8), strict=True))
+
+    ref = make_mlp(dropout=0.5)
+    torch.manual_seed(11)
+    base = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    for _ in range(3):
+        base.zero_grad()
+        for xb, yb in micro:
+            (ce(yb)(ref(xb)) / len(micro)).backward()
+        base.step()
+    rng_after = torch.get_rng_state()
+
+    model = make_mlp(dropout=0.5)
+    torch.manual_seed(11)
+    opt = create(name, model.parameters(), rho=0.0, lr=0.01, perturb_every=2)
+    for _ in range(3):
+        opt.step(
+            forward=lambda mb: model(mb[0]),
+            loss_fn=lambda z, mb: ce(mb[1])(z),
+            micro_batches=micro,
+        )
+    assert_bitwise_equal(params_of(model), params_of(ref))
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
+def test_a_parameter_without_gradient_at_a_fresh_step_is_not_perturbed_by_the_reused_steps():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 4).double(), torch.nn.Linear(5, 4).double()
+    x, y = make_batch()
+    opt = create("sam", [*a.parameters(), *b.parameters()], rho=0.1, lr=0.01, perturb_every=2)
+    seen: list[torch.Tensor] = []
+
+    def forward(use_b):
+        def f():
+            seen.append(b.weight.detach().clone())
+            return a(x) + (b(x) if use_b else 0)
+
+        return f
+
+    opt.step(forward=forward(True), loss_fn=ce(y))  # fresh: a and b
+    opt.step(forward=forward(True), loss_fn=ce(y))  # reused
+    opt.step(forward=forward(False), loss_fn=ce(y))  # fresh: only a has a gradient
+    stored = [opt.state[p]["perturb_direction"] for p in a.parameters()]
+    assert all("perturb_direction" not in opt.state[p] for p in b.parameters())
+    torch.testing.assert_close(sum(d.pow(2).sum() for d in stored), torch.tensor(1.0).double())
+    seen.clear()
+    theta_b = b.weight.detach().clone()
+    opt.step(forward=forward(False), loss_fn=ce(y))  # reused: b stays where it is
+    assert torch.equal(seen[0], theta_b)
+
+
+def test_a_checkpoint_passed_through_perturb_every_one_carries_no_stale_direction():
+    x, y = make_batch()
+    model = make_mlp()
+    opt3 = create("sam", model.parameters(), rho=0.1, lr=0.01, perturb_every=3)
+    opt3.step(forward=lambda: model(x), loss_fn=ce(y))
+    opt1 = create("sam", model.parameters(), rho=0.1, lr=0.01)
+    opt1.load_state_dict(opt3.state_dict())
+    assert all("perturb_direction" not in opt1.state.get(p, {}) for p in model.parameters())
+    for _ in range(2):
+        opt1.step(forward=lambda: model(x), loss_fn=ce(y))
+    saved = opt1.state_dict()
+    assert saved["steps_since_fresh_perturbation"] is None
+    again = create("sam", model.parameters(), rho=0.1, lr=0.01, perturb_every=3)
+    again.load_state_dict(saved)
+    log: list[bool] = []
+    again.step(forward=_counting_forward(model, x, log), loss_fn=ce(y))
+    assert log == [True, True]  # fresh, not a reuse of the direction from before the k=1 phase

@@ -351,6 +351,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._skipped_device = None
         since = state_dict.get("steps_since_fresh_perturbation")
         self._since_fresh = None if since is None else int(since)
+        if self.perturb_every == 1:  # a direction saved with perturb_every > 1 is not used here
+            self._drop_stored_directions()
+            self._since_fresh = None
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -495,6 +498,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             slices.append((start, len(params), g["rho"]))
         return _Gathered(params, slices)
 
+    def _drop_stored_directions(self, keep: Iterable[Tensor] = ()) -> None:
+        """Forget δ of every parameter not in ``keep``: a fresh step without a gradient for a
+        parameter gave it ε = 0, and the steps that reuse this perturbation must too."""
+        kept = set(keep)
+        for p, state in self.state.items():
+            if p not in kept:
+                state.pop("perturb_direction", None)
+
     def _stored_directions(self, params: list[Tensor]) -> list[Tensor]:
         """δ per parameter (ε = ρ·δ), allocated on first use; kept in ``state`` for checkpoints."""
         for p in params:
@@ -521,10 +532,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         clean_loss = None
         ok: Tensor | None = None
         for forward, loss_fn in passes:
-            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
-            if not self.functional:
+            if not self.functional:  # one forward per micro-batch: no randomness to replay
+                rngs.append(None)
                 dlogits.append(None)
                 continue
+            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
             with torch.no_grad():
                 logits = forward()
             logits = logits.detach().requires_grad_()
@@ -535,11 +547,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             loss = loss.detach()
             clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
             ok = _all_finite(ok, loss)
-        # No parameter has a gradient yet: this only makes the (clear) overflow flag; a non-finite
-        # scaled r shows up in the perturbed gradients instead.
-        clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
 
         self._ascend_stored()
+        # No parameter has a clean gradient to unscale (and a fresh or just-loaded scaler has no
+        # scale yet): the clean overflow flag is clear; a non-finite scaled r shows up in the
+        # perturbed gradients instead.
+        clean_overflow = None
+        if scaler is not None:
+            clean_overflow = torch.zeros(1, device=self._clean_ok.device)
         try:
             self.zero_grad(set_to_none=True)
             ok, perturbed_loss = self._perturbed_passes(
@@ -600,6 +615,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if first:
             self._clean_ok = torch.isfinite(norm)
 
+        if first and self.perturb_every > 1:
+            self._drop_stored_directions(keep=params)
         if self.ascent_steps == 1:
             if self.perturb_every > 1:  # keep the unit direction δ for the steps in between
                 torch._foreach_mul_(u, _inverse_norm(norm))
