@@ -85,10 +85,16 @@ def test_steps_in_between_take_the_gradient_at_the_stored_direction_times_the_cu
             torch.testing.assert_close(got, expected[n], rtol=1e-11, atol=1e-13)
 
 
-def _counting_forward(model, x, log):
+def _counting_forward(model, x, log, nan_on_call=None):
+    """forward() that logs whether each call records a graph (a backward follows), and whose
+    logits are NaN on call number ``nan_on_call`` of this log."""
+
     def forward():
+        out = model(x)
+        if len(log) == nan_on_call:
+            out = out * float("nan")
         log.append(torch.is_grad_enabled())
-        return model(x)
+        return out
 
     return forward
 
@@ -150,17 +156,6 @@ def test_resuming_between_fresh_perturbations_is_bit_for_bit(name):
     assert_bitwise_equal(params_of(resumed), params_of(straight))
 
 
-def _poisoned_on_call(model, x, bad_call, log):
-    def forward():
-        out = model(x)
-        if len(log) == bad_call:
-            out = out * float("nan")
-        log.append(torch.is_grad_enabled())
-        return out
-
-    return forward
-
-
 @pytest.mark.parametrize("name", SAM_METHODS)
 def test_a_skipped_fresh_step_leaves_nothing_to_reuse_so_the_next_step_is_fresh(name):
     model = make_mlp()
@@ -169,7 +164,7 @@ def test_a_skipped_fresh_step_leaves_nothing_to_reuse_so_the_next_step_is_fresh(
     before = params_of(model)
     log: list[bool] = []
     with pytest.warns(NonFiniteStepWarning):
-        opt.step(forward=_poisoned_on_call(model, x, 0, log), loss_fn=ce(y))
+        opt.step(forward=_counting_forward(model, x, log, nan_on_call=0), loss_fn=ce(y))
     assert_bitwise_equal(params_of(model), before)
     log = []
     opt.step(forward=_counting_forward(model, x, log), loss_fn=ce(y))
@@ -190,7 +185,7 @@ def test_a_non_finite_step_in_between_is_skipped_bit_for_bit(name):
     log: list[bool] = []
     last = 1 if name in FUNCTIONAL else 0  # poison the perturbed pass
     with pytest.warns(NonFiniteStepWarning):
-        opt.step(forward=_poisoned_on_call(model, x, last, log), loss_fn=ce(y))
+        opt.step(forward=_counting_forward(model, x, log, nan_on_call=last), loss_fn=ce(y))
     assert_bitwise_equal(params_of(model), before)
     state_after = {k: v for p in model.parameters() for k, v in opt.base_optimizer.state[p].items()}
     for k, v in state_before.items():
@@ -238,7 +233,9 @@ def test_with_a_fused_base_a_skipped_fresh_step_skips_until_the_next_fresh_one()
     assert opt._can_skip_on_device()
     before = params_of(model)
     log: list[bool] = []
-    opt.step(forward=_poisoned_on_call(model, x, 0, log), loss_fn=ce(y))  # clean pass NaN
+    opt.step(
+        forward=_counting_forward(model, x, log, nan_on_call=0), loss_fn=ce(y)
+    )  # clean pass NaN
     for _ in range(2):
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     assert_bitwise_equal(params_of(model), before)
