@@ -259,12 +259,13 @@ class SharpnessAwareTrainerMixin:
                 f"sam_kwargs {clashing} come from TrainingArguments (learning_rate, adam_beta1/2, "
                 "adam_epsilon, weight_decay, max_grad_norm); set them there"
             )
-        if int({**self.sam_kwargs, **options}.get("perturb_every", 1)) > 1:
+        merged = {**self.sam_kwargs, **options}
+        if int(merged.get("perturb_every", 1)) > 1:
             raise ValueError(
                 "perturb_every > 1 skips the clean backward, which the Trainer has already run "
                 "when the optimizer steps; use flatlm's step(forward=, loss_fn=) loop for it"
             )
-        if int({**self.sam_kwargs, **options}.get("ascent_steps", 1)) > 1:
+        if int(merged.get("ascent_steps", 1)) > 1:
             raise ValueError(
                 "ascent_steps > 1 needs the whole step in one call; the Trainer integration "
                 "runs a single ascent step"

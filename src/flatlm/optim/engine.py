@@ -39,6 +39,10 @@ def _inverse_norm(norm: Tensor) -> Tensor:
     return 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
+def _has_grad(p: Tensor) -> bool:
+    return p.grad is not None
+
+
 class NonFiniteStepWarning(RuntimeWarning):
     """A step was skipped because a pass gave a non-finite loss or gradient."""
 
@@ -392,7 +396,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             dlogits.append(logits.grad.detach() if self.functional else None)
             del logits
             loss = loss.detach()
-            clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
+            clean_loss = _add_weighted(clean_loss, loss, weight)
             ok = _all_finite(ok, loss)
         clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
 
@@ -406,7 +410,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise
         self._finish_step(scaler, clean_overflow, ok)
         if self.perturb_every > 1:  # a skipped step leaves no direction worth reusing
-            self._since_fresh = 1 if self._step_taken_or_unknown() else None
+            # None: skipped on the host path; on the device path it is not known (no sync)
+            self._since_fresh = None if self._last_step_taken is False else 1
         assert clean_loss is not None
         return clean_loss
 
@@ -442,8 +447,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     _backward(perturbed_loss, weight, scaler)
                     perturbed_loss = perturbed_loss.detach()
                     ok = _all_finite(ok, perturbed_loss)
-                    part = perturbed_loss * weight
-                    total = part if total is None else total + part
+                    total = _add_weighted(total, perturbed_loss, weight)
             del logits
         return ok, total
 
@@ -468,15 +472,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return True
         return self._since_fresh >= self.perturb_every
 
-    def _step_taken_or_unknown(self) -> bool:
-        """False only when the last step was skipped on the host path (known without a sync)."""
-        return self._last_step_taken is not False
-
     @torch.no_grad()
     def _ascend_stored(self) -> None:
         """θ → θ + ρ·δ with the stored δ and each group's current ρ (θ kept for the restore)."""
         _check_group_rhos(self.param_groups)
-        gathered = self._gather_reusable()
+        gathered = self._gather_params(lambda p: "perturb_direction" in self.state.get(p, {}))
         self._scratch = {}
         self._store_clean(gathered.params)
         self._perturbed = gathered
@@ -486,17 +486,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for start, end, rho in gathered.slices:
             if end > start:
                 torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
-
-    def _gather_reusable(self) -> _Gathered:
-        """The parameters with a stored direction, grouped like ``param_groups``, with each
-        group's current ρ."""
-        params: list[Tensor] = []
-        slices: list[tuple[int, int, float]] = []
-        for g in self.param_groups:
-            start = len(params)
-            params.extend(p for p in g["params"] if "perturb_direction" in self.state.get(p, {}))
-            slices.append((start, len(params), g["rho"]))
-        return _Gathered(params, slices)
 
     def _drop_stored_directions(self, keep: Iterable[Tensor] = ()) -> None:
         """Forget δ of every parameter not in ``keep``: a fresh step without a gradient for a
@@ -545,7 +534,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 _backward(loss, weight, scaler)
             dlogits.append(logits.grad)
             loss = loss.detach()
-            clean_loss = loss * weight if clean_loss is None else clean_loss + loss * weight
+            clean_loss = _add_weighted(clean_loss, loss, weight)
             ok = _all_finite(ok, loss)
 
         self._ascend_stored()
@@ -618,12 +607,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if first and self.perturb_every > 1:
             self._drop_stored_directions(keep=params)
         if self.ascent_steps == 1:
+            factor: Tensor | float = _inverse_norm(norm)
             if self.perturb_every > 1:  # keep the unit direction δ for the steps in between
-                torch._foreach_mul_(u, _inverse_norm(norm))
+                torch._foreach_mul_(u, factor)
                 torch._foreach_copy_(self._stored_directions(params), u)
-                torch._foreach_add_(params, self._scale_by_group(gathered, u, 1.0))
-                return
-            torch._foreach_add_(params, self._scale_by_group(gathered, u, _inverse_norm(norm)))
+                factor = 1.0
+            torch._foreach_add_(params, self._scale_by_group(gathered, u, factor))
             return
         # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
         torch._foreach_mul_(u, _inverse_norm(norm) / self.ascent_steps)  # u is scratch here
@@ -724,12 +713,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _gather_params(self) -> _Gathered:
+    def _gather_params(self, include: Callable[[Tensor], bool] = _has_grad) -> _Gathered:
+        """The parameters ``include`` selects (by default those with a gradient), grouped like
+        ``param_groups``, with each group's current ρ."""
         params: list[Tensor] = []
         slices: list[tuple[int, int, float]] = []
         for g in self.param_groups:
             start = len(params)
-            params.extend(p for p in g["params"] if p.grad is not None)
+            params.extend(p for p in g["params"] if include(p))
             slices.append((start, len(params), g["rho"]))
         return _Gathered(params, slices)
 
@@ -786,6 +777,11 @@ def _backward(loss: Tensor, weight: float, scaler: torch.amp.GradScaler | None) 
 
 def _loss_of_micro_batch(loss_fn: Callable[..., Tensor], mb: Any, logits: Tensor) -> Tensor:
     return loss_fn(logits, mb)
+
+
+def _add_weighted(total: Tensor | None, loss: Tensor, weight: float) -> Tensor:
+    """total + weight·loss, starting from None (the running mean of micro-batch losses)."""
+    return loss * weight if total is None else total + loss * weight
 
 
 def _all_finite(ok: Tensor | None, value: Tensor) -> Tensor:
