@@ -1,0 +1,171 @@
+"""Golden trajectories: the exact bits every method produces, pinned across refactors.
+
+Each case trains a small MLP with dropout for a few steps (new data every step, a ρ schedule)
+and hashes the returned losses, the parameters and every tensor of ``state_dict()``. A change
+that alters any bit of any of them fails here. When a change of behaviour is deliberate (a new
+default, a fixed bug), regenerate the file and say so in the commit:
+
+    PYTHONPATH=tests python tests/optim/test_golden.py --regenerate
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatlm.optim import create
+from helpers.optim import TinyMLP
+
+GOLDEN = Path(__file__).with_name("golden_trajectories.json")
+STEPS = 6
+
+# name -> (method spec, create() keywords, protocol)
+CASES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "sam": ("sam", {}, "forward"),
+    "asam": ("sam:adaptive=true", {}, "forward"),
+    "fsam": ("fsam", {}, "forward"),
+    "psam": ("psam", {}, "forward"),
+    "pfsam": ("pfsam", {}, "forward"),
+    "gasam": ("gasam", {}, "forward"),
+    "gasam_alpha_pos": ("gasam:alpha=1.0,normalize=false", {}, "forward"),
+    "gasam_ascent3": ("gasam:ascent_steps=3", {}, "forward"),
+    "sam_ascent2": ("sam:ascent_steps=2", {}, "forward"),
+    "sam_clip": ("sam", {"max_grad_norm": 0.05}, "forward"),
+    "sam_fused": ("sam", {"fused": True}, "forward"),
+    "psam_fused": ("psam", {"fused": True}, "forward"),
+    "sam_no_replay": ("sam", {"replay_rng": False}, "forward"),
+    "sam_every3": ("sam:perturb_every=3", {}, "forward"),
+    "fsam_every3": ("fsam:perturb_every=3", {}, "forward"),
+    "psam_every2": ("psam:perturb_every=2", {}, "forward"),
+    "gasam_every3": ("gasam:perturb_every=3", {}, "forward"),
+    "gasam_ascent2_every2": ("gasam:ascent_steps=2,perturb_every=2", {}, "forward"),
+    "sam_micro3": ("sam", {}, "micro"),
+    "fsam_micro3": ("fsam", {}, "micro"),
+    "pfsam_micro3": ("pfsam", {}, "micro"),
+    "gasam_micro3": ("gasam:normalize=false", {}, "micro"),
+    "fsam_every2_micro3": ("fsam:perturb_every=2", {}, "micro"),
+    "sam_fp16_scaler": ("sam", {}, "scaler"),
+    "fsam_fp16_scaler": ("fsam", {}, "scaler"),
+    "gasam_fp16_scaler": ("gasam", {}, "scaler"),
+    "sam_every2_scaler": ("sam:perturb_every=2", {}, "scaler"),
+    "sam_closure": ("sam", {}, "closure"),
+    "gasam_closure_ascent2": ("gasam:ascent_steps=2", {}, "closure"),
+    "psam_two_phase": ("psam", {}, "two_phase"),
+    "asam_two_phase": ("sam:adaptive=true", {}, "two_phase"),
+}
+
+
+def _batch(step: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _hash(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu().reshape(-1)
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _state_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested state dict, in a deterministic order."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _state_tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _state_tensors(v)]
+    return []
+
+
+def run_case(name: str) -> dict[str, str]:
+    spec, kwargs, protocol = CASES[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exactness must not depend on the machine's core count
+    try:
+        torch.manual_seed(0)
+        model = TinyMLP(d_hidden=9, dropout=0.2)
+        opt = create(spec, model.parameters(), lr=0.05, weight_decay=0.01, rho=0.1, **kwargs)
+        # A scale near float32's limit: the first steps overflow and are skipped, then it backs off.
+        scaler = (
+            torch.amp.GradScaler("cpu", init_scale=3e38, growth_interval=2)
+            if protocol == "scaler"
+            else None
+        )
+        losses: list[torch.Tensor] = []
+        for step in range(STEPS):
+            for group in opt.param_groups:
+                group["rho"] = 0.1 * (1 + step) / STEPS + 0.02  # a ρ schedule
+            x, y = _batch(step)
+            losses.append(_one_step(opt, model, x, y, protocol, scaler).detach().reshape(()))
+        return {
+            "losses": _hash(losses),
+            "params": _hash(list(model.parameters())),
+            "state": _hash(_state_tensors(opt.state_dict())),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_step(opt, model, x, y, protocol: str, scaler) -> torch.Tensor:
+    def loss_fn(logits: torch.Tensor, *_: Any) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    if protocol in ("forward", "scaler"):
+        return opt.step(forward=lambda: model(x), loss_fn=loss_fn, grad_scaler=scaler)
+    if protocol == "micro":
+        mbs = list(zip(x.chunk(3), y.chunk(3), strict=True))
+        return opt.step(
+            forward=lambda mb: model(mb[0]),
+            loss_fn=lambda logits, mb: F.cross_entropy(logits, mb[1]),
+            micro_batches=mbs,
+        )
+    closure: Callable[[], torch.Tensor]
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    clean = closure()
+    if protocol == "closure":
+        opt.step(closure)
+        return clean
+    assert protocol == "two_phase"
+    opt.first_step(zero_grad=True)
+    closure()
+    opt.second_step(zero_grad=True)
+    return clean
+
+
+def _load() -> dict[str, dict[str, str]]:
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_trajectory_is_bit_for_bit_the_recorded_one(name):
+    golden = _load()
+    assert name in golden, f"no golden record for {name}: regenerate (see module docstring)"
+    assert run_case(name) == golden[name]
+
+
+def test_every_record_has_a_case():
+    assert set(_load()) == set(CASES)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        raise SystemExit("usage: PYTHONPATH=tests python tests/optim/test_golden.py --regenerate")
+    GOLDEN.write_text(json.dumps({n: run_case(n) for n in sorted(CASES)}, indent=1) + "\n")
+    print(f"wrote {GOLDEN} ({len(CASES)} cases)")
