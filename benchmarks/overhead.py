@@ -56,7 +56,7 @@ def extra_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes held between steps beyond the base AdamW state."""
     if not isinstance(opt, SharpnessAwareOptimizer):
         return 0
-    return _tensor_bytes(list(opt._clean_copies.values())) + _tensor_bytes(dict(opt.state))
+    return opt.extra_bytes()
 
 
 def _pytorch_optimizer_sam():

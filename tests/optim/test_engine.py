@@ -100,7 +100,7 @@ def test_fused_adamw_skips_on_device_without_a_host_read():
     x, y = make_batch(dtype=torch.float32)
     model = make_mlp(dtype=torch.float32)
     opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=0.01, fused=True)
-    assert opt._can_skip_on_device()
+    assert opt.skips_on_device
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
     params, state = params_of(model), _state_tensors(opt)
     opt.step(forward=poisoned_forward(model, x, 1), loss_fn=ce(y))  # no warning: no host read
@@ -312,8 +312,10 @@ def test_method_specs_name_variants():
     assert opt.direction.alpha == 0.5 and opt.ascent_steps == 3 and opt.defaults["rho"] == 0.2
     with pytest.raises(ValueError, match="key=value"):
         parse_method("gasam:alpha")
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="fsam has no option 'alpha'"):
         create("fsam:alpha=1", model.parameters(), lr=0.01)
+    with pytest.raises(TypeError, match="unexpected keyword"):  # Python keywords: the class's
+        create("fsam", model.parameters(), lr=0.01, alpha=1)
 
 
 @pytest.mark.parametrize("name", SAM_METHODS)

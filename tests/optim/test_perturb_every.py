@@ -230,7 +230,7 @@ def test_with_a_fused_base_a_skipped_fresh_step_skips_until_the_next_fresh_one()
     x, y = make_batch(dtype=torch.float32)
     model = make_mlp(dtype=torch.float32)
     opt = create("sam", model.parameters(), rho=0.1, lr=0.01, fused=True, perturb_every=3)
-    assert opt._can_skip_on_device()
+    assert opt.skips_on_device
     before = params_of(model)
     log: list[bool] = []
     opt.step(

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,9 +39,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "flatlm.integrations.hf needs transformers and accelerate: pip install 'flatlm[hf]'"
     ) from e
 
-from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, create, parse_method
+from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, amp, passes
 from flatlm.optim.directions import global_norm
-from flatlm.optim.engine import RngState, unscale_grads_
+from flatlm.optim.registry import check_options, create, parse_method
 
 __all__ = ["SharpnessAwareStep", "SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]
 
@@ -116,69 +115,7 @@ class _MicroBatch:
     model: nn.Module
     inputs: Any
     num_items_in_batch: Tensor | int | None
-    rng: RngState
-    dlogits: Tensor | None
-
-
-def _logits_of(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        logits = output.get("logits")
-        return logits if isinstance(logits, Tensor) else None
-    return None
-
-
-class _LogitsCapture:
-    """Catches the model's logits on its forward (a hook) and, if asked, their gradient r.
-
-    With mixed precision, accelerate returns float32 copies of half-precision outputs; a model
-    that computes its own loss does so from the half-precision logits, so the copy is off the
-    loss path. r is then read at the copy's input (a hook on the autograd node that made the
-    half-precision logits) and the second pass sends ``r.float()`` back through the copy, which
-    casts it to exactly r again.
-    """
-
-    def __init__(self, model: nn.Module, want_grad: bool):
-        self.logits: Tensor | None = None
-        self.dlogits: Tensor | None = None
-        self._want_grad = want_grad
-        self._handles: list[Any] = [model.register_forward_hook(self._on_forward)]
-
-    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        logits = _logits_of(output)
-        if logits is None:
-            raise RuntimeError(
-                "the functional methods (fsam, pfsam) need the model to return its logits: a "
-                "ModelOutput or dict with 'logits' (return_dict=True), or a tensor"
-            )
-        self.logits = logits
-        if not self._want_grad:
-            return
-        fn = logits.grad_fn
-        if fn is None:
-            raise RuntimeError("the model's logits do not require grad")
-        source = fn.next_functions[0] if fn.next_functions else (None, 0)
-        if (
-            type(fn).__name__ == "ToCopyBackward0"
-            and logits.dtype == torch.float32
-            and source[0] is not None
-        ):
-            self._handles.append(source[0].register_prehook(partial(self._from_node, source[1])))
-        else:
-            self._handles.append(logits.register_hook(self._from_tensor))
-
-    def _from_tensor(self, grad: Tensor) -> None:
-        self.dlogits = grad.detach()
-
-    def _from_node(self, index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
-        grad = grad_outputs[index]
-        self.dlogits = None if grad is None else grad.detach()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    record: passes.Recorded  # the RNG state before the clean forward, and r (functional)
 
 
 class SharpnessAwareTrainerMixin:
@@ -259,6 +196,7 @@ class SharpnessAwareTrainerMixin:
                 f"sam_kwargs {clashing} come from TrainingArguments (learning_rate, adam_beta1/2, "
                 "adam_epsilon, weight_decay, max_grad_norm); set them there"
             )
+        check_options(self.sam_method, self.sam_kwargs, where="in sam_kwargs")
         merged = {**self.sam_kwargs, **options}
         if int(merged.get("perturb_every", 1)) > 1:
             raise ValueError(
@@ -340,8 +278,8 @@ class SharpnessAwareTrainerMixin:
             # skipped it for an overflow in the clean pass): drop it.
             self._sam_stash = []
             self._sam_stash_step = self.state.global_step
-        rng = RngState(self._cuda_devices(model))
-        capture = _LogitsCapture(model, want_grad=True) if sam.functional else None
+        rng = passes.RngState(self._cuda_devices(model))
+        capture = passes.LogitsCapture(model, want_grad=True) if sam.functional else None
         try:
             loss = self._trainer_step(model, inputs, num_items_in_batch)
         finally:
@@ -355,7 +293,8 @@ class SharpnessAwareTrainerMixin:
                     "gradient (dlogits) is unknown; the functional methods need loss = ℓ(logits)"
                 )
             dlogits = capture.dlogits
-        self._sam_stash.append(_MicroBatch(model, inputs, num_items_in_batch, rng, dlogits))
+        record = passes.Recorded(rng, dlogits)
+        self._sam_stash.append(_MicroBatch(model, inputs, num_items_in_batch, record))
         return loss
 
     # --- the update ---------------------------------------------------------------------------
@@ -371,18 +310,21 @@ class SharpnessAwareTrainerMixin:
                 "micro-batches training_step stashed"
             )
         model = stash[-1].model
-        end = RngState(self._cuda_devices(model))
+        end = passes.RngState(self._cuda_devices(model))
+
+        def run(i: int, record: passes.Recorded) -> None:
+            mb = stash[i]
+            if record.dlogits is None:
+                self._trainer_step(mb.model, mb.inputs, mb.num_items_in_batch)
+            else:
+                self._functional_pass(mb, record.dlogits)
+
         sam.first_step(zero_grad=True, functional_vjp=sam.functional)
         try:
-            for i, mb in enumerate(stash):
-                mb.rng.restore()
-                # DDP: all-reduce once, with the last micro-batch, as in the clean pass.
-                last = i == len(stash) - 1
-                with nullcontext() if last else self.accelerator.no_sync(mb.model):
-                    if mb.dlogits is None:
-                        self._trainer_step(mb.model, mb.inputs, mb.num_items_in_batch)
-                    else:
-                        self._functional_pass(mb)
+            # Same inputs and RNG as the clean pass; DDP all-reduces once, with the last one.
+            passes.replay(
+                [mb.record for mb in stash], run, partial(self.accelerator.no_sync, model)
+            )
         except BaseException:
             sam.abort_step()  # θ must not stay perturbed
             raise
@@ -400,11 +342,10 @@ class SharpnessAwareTrainerMixin:
         else:
             sam.second_step()
 
-    def _functional_pass(self, mb: _MicroBatch) -> None:
+    def _functional_pass(self, mb: _MicroBatch, dlogits: Tensor) -> None:
         """J(θ+ε)ᵀ r: the clean pass's forward again, and the logits' VJP with the stored r."""
-        assert mb.dlogits is not None
         model = mb.model
-        capture = _LogitsCapture(model, want_grad=False)
+        capture = passes.LogitsCapture(model, want_grad=False)
         try:
             model.train()
             inputs = self._prepare_inputs(mb.inputs)  # type: ignore[attr-defined]
@@ -415,15 +356,9 @@ class SharpnessAwareTrainerMixin:
                 self.compute_loss(model, inputs, **kwargs)  # type: ignore[attr-defined]
         finally:
             capture.close()
-        logits = capture.logits
-        assert logits is not None
-        if logits.shape != mb.dlogits.shape:
-            raise RuntimeError(
-                f"the logits have shape {tuple(logits.shape)} at the perturbed point but "
-                f"{tuple(mb.dlogits.shape)} at the clean point"
-            )
+        assert capture.logits is not None
         # r carries every factor of the clean backward (accumulation, loss normalisation, scaler).
-        logits.backward(mb.dlogits.to(logits.dtype))
+        passes.vjp(capture.logits, dlogits)
 
     def _unscale_perturbed(self) -> bool:
         """fp16: unscale the perturbed gradients; on overflow make GradScaler back off.
@@ -440,8 +375,7 @@ class SharpnessAwareTrainerMixin:
         sam = self._sam_optimizer
         assert sam is not None
         grads = [p.grad for g in sam.param_groups for p in g["params"] if p.grad is not None]
-        inv_scale = torch.full((1,), 1.0 / scaler.get_scale())
-        if not bool(unscale_grads_(grads, inv_scale).item()):
+        if not bool(amp.unscale_grads_(grads, amp.inverse_scale(scaler)).item()):
             return False
         state = scaler._per_optimizer_states.get(id(self._sam_step))
         if state is not None:
@@ -455,11 +389,7 @@ class SharpnessAwareTrainerMixin:
 
     def _cuda_devices(self, model: nn.Module) -> list[int]:
         if self._sam_devices is None:
-            self._sam_devices = (
-                sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-                if torch.cuda.is_available()
-                else []
-            )
+            self._sam_devices = passes.cuda_devices(list(model.parameters()))
         return self._sam_devices
 
     # --- logging ------------------------------------------------------------------------------

@@ -1,71 +1,40 @@
 """The perturbation engine shared by every sharpness-aware method in flatlm.
 
-One step (see ALGORITHMS.md):
+One step (see docs/algorithms.md and docs/architecture.md):
 
-1. clean pass at θ: loss L, gradient g (and, for the functional methods, r = ∂ℓ/∂logits);
-2. ε from g by the method's *direction rule*, scaled to radius ρ per parameter group;
+1. clean pass at θ: loss L, gradient g (and, for the functional methods, r = ∂ℓ/∂logits)
+   — :mod:`~flatlm.optim.passes`;
+2. ε from g by the method's *direction rule* (:mod:`~flatlm.optim.directions`), scaled to
+   radius ρ per parameter group — :mod:`~flatlm.optim.perturbation`;
 3. second pass at θ + ε: the full loss gradient ∇L(θ+ε), or for the functional methods the
-   vector–Jacobian product J(θ+ε)ᵀ r(θ) (``logits.backward(r)``);
-4. θ restored bit for bit from a copy (never by subtracting ε), the base optimizer steps.
+   vector–Jacobian product J(θ+ε)ᵀ r(θ) — :mod:`~flatlm.optim.passes`;
+4. θ restored bit for bit from a copy (never by subtracting ε), the base optimizer steps, or
+   the whole step is skipped if anything was non-finite (:mod:`~flatlm.optim.amp` for fp16).
 
 A method is therefore a direction rule plus one flag (``functional``), not a class of its own.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from functools import partial
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from flatlm.optim import amp, passes
 from flatlm.optim.directions import Direction, global_norm
+from flatlm.optim.perturbation import Perturbation, ReuseSchedule
+from flatlm.optim.preconditioners import BaseGeometry
+from flatlm.optim.validation import check_options, check_rho, check_state_dict
 
 __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
 
 
-def _inverse_norm(norm: Tensor) -> Tensor:
-    """1/‖n‖ in at least float32, with ‖n‖ = 0 giving a finite value (then u = 0, so ε = 0).
-
-    A floor instead of the usual ``+ 1e-12``: adding shrinks ε by 1e-12/‖n‖ relative, which is
-    not negligible when gradients are small.
-    """
-    norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
-    return 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-
-
-def _has_grad(p: Tensor) -> bool:
-    return p.grad is not None
-
-
 class NonFiniteStepWarning(RuntimeWarning):
     """A step was skipped because a pass gave a non-finite loss or gradient."""
-
-
-@dataclass
-class _Gathered:
-    """The parameters with a gradient, flat, and each group's [start, end) and ρ."""
-
-    params: list[Tensor]
-    slices: list[tuple[int, int, float]]
-
-
-class RngState:
-    """The CPU and CUDA generator states, so the second pass sees the first pass's randomness."""
-
-    def __init__(self, cuda_devices: list[int]):
-        self.cpu = torch.get_rng_state()
-        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda_devices]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in self.cuda:
-            torch.cuda.set_rng_state(state, d)
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -120,36 +89,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         distributed: str = "sync",
         **base_kwargs: Any,
     ):
-        _check_rho(rho)
-        if distributed not in ("sync", "local"):
-            raise ValueError(f"distributed must be 'sync' or 'local', got {distributed!r}")
-        if isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                "base_optimizer must be an optimizer class such as torch.optim.AdamW, with its "
-                f"arguments as keywords; got an instance of {type(base_optimizer).__name__}"
-            )
-        if not (
-            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
-        ):
-            raise TypeError(
-                "base_optimizer must be a subclass of torch.optim.Optimizer (e.g. "
-                f"torch.optim.AdamW), got {base_optimizer!r}"
-            )
-        if isinstance(base_optimizer, type) and issubclass(base_optimizer, SharpnessAwareOptimizer):
+        check_options(
+            base_optimizer, rho, functional, ascent_steps, max_grad_norm, perturb_every, distributed
+        )
+        if issubclass(base_optimizer, SharpnessAwareOptimizer):
             raise TypeError("base_optimizer cannot itself be a sharpness-aware optimizer")
-        if not isinstance(ascent_steps, int) or ascent_steps < 1:
-            raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
-        if functional and ascent_steps > 1:
-            raise ValueError("the functional methods take a single ascent step")
-        if (
-            isinstance(perturb_every, bool)
-            or not isinstance(perturb_every, int)
-            or perturb_every < 1
-        ):
-            raise ValueError(f"perturb_every must be an integer >= 1, got {perturb_every!r}")
-        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -167,17 +111,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.replay_rng = replay_rng
         self.skip_nonfinite = skip_nonfinite
         self.distributed = distributed
-        direction.validate(self)
-
-        # Not in self.state: the clean copies are scratch, never saved in a checkpoint.
-        self._clean_copies: dict[Tensor, Tensor] = {}
-        self._scratch: dict[str, Any] = {}
-        self._perturbed: _Gathered | None = None
-        self._clean_ok: Tensor | None = None
+        geometry = BaseGeometry(self.base_optimizer)
+        direction.validate(geometry)
+        self._perturbation = Perturbation(
+            direction, geometry, ascent_steps=ascent_steps, keep_direction=perturb_every > 1
+        )
         self._skipped_host = 0
         self._skipped_device: Tensor | None = None
-        # perturb_every > 1: steps since the last fresh ε was taken (None: a fresh one is due).
-        self._since_fresh: int | None = None
+        self._schedule = ReuseSchedule(perturb_every)
         self._last_step_taken: bool | None = None
 
     # --- public protocol --------------------------------------------------------------------
@@ -221,16 +162,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 raise TypeError("pass either closure or forward/loss_fn, not both")
             if loss_fn is None:
                 raise TypeError("step(forward=...) also needs loss_fn=...")
-            if micro_batches is None:
-                passes = [(forward, loss_fn)]
-            else:
-                passes = [
-                    (partial(forward, mb), partial(_loss_of_micro_batch, loss_fn, mb))
-                    for mb in micro_batches
-                ]
-                if not passes:
-                    raise ValueError("micro_batches is empty")
-            return self._forward_step(passes, grad_scaler, no_sync)
+            micro = passes.micro_batches_of(forward, loss_fn, micro_batches)
+            return self._forward_step(micro, grad_scaler, no_sync)
         if micro_batches is not None or grad_scaler is not None or no_sync is not None:
             raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
         if closure is None:
@@ -244,7 +177,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         loss = None
         try:
             for k in range(self.ascent_steps):
-                self._ascend(first=k == 0)
+                self._perturbation.ascend(self.param_groups, self.state, first=k == 0)
                 self.zero_grad(set_to_none=True)
                 loss = closure()
         except BaseException:
@@ -259,24 +192,21 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
         The functional methods refuse this protocol unless ``functional_vjp=True``: the caller
         then promises to run the second pass as ``logits.backward(r)`` with the clean pass's
-        dlogits r (integrations that own the training loop do; see flatlm.integrations).
+        dlogits r (:func:`flatlm.optim.passes.vjp`; integrations that own the loop do).
         """
         if not functional_vjp:
             self._require_classic_protocol("first_step()")
         self._require_fresh_every_step("first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
-        self._ascend(first=True)
+        self._perturbation.ascend(self.param_groups, self.state, first=True)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, _warn: bool = True) -> None:
+    def second_step(self, zero_grad: bool = False) -> None:
         """Restore θ exactly and step the base optimizer with the gradient now in ``p.grad``."""
-        if self._perturbed is None:
-            raise RuntimeError("second_step() called without first_step()")
-        self._restore()
-        self._base_step(self._clean_ok, warn=_warn)
+        self._descend(warn=True)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -284,9 +214,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def abort_step(self) -> None:
         """Undo a started step: θ copied back (bit for bit), nothing stepped; a no-op when no
         step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
-        if self._perturbed is not None:
-            self._restore()
-        self._scratch = {}
+        self._perturbation.abort()
 
     @torch.no_grad()
     def perturbation(self) -> list[Tensor | None]:
@@ -294,11 +222,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
         Changes nothing (θ, gradients, state); None where a parameter has no gradient.
         """
-        gathered = self._gather_params()
-        grads = torch._foreach_mul([p.grad for p in gathered.params], 1.0)  # a copy
-        u, n = self.direction(self, gathered.params, grads, {})
-        eps = self._scale_by_group(gathered, u, _inverse_norm(global_norm(n)))
-        by_param = dict(zip(gathered.params, eps, strict=True))
+        by_param = self._perturbation.epsilon(self.param_groups, self.state)
         return [by_param.get(p) for group in self.param_groups for p in group["params"]]
 
     @property
@@ -307,11 +231,26 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         device = 0 if self._skipped_device is None else int(self._skipped_device.item())
         return self._skipped_host + device
 
+    def extra_bytes(self) -> int:
+        """Bytes held between steps beyond the base optimizer's state: the clean copy of θ and
+        the method's own state (GA-SAM's EMA, perturb_every's stored direction)."""
+        tensors = [*self._perturbation.clean_copies.values()]
+        tensors += [t for st in self.state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped on the device, with no host sync at all: a fused
+        Adam/AdamW/SGD base and a rule that keeps no state of its own."""
+        return not self.direction.stateful and amp.can_skip_on_device(
+            self.base_optimizer, self.param_groups
+        )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
-        _check_rho(param_group.setdefault("rho", self.defaults["rho"]))
+        check_rho(param_group.setdefault("rho", self.defaults["rho"]))
         self.base_optimizer.add_param_group(param_group)
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -324,24 +263,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             "base": self.base_optimizer.state_dict(),
             "method_state": own["state"],
             "skipped_steps": self.skipped_steps,
-            "steps_since_fresh_perturbation": self._since_fresh,
+            "steps_since_fresh_perturbation": self._schedule.since_fresh,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or not {"base", "method_state"} <= set(state_dict):
-            raise ValueError(
-                f"not a {type(self).__name__} state dict: expected keys 'base' and 'method_state'"
-                + (
-                    f", got {sorted(state_dict)[:8]}"
-                    if isinstance(state_dict, dict)
-                    else f", got {type(state_dict).__name__}"
-                )
-            )
-        method = state_dict.get("flatlm_method")
-        if method is not None and method != type(self).__name__:
-            raise ValueError(
-                f"state dict is for {method}, cannot load it into {type(self).__name__}"
-            )
+        check_state_dict(state_dict, type(self).__name__)
         self.base_optimizer.load_state_dict(state_dict["base"])
         # Load our own state against the base's (now loaded) groups, then share them again.
         super().load_state_dict(
@@ -353,333 +279,118 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self._skipped_host = int(state_dict.get("skipped_steps", 0))
         self._skipped_device = None
-        since = state_dict.get("steps_since_fresh_perturbation")
-        self._since_fresh = None if since is None else int(since)
+        self._schedule.load(state_dict.get("steps_since_fresh_perturbation"))
         if self.perturb_every == 1:  # a direction saved with perturb_every > 1 is not used here
-            self._drop_stored_directions()
-            self._since_fresh = None
+            Perturbation.drop_stored(self.state)
 
     # --- the step -----------------------------------------------------------------------------
 
     def _forward_step(
         self,
-        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
-        grad_scaler: torch.amp.GradScaler | None = None,
-        no_sync: Callable[[], AbstractContextManager] | None = None,
+        micro: list[passes.MicroBatch],
+        grad_scaler: torch.amp.GradScaler | None,
+        no_sync: Callable[[], AbstractContextManager] | None,
     ) -> Tensor:
-        """Both passes over ``passes`` (one (forward, loss_fn) per micro-batch), then the update."""
+        """Both passes over the micro-batches, then the update."""
         if self.distributed == "local" and no_sync is None:
             raise ValueError(
                 "distributed='local' perturbs with each rank's own gradient: pass "
                 "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-        if not self._fresh_perturbation_due():
-            return self._reuse_step(passes, scaler, no_sync)
+        reuse = not self._schedule.fresh_due()
         self.zero_grad(set_to_none=True)
-        weight = 1.0 / len(passes)
-        rngs: list[RngState | None] = []
-        dlogits: list[Tensor | None] = []
-        clean_loss = None
-        ok = None
-        for i, (forward, loss_fn) in enumerate(passes):
-            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
-            # DDP: all-reduce once, on the last micro-batch; never in 'local' mode (m-sharpness).
-            skip_sync = no_sync is not None and (i < len(passes) - 1 or self.distributed == "local")
-            with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
-                logits = forward()
-                loss = loss_fn(logits)
-                if self.functional:
-                    logits.retain_grad()
-                _backward(loss, weight, scaler)
-            # r of the weighted (and scaled) loss: the second pass's VJP carries the same factors.
-            dlogits.append(logits.grad.detach() if self.functional else None)
-            del logits
-            loss = loss.detach()
-            clean_loss = _add_weighted(clean_loss, loss, weight)
-            ok = _all_finite(ok, loss)
-        clean_overflow = self._unscale_clean(scaler) if scaler is not None else None
+        rng_devices = self._cuda_devices() if self.replay_rng else None
+        if not reuse:
+            clean = passes.clean_pass(
+                micro,
+                functional=self.functional,
+                scaler=scaler,
+                no_sync=no_sync,
+                local=self.distributed == "local",
+                rng_devices=rng_devices,
+            )
+            clean_overflow = (
+                amp.unscale_clean_(self._grads(), scaler) if scaler is not None else None
+            )
+        elif self.functional:  # r(θ) from a no-grad clean forward
+            clean = passes.clean_pass(
+                micro,
+                functional=True,
+                scaler=scaler,
+                rng_devices=rng_devices,
+                parameter_grads=False,
+            )
+        else:  # one forward per micro-batch: no randomness to replay
+            clean = passes.CleanPass([passes.Recorded(None, None)] * len(micro), None, None)
+        if reuse and scaler is not None:
+            # No parameter has a clean gradient to unscale (and a fresh or just-loaded scaler has
+            # no scale yet): the clean overflow flag is clear; a non-finite scaled r shows up in
+            # the perturbed gradients instead.
+            clean_overflow = torch.zeros(1, device=self._device())
 
+        ok = clean.ok
+        perturbed_loss = None
         try:  # an error in a perturbed pass must not leave θ perturbed
-            for k in range(self.ascent_steps):
-                self._ascend(first=k == 0)
+            for k in range(1 if reuse else self.ascent_steps):
+                if reuse:
+                    self._perturbation.ascend_stored(self.param_groups, self.state)
+                else:
+                    self._perturbation.ascend(self.param_groups, self.state, first=k == 0)
                 self.zero_grad(set_to_none=True)
-                ok, _ = self._perturbed_passes(passes, rngs, dlogits, weight, scaler, no_sync, ok)
+                ok, perturbed_loss = passes.perturbed_pass(
+                    micro, clean.records, scaler=scaler, no_sync=no_sync, ok=ok
+                )
         except BaseException:
             self.abort_step()
             raise
-        self._finish_step(scaler, clean_overflow, ok)
-        if self.perturb_every > 1:  # a skipped step leaves no direction worth reusing
-            # None: skipped on the host path; on the device path it is not known (no sync)
-            self._since_fresh = None if self._last_step_taken is False else 1
-        assert clean_loss is not None
-        return clean_loss
-
-    def _perturbed_passes(
-        self,
-        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
-        rngs: list[RngState | None],
-        dlogits: list[Tensor | None],
-        weight: float,
-        scaler: torch.amp.GradScaler | None,
-        no_sync: Callable[[], AbstractContextManager] | None,
-        ok: Tensor | None,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Forward–backward of every micro-batch at the perturbed point: ∇L, or with dlogits r
-        the VJP J(θ+ε)ᵀ r. Returns ``ok`` and'ed with the finiteness of the perturbed losses,
-        and their weighted sum (None for the VJP, which computes no loss)."""
-        total = None
-        for i, ((forward, loss_fn), rng, r) in enumerate(zip(passes, rngs, dlogits, strict=True)):
-            if rng is not None:
-                rng.restore()
-            skip_sync = no_sync is not None and i < len(passes) - 1
-            with torch.enable_grad(), no_sync() if skip_sync else nullcontext():
-                logits = forward()
-                if r is not None:
-                    if logits.shape != r.shape:
-                        raise RuntimeError(
-                            f"forward() returned logits of shape {tuple(logits.shape)} at the "
-                            f"perturbed point but {tuple(r.shape)} at the clean point"
-                        )
-                    logits.backward(r.to(logits.dtype))
-                else:
-                    perturbed_loss = loss_fn(logits)
-                    _backward(perturbed_loss, weight, scaler)
-                    perturbed_loss = perturbed_loss.detach()
-                    ok = _all_finite(ok, perturbed_loss)
-                    total = _add_weighted(total, perturbed_loss, weight)
-            del logits
-        return ok, total
-
-    def _finish_step(
-        self, scaler: torch.amp.GradScaler | None, clean_overflow: Tensor | None, ok: Tensor | None
-    ) -> None:
-        """Unscale the perturbed gradients, restore θ, step the base optimizer (or skip)."""
         if scaler is not None:
             assert clean_overflow is not None
-            self._unscale_perturbed(scaler, clean_overflow)
-        assert self._clean_ok is not None and ok is not None
-        self._clean_ok = self._clean_ok & ok
-        with torch.no_grad():
-            self.second_step(_warn=scaler is None)
+            amp.unscale_perturbed_(self, self._grads(), scaler, clean_overflow)
+        self._descend(warn=scaler is None, ok=ok)
         if scaler is not None:
             scaler.update()
-
-    # --- perturb_every: reusing the last direction -------------------------------------------
-
-    def _fresh_perturbation_due(self) -> bool:
-        if self.perturb_every == 1 or self._since_fresh is None:
-            return True
-        return self._since_fresh >= self.perturb_every
-
-    @torch.no_grad()
-    def _ascend_stored(self) -> None:
-        """θ → θ + ρ·δ with the stored δ and each group's current ρ (θ kept for the restore)."""
-        _check_group_rhos(self.param_groups)
-        gathered = self._gather_params(lambda p: "perturb_direction" in self.state.get(p, {}))
-        self._scratch = {}
-        self._store_clean(gathered.params)
-        self._perturbed = gathered
-        device = gathered.params[0].device if gathered.params else torch.device("cpu")
-        self._clean_ok = torch.ones((), dtype=torch.bool, device=device)
-        directions = self._stored_directions(gathered.params)
-        for start, end, rho in gathered.slices:
-            if end > start:
-                torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
-
-    def _drop_stored_directions(self, keep: Iterable[Tensor] = ()) -> None:
-        """Forget δ of every parameter not in ``keep``: a fresh step without a gradient for a
-        parameter gave it ε = 0, and the steps that reuse this perturbation must too."""
-        kept = set(keep)
-        for p, state in self.state.items():
-            if p not in kept:
-                state.pop("perturb_direction", None)
-
-    def _stored_directions(self, params: list[Tensor]) -> list[Tensor]:
-        """δ per parameter (ε = ρ·δ), allocated on first use; kept in ``state`` for checkpoints."""
-        for p in params:
-            state = self.state[p]
-            if "perturb_direction" not in state:
-                state["perturb_direction"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
-        return [self.state[p]["perturb_direction"] for p in params]
-
-    def _reuse_step(
-        self,
-        passes: list[tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]],
-        scaler: torch.amp.GradScaler | None,
-        no_sync: Callable[[], AbstractContextManager] | None,
-    ) -> Tensor:
-        """A step between fresh perturbations: θ + ρ·δ with the stored unit direction δ, one
-        forward–backward there (the functional methods first take r(θ) from a no-grad clean
-        forward), θ restored, the base optimizer steps."""
-        self.zero_grad(set_to_none=True)
-        weight = 1.0 / len(passes)
-        rngs: list[RngState | None] = []
-        dlogits: list[Tensor | None] = []
-        clean_loss = None
-        ok: Tensor | None = None
-        for forward, loss_fn in passes:
-            if not self.functional:  # one forward per micro-batch: no randomness to replay
-                rngs.append(None)
-                dlogits.append(None)
-                continue
-            rngs.append(RngState(self._cuda_devices()) if self.replay_rng else None)
-            with torch.no_grad():
-                logits = forward()
-            logits = logits.detach().requires_grad_()
-            with torch.enable_grad():
-                loss = loss_fn(logits)
-                _backward(loss, weight, scaler)
-            dlogits.append(logits.grad)
-            loss = loss.detach()
-            clean_loss = _add_weighted(clean_loss, loss, weight)
-            ok = _all_finite(ok, loss)
-
-        self._ascend_stored()
-        # No parameter has a clean gradient to unscale (and a fresh or just-loaded scaler has no
-        # scale yet): the clean overflow flag is clear; a non-finite scaled r shows up in the
-        # perturbed gradients instead.
-        clean_overflow = None
-        if scaler is not None:
-            clean_overflow = torch.zeros(1, device=self._clean_ok.device)
-        try:
-            self.zero_grad(set_to_none=True)
-            ok, perturbed_loss = self._perturbed_passes(
-                passes, rngs, dlogits, weight, scaler, no_sync, ok
-            )
-        except BaseException:
-            self.abort_step()
-            raise
-        self._finish_step(scaler, clean_overflow, ok)
-        assert self._since_fresh is not None
-        self._since_fresh += 1
-        loss = clean_loss if clean_loss is not None else perturbed_loss
+        self._schedule.advance(reused=reuse, taken=self._last_step_taken)
+        loss = clean.loss if clean.loss is not None else perturbed_loss
         assert loss is not None
         return loss
 
     @torch.no_grad()
-    def _unscale_clean(self, scaler: torch.amp.GradScaler) -> Tensor:
-        """Unscale the clean gradients in place; returns a found-inf flag (no host sync).
-
-        Done by hand, not with ``scaler.unscale_``, which may run once per optimizer and
-        update: that one call is kept for the perturbed gradients, so "unscale twice" never
-        happens.
-        """
-        grads = [p.grad for p in self._params_with_grad()]
-        inv_scale = scaler._scale.double().reciprocal().float()  # type: ignore[union-attr]
-        return unscale_grads_(grads, inv_scale)
-
-    @torch.no_grad()
-    def _unscale_perturbed(self, scaler: torch.amp.GradScaler, clean_overflow: Tensor) -> None:
-        """``scaler.unscale_`` on the perturbed gradients, seeing the clean pass's overflow too.
-
-        A clean-pass overflow is folded in by turning the gradients into NaN (×1 otherwise, which
-        is exact), so the scaler records it, backs off at ``update()``, and the step is skipped.
-        """
-        grads = [p.grad for p in self._params_with_grad()]
-        if grads:
-            poison = torch.where(clean_overflow.sum() > 0, float("nan"), 1.0)
-            for device, device_grads in _by_device(grads).items():
-                torch._foreach_mul_(device_grads, poison.to(device))
-        scaler.unscale_(self)
-
-    @torch.no_grad()
-    def _ascend(self, first: bool) -> None:
-        """Move θ to (the next) perturbed point from the gradients now in ``p.grad``."""
-        if first:
-            if self._perturbed is not None:  # a previous first_step was never completed
-                self._restore()
-            self._scratch = {}
-            self._perturbed = self._gather_params()
-            self._store_clean(self._perturbed.params)
-        gathered = self._perturbed
-        assert gathered is not None
-        params = gathered.params
-        _check_group_rhos(self.param_groups)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        u, n = self.direction(self, params, grads, self._scratch)
-        norm = global_norm(n)
-        if first:
-            self._clean_ok = torch.isfinite(norm)
-
-        if first and self.perturb_every > 1:
-            self._drop_stored_directions(keep=params)
-        if self.ascent_steps == 1:
-            factor: Tensor | float = _inverse_norm(norm)
-            if self.perturb_every > 1:  # keep the unit direction δ for the steps in between
-                torch._foreach_mul_(u, factor)
-                torch._foreach_copy_(self._stored_directions(params), u)
-                factor = 1.0
-            torch._foreach_add_(params, self._scale_by_group(gathered, u, factor))
-            return
-        # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set.
-        torch._foreach_mul_(u, _inverse_norm(norm) / self.ascent_steps)  # u is scratch here
-        delta = self._scratch.setdefault("delta", [torch.zeros_like(p) for p in params])
-        torch._foreach_add_(delta, u)
-        metric = self.direction.metric(self._scratch)
-        size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
-        torch._foreach_mul_(delta, torch.clamp(_inverse_norm(size), max=1.0))
-        torch._foreach_copy_(params, self._clean_list(params))
-        if self.perturb_every > 1:
-            torch._foreach_copy_(self._stored_directions(params), delta)
-        torch._foreach_add_(
-            params, self._scale_by_group(gathered, torch._foreach_mul(delta, 1.0), 1.0)
-        )
-
-    @staticmethod
-    def _scale_by_group(
-        gathered: _Gathered, u: list[Tensor], factor: Tensor | float
-    ) -> list[Tensor]:
-        """u ← ρ_group · factor · u in place, one foreach call per parameter group."""
-        for start, end, rho in gathered.slices:
-            if end > start:
-                torch._foreach_mul_(u[start:end], factor * rho)
-        return u
-
-    def _restore(self) -> None:
-        gathered = self._perturbed
-        assert gathered is not None
-        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
-        self._perturbed = None
-
-    def _base_step(self, ok: Tensor | None, warn: bool = True) -> None:
-        params = self._params_with_grad()
-        grads = [p.grad for p in params]
+    def _descend(self, warn: bool, ok: Tensor | None = None) -> None:
+        """Restore θ, then step the base optimizer, or skip the step if anything was non-finite
+        (``ok``: the passes' losses were finite)."""
+        perturbation = self._perturbation
+        if perturbation.active is None:
+            raise RuntimeError("second_step() called without first_step()")
+        perturbation.restore()
+        assert perturbation.clean_ok is not None
+        ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         else:
-            grad_norm = global_norm(grads)
-        ok = torch.isfinite(grad_norm) if ok is None else ok & torch.isfinite(grad_norm)
-        scratch, self._scratch = self._scratch, {}
+            grad_norm = global_norm([p.grad for p in params])
+        ok = ok & torch.isfinite(grad_norm)
 
         self._last_step_taken = None  # unknown until decided below
         if not self.skip_nonfinite:
             self.base_optimizer.step()
-            self.direction.commit(self, scratch)
+            perturbation.finish(self.state, taken=True)
             self._last_step_taken = True
             return
-        if self._can_skip_on_device():
-            # Fused Adam/AdamW/SGD leave params and moments untouched (and undo the step count)
-            # when found_inf is set: the skip needs no host sync.
-            not_ok = (~ok).to(torch.float32)
-            self.base_optimizer.found_inf = not_ok  # type: ignore[attr-defined]
-            try:
-                self.base_optimizer.step()
-            finally:
-                del self.base_optimizer.found_inf  # type: ignore[attr-defined]
+        if self.skips_on_device:
+            not_ok = amp.step_or_skip_on_device(self.base_optimizer, ok)
+            perturbation.finish(self.state, taken=False)  # stateless: nothing to keep
             skipped = self._skipped_device
             self._skipped_device = not_ok if skipped is None else skipped + not_ok
             return
         self._last_step_taken = bool(ok)  # the one host read of a step: was everything finite?
+        perturbation.finish(self.state, taken=self._last_step_taken)
         if self._last_step_taken:
             self.base_optimizer.step()
-            self.direction.commit(self, scratch)
-        else:
-            self._skipped_host += 1
-            if not warn:  # an fp16 overflow: routine while GradScaler finds its scale
-                return
+            return
+        self._skipped_host += 1
+        if warn:  # not for an fp16 overflow: routine while GradScaler finds its scale
             warnings.warn(
                 f"{type(self).__name__}: non-finite loss or gradient, step skipped "
                 f"(parameters and optimizer state unchanged; {self.skipped_steps} skipped so far)",
@@ -688,13 +399,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
 
     # --- helpers ------------------------------------------------------------------------------
-
-    def _can_skip_on_device(self) -> bool:
-        return (
-            not self.direction.stateful
-            and getattr(self.base_optimizer, "_step_supports_amp_scaling", False)
-            and all(g.get("fused", False) for g in self.param_groups)
-        )
 
     def _require_classic_protocol(self, what: str) -> None:
         if self.functional:
@@ -710,36 +414,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "step(forward=lambda: model(x), loss_fn=...)"
             )
 
-    def _params_with_grad(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _gather_params(self, include: Callable[[Tensor], bool] = _has_grad) -> _Gathered:
-        """The parameters ``include`` selects (by default those with a gradient), grouped like
-        ``param_groups``, with each group's current ρ."""
-        params: list[Tensor] = []
-        slices: list[tuple[int, int, float]] = []
-        for g in self.param_groups:
-            start = len(params)
-            params.extend(p for p in g["params"] if include(p))
-            slices.append((start, len(params), g["rho"]))
-        return _Gathered(params, slices)
-
-    def _store_clean(self, params: list[Tensor]) -> None:
-        torch._foreach_copy_(self._clean_list(params), params)
-
-    def _clean_list(self, params: list[Tensor]) -> list[Tensor]:
-        copies = self._clean_copies
-        for p in params:
-            if p not in copies:
-                copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return [copies[p] for p in params]
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
 
     def _cuda_devices(self) -> list[int]:
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-            return []
-        return sorted(
-            {p.device.index or 0 for g in self.param_groups for p in g["params"] if p.is_cuda}
-        )
+        return passes.cuda_devices([p for g in self.param_groups for p in g["params"]])
 
     def __repr__(self) -> str:
         return (
@@ -747,61 +429,3 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
             + (f", perturb_every={self.perturb_every})" if self.perturb_every > 1 else ")")
         )
-
-
-def unscale_grads_(grads: list[Tensor], inv_scale: Tensor) -> Tensor:
-    """Gradients × inv_scale in place (as GradScaler unscales, per device, no host sync); returns a
-    1-element flag, > 0 if any gradient was non-finite."""
-    found = torch.zeros(1, device=inv_scale.device)
-    for device, device_grads in _by_device(grads).items():
-        flag = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(device_grads, flag, inv_scale.to(device))
-        found += flag.to(found.device)
-    return found
-
-
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
-    groups: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups
-
-
-def _backward(loss: Tensor, weight: float, scaler: torch.amp.GradScaler | None) -> None:
-    if weight != 1.0:
-        loss = loss * weight
-    if scaler is not None:
-        loss = scaler.scale(loss)
-    loss.backward()
-
-
-def _loss_of_micro_batch(loss_fn: Callable[..., Tensor], mb: Any, logits: Tensor) -> Tensor:
-    return loss_fn(logits, mb)
-
-
-def _add_weighted(total: Tensor | None, loss: Tensor, weight: float) -> Tensor:
-    """total + weight·loss, starting from None (the running mean of micro-batch losses)."""
-    return loss * weight if total is None else total + loss * weight
-
-
-def _all_finite(ok: Tensor | None, value: Tensor) -> Tensor:
-    finite = torch.isfinite(value).all()
-    return finite if ok is None else ok & finite
-
-
-def _check_rho(rho: object) -> None:
-    if (
-        isinstance(rho, bool)
-        or not isinstance(rho, (int, float))
-        or not math.isfinite(rho)
-        or rho < 0
-    ):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-
-
-def _check_group_rhos(groups: list[dict[str, Any]]) -> None:
-    for i, g in enumerate(groups):
-        try:
-            _check_rho(g["rho"])
-        except ValueError as e:
-            raise ValueError(f"param_groups[{i}]: {e}") from None

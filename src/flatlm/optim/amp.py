@@ -1,0 +1,110 @@
+"""fp16 loss scaling across two passes: unscale, overflow flags, the on-device skip.
+
+``torch.amp.GradScaler.unscale_`` may run once per optimizer and update, but a sharpness-aware
+step has two sets of scaled gradients. The clean ones are unscaled here by hand with the same
+kernel and scale; the perturbed ones go through ``scaler.unscale_`` with the clean pass's
+overflow folded in, so the scaler records either and backs off at ``update()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "by_device",
+    "can_skip_on_device",
+    "inverse_scale",
+    "poison_if",
+    "scaled_backward",
+    "step_or_skip_on_device",
+    "unscale_clean_",
+    "unscale_grads_",
+    "unscale_perturbed_",
+]
+
+
+def by_device(tensors: list[Tensor]) -> dict[torch.device, list[Tensor]]:
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def unscale_grads_(grads: list[Tensor], inv_scale: Tensor) -> Tensor:
+    """Gradients × inv_scale in place (as GradScaler unscales, per device, no host sync); returns a
+    1-element flag, > 0 if any gradient was non-finite."""
+    found = torch.zeros(1, device=inv_scale.device)
+    for device, device_grads in by_device(grads).items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(device_grads, flag, inv_scale.to(device))
+        found += flag.to(found.device)
+    return found
+
+
+def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor:
+    """1/scale as GradScaler computes it (in float64, then float32), on the scale's device."""
+    return scaler._scale.double().reciprocal().float()  # type: ignore[union-attr]
+
+
+def poison_if(grads: list[Tensor], flag: Tensor) -> None:
+    """Gradients × NaN where ``flag`` > 0 (× 1 otherwise, which is exact): folds an overflow seen
+    elsewhere into these gradients, on the device."""
+    if not grads:
+        return
+    poison = torch.where(flag.sum() > 0, float("nan"), 1.0)
+    for device, device_grads in by_device(grads).items():
+        torch._foreach_mul_(device_grads, poison.to(device))
+
+
+def scaled_backward(loss: Tensor, weight: float, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward of ``weight · loss``, scaled by ``scaler`` when there is one."""
+    if weight != 1.0:
+        loss = loss * weight
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    loss.backward()
+
+
+def can_skip_on_device(base: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> bool:
+    """Fused Adam/AdamW/SGD leave params and moments untouched (and undo the step count) when
+    ``found_inf`` is set: a non-finite step can then be skipped with no host sync."""
+    return getattr(base, "_step_supports_amp_scaling", False) and all(
+        g.get("fused", False) for g in groups
+    )
+
+
+def unscale_clean_(grads: list[Tensor], scaler: torch.amp.GradScaler) -> Tensor:
+    """Unscale the clean pass's gradients in place; returns its found-inf flag (no host sync).
+
+    By hand, not with ``scaler.unscale_``: that one call per update is kept for the perturbed
+    gradients, so "unscale twice" never happens.
+    """
+    return unscale_grads_(grads, inverse_scale(scaler))
+
+
+def unscale_perturbed_(
+    optimizer: torch.optim.Optimizer,
+    grads: list[Tensor],
+    scaler: torch.amp.GradScaler,
+    clean_overflow: Tensor,
+) -> None:
+    """``scaler.unscale_(optimizer)`` on the perturbed gradients, seeing the clean pass's
+    overflow too: it is folded in as NaN gradients, so the scaler records it, backs off at
+    ``update()``, and the step is skipped."""
+    poison_if(grads, clean_overflow)
+    scaler.unscale_(optimizer)
+
+
+def step_or_skip_on_device(base: torch.optim.Optimizer, ok: Tensor) -> Tensor:
+    """Step a fused base optimizer, which itself skips (no host sync) where ``ok`` is False;
+    returns the skip as a float flag (1.0: skipped), on the device."""
+    not_ok = (~ok).to(torch.float32)
+    base.found_inf = not_ok  # type: ignore[attr-defined]
+    try:
+        base.step()
+    finally:
+        del base.found_inf  # type: ignore[attr-defined]
+    return not_ok

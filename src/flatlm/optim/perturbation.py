@@ -1,0 +1,259 @@
+"""Moving θ to θ + ε and back: gathering by group, the clean copy, ascent, projection, restore.
+
+θ is always restored from a copy, never by subtracting ε, so the base optimizer steps from
+exactly θ. With ``perturb_every > 1`` the unit direction δ (ε = ρ·δ) of each fresh step is kept
+in the optimizer's ``state`` as ``"perturb_direction"``, so the steps in between can reuse it
+and a checkpoint carries it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatlm.optim.directions import Direction, Prepared, global_norm
+from flatlm.optim.preconditioners import BaseGeometry
+from flatlm.optim.validation import check_group_rhos
+
+__all__ = ["Gathered", "Perturbation", "ReuseSchedule", "inverse_norm"]
+
+STORED = "perturb_direction"
+State = MutableMapping[Tensor, dict[str, Any]]
+
+
+def inverse_norm(norm: Tensor) -> Tensor:
+    """1/‖n‖ in at least float32, with ‖n‖ = 0 giving a finite value (then u = 0, so ε = 0).
+
+    A floor instead of the usual ``+ 1e-12``: adding shrinks ε by 1e-12/‖n‖ relative, which is
+    not negligible when gradients are small.
+    """
+    norm = norm.to(torch.promote_types(norm.dtype, torch.float32))
+    return 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+def _has_grad(p: Tensor) -> bool:
+    return p.grad is not None
+
+
+@dataclass
+class Gathered:
+    """The selected parameters, flat, and each group's [start, end) and ρ."""
+
+    params: list[Tensor]
+    slices: list[tuple[int, int, float]]
+
+    @classmethod
+    def of(
+        cls, groups: list[dict[str, Any]], include: Callable[[Tensor], bool] = _has_grad
+    ) -> Gathered:
+        """The parameters ``include`` selects (by default those with a gradient), grouped like
+        ``groups``, with each group's current ρ."""
+        params: list[Tensor] = []
+        slices: list[tuple[int, int, float]] = []
+        for g in groups:
+            start = len(params)
+            params.extend(p for p in g["params"] if include(p))
+            slices.append((start, len(params), g["rho"]))
+        return cls(params, slices)
+
+    def scale_(self, u: list[Tensor], factor: Tensor | float) -> list[Tensor]:
+        """u ← ρ_group · factor · u in place, one foreach call per parameter group."""
+        for start, end, rho in self.slices:
+            if end > start:
+                torch._foreach_mul_(u[start:end], factor * rho)
+        return u
+
+
+class Perturbation:
+    """One step's perturbation: where θ was, the rule's prepared geometry, the ascent so far."""
+
+    def __init__(
+        self,
+        direction: Direction,
+        geometry: BaseGeometry,
+        *,
+        ascent_steps: int,
+        keep_direction: bool,
+    ):
+        self.direction = direction
+        self.geometry = geometry
+        self.ascent_steps = ascent_steps
+        self.keep_direction = keep_direction  # perturb_every > 1
+        # Not in the optimizer's state: the clean copies are scratch, never saved.
+        self.clean_copies: dict[Tensor, Tensor] = {}
+        self.active: Gathered | None = None
+        self.prepared: Prepared | None = None
+        self.clean_ok: Tensor | None = None
+        self._delta: list[Tensor] | None = None
+        self._prepared_params: list[Tensor] = []
+
+    # --- one step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ascend(self, groups: list[dict[str, Any]], state: State, first: bool) -> None:
+        """θ → (the next) perturbed point from the gradients now in ``p.grad``."""
+        if first:
+            if self.active is not None:  # a previous first step was never completed
+                self.restore()
+            self.active = Gathered.of(groups)
+            self._store_clean(self.active.params)
+            self._delta = None
+        gathered = self.active
+        assert gathered is not None
+        params = gathered.params
+        check_group_rhos(groups)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if first:
+            self.prepared = self.direction.prepare(
+                params, grads, [state.get(p, {}) for p in params], self.geometry
+            )
+            self._prepared_params = params
+        assert self.prepared is not None
+        u, n = self.direction(params, grads, self.prepared)
+        norm = global_norm(n)
+        if first:
+            self.clean_ok = torch.isfinite(norm)
+            if self.keep_direction:
+                self.drop_stored(state, keep=params)
+
+        if self.ascent_steps == 1:
+            factor: Tensor | float = inverse_norm(norm)
+            if self.keep_direction:  # keep the unit direction δ for the steps in between
+                torch._foreach_mul_(u, factor)
+                torch._foreach_copy_(self.stored(state, params), u)
+                factor = 1.0
+            torch._foreach_add_(params, gathered.scale_(u, factor))
+            return
+        # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set,
+        # projected back onto it (the ellipsoid ‖δ ⊘ T‖ ≤ 1 of a scaled rule).
+        torch._foreach_mul_(u, inverse_norm(norm) / self.ascent_steps)  # u is scratch here
+        if self._delta is None:
+            self._delta = [torch.zeros_like(p) for p in params]
+        delta = self._delta
+        torch._foreach_add_(delta, u)
+        metric = self.prepared.scale
+        size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
+        torch._foreach_mul_(delta, torch.clamp(inverse_norm(size), max=1.0))
+        torch._foreach_copy_(params, self._clean_list(params))
+        if self.keep_direction:
+            torch._foreach_copy_(self.stored(state, params), delta)
+        torch._foreach_add_(params, gathered.scale_(torch._foreach_mul(delta, 1.0), 1.0))
+
+    @torch.no_grad()
+    def ascend_stored(self, groups: list[dict[str, Any]], state: State) -> None:
+        """θ → θ + ρ·δ with the stored δ and each group's current ρ (θ kept for the restore)."""
+        check_group_rhos(groups)
+        gathered = Gathered.of(groups, lambda p: STORED in state.get(p, {}))
+        self.prepared = None
+        self._delta = None
+        self._store_clean(gathered.params)
+        self.active = gathered
+        device = gathered.params[0].device if gathered.params else torch.device("cpu")
+        self.clean_ok = torch.ones((), dtype=torch.bool, device=device)
+        directions = self.stored(state, gathered.params)
+        for start, end, rho in gathered.slices:
+            if end > start:
+                torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """θ copied back bit for bit."""
+        gathered = self.active
+        assert gathered is not None
+        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
+        self.active = None
+
+    def abort(self) -> None:
+        """Undo a started step (θ back, nothing kept); a no-op when none is under way."""
+        if self.active is not None:
+            self.restore()
+        self.prepared = None
+        self._delta = None
+
+    def finish(self, state: State, taken: bool) -> None:
+        """End the step: a taken step saves the rule's new state; a skipped one forgets it."""
+        prepared, self.prepared, self._delta = self.prepared, None, None
+        if not taken or prepared is None or prepared.new_state is None:
+            return
+        for key, values in prepared.new_state.items():
+            for p, value in zip(self._prepared_params, values, strict=True):
+                state[p][key] = value
+
+    # --- without moving θ ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def epsilon(self, groups: list[dict[str, Any]], state: State) -> dict[Tensor, Tensor]:
+        """ε per parameter with a gradient, from the gradients now in ``p.grad``; changes
+        nothing."""
+        gathered = Gathered.of(groups)
+        grads = torch._foreach_mul([p.grad for p in gathered.params], 1.0)  # a copy
+        prepared = self.direction.prepare(
+            gathered.params, grads, [state.get(p, {}) for p in gathered.params], self.geometry
+        )
+        u, n = self.direction(gathered.params, grads, prepared)
+        eps = gathered.scale_(u, inverse_norm(global_norm(n)))
+        return dict(zip(gathered.params, eps, strict=True))
+
+    # --- perturb_every's stored directions ---------------------------------------------------
+
+    @staticmethod
+    def drop_stored(state: State, keep: Iterable[Tensor] = ()) -> None:
+        """Forget δ of every parameter not in ``keep``: a fresh step without a gradient for a
+        parameter gave it ε = 0, and the steps that reuse this perturbation must too."""
+        kept = set(keep)
+        for p, st in state.items():
+            if p not in kept:
+                st.pop(STORED, None)
+
+    @staticmethod
+    def stored(state: State, params: list[Tensor]) -> list[Tensor]:
+        """δ per parameter (ε = ρ·δ), allocated on first use; kept in ``state`` for checkpoints."""
+        for p in params:
+            st = state[p]
+            if STORED not in st:
+                st[STORED] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state[p][STORED] for p in params]
+
+    # --- the clean copy --------------------------------------------------------------------
+
+    def _store_clean(self, params: list[Tensor]) -> None:
+        torch._foreach_copy_(self._clean_list(params), params)
+
+    def _clean_list(self, params: list[Tensor]) -> list[Tensor]:
+        copies = self.clean_copies
+        for p in params:
+            if p not in copies:
+                copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return [copies[p] for p in params]
+
+
+@dataclass
+class ReuseSchedule:
+    """``perturb_every=k``: a fresh ε every k-th step, the stored direction reused in between.
+
+    ``since_fresh`` counts the steps since the last fresh ε was taken (None: one is due).
+    """
+
+    every: int
+    since_fresh: int | None = None
+
+    def fresh_due(self) -> bool:
+        return self.every == 1 or self.since_fresh is None or self.since_fresh >= self.every
+
+    def advance(self, reused: bool, taken: bool | None) -> None:
+        """After a step; ``taken`` False: skipped on the host path, None: not known (a skip on
+        the device needs no sync). A skipped fresh step leaves no direction worth reusing."""
+        if self.every == 1:
+            return
+        if reused:
+            assert self.since_fresh is not None
+            self.since_fresh += 1
+        else:
+            self.since_fresh = None if taken is False else 1
+
+    def load(self, since_fresh: int | None) -> None:
+        self.since_fresh = None if since_fresh is None or self.every == 1 else int(since_fresh)

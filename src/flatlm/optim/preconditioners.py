@@ -1,0 +1,110 @@
+"""What the direction rules may read from the base optimizer, behind one small interface.
+
+A rule never sees the base optimizer itself: it gets a :class:`BaseGeometry`, which answers
+"what is your preconditioner P for these parameters" (and, for rules that need it, "what is your
+momentum"). How P is read from a given optimizer class is a registered function, so a new base
+optimizer is taught to flatlm with :func:`register_preconditioner`, not by editing a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BaseGeometry",
+    "PreconditionerFn",
+    "adam_preconditioner",
+    "bias_corrections",
+    "find_preconditioner",
+    "known_preconditioners",
+    "register_preconditioner",
+]
+
+#: ``fn(base_optimizer, params) -> list[Tensor | None]``: P per parameter, None where the base
+#: optimizer has no state yet for it (then P = I there).
+PreconditionerFn = Callable[[torch.optim.Optimizer, list[Tensor]], list[Tensor | None]]
+_PRECONDITIONERS: dict[type[torch.optim.Optimizer], PreconditionerFn] = {}
+
+
+def bias_corrections(beta: float, steps: list[Tensor]) -> list[Tensor]:
+    """1 − βᵗ for each step-count tensor, in float64 as Adam computes it, without a host sync."""
+    t = torch.stack(steps).to(torch.float64)
+    return list((1.0 - torch.pow(beta, t)).unbind())
+
+
+def register_preconditioner(optimizer_cls: type[torch.optim.Optimizer], fn: PreconditionerFn):
+    """Teach the preconditioned methods to read P from another base optimizer class."""
+    _PRECONDITIONERS[optimizer_cls] = fn
+
+
+def find_preconditioner(optimizer_cls: type) -> PreconditionerFn | None:
+    for cls in getattr(optimizer_cls, "__mro__", ()):
+        if cls in _PRECONDITIONERS:
+            return _PRECONDITIONERS[cls]
+    return None
+
+
+def known_preconditioners() -> list[str]:
+    return sorted(c.__name__ for c in _PRECONDITIONERS)
+
+
+@torch.no_grad()
+def adam_preconditioner(base: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
+    """P = √v̂ + eps with v̂ = v / (1 − β₂ᵗ), the denominator Adam/AdamW divide by.
+
+    With ``amsgrad`` the running maximum of v is what Adam divides by, so that is used.
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    index = {p: i for i, p in enumerate(params)}
+    for group in base.param_groups:
+        beta2 = float(group["betas"][1])
+        eps = float(group["eps"])
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        idx, second_moments, steps = [], [], []
+        for p in group["params"]:
+            i = index.get(p)
+            state = base.state.get(p)
+            if i is None or not state or key not in state:
+                continue
+            idx.append(i)
+            second_moments.append(state[key])
+            steps.append(state["step"])
+        if not idx:
+            continue
+        precond = torch._foreach_div(second_moments, bias_corrections(beta2, steps))
+        torch._foreach_sqrt_(precond)
+        torch._foreach_add_(precond, eps)
+        for i, pc in zip(idx, precond, strict=True):
+            out[i] = pc
+    return out
+
+
+register_preconditioner(torch.optim.Adam, adam_preconditioner)
+register_preconditioner(torch.optim.AdamW, adam_preconditioner)
+register_preconditioner(torch.optim.NAdam, adam_preconditioner)
+register_preconditioner(torch.optim.RAdam, adam_preconditioner)
+
+
+class BaseGeometry:
+    """The base optimizer's geometry as the direction rules see it (read-only)."""
+
+    def __init__(self, base: torch.optim.Optimizer):
+        self._base = base
+        self._preconditioner = find_preconditioner(type(base))
+
+    @property
+    def base_name(self) -> str:
+        return type(self._base).__name__
+
+    @property
+    def has_preconditioner(self) -> bool:
+        return self._preconditioner is not None
+
+    def preconditioner(self, params: list[Tensor]) -> list[Tensor | None]:
+        """P per parameter (None: no state yet, P = I there)."""
+        if self._preconditioner is None:
+            raise TypeError(f"{self.base_name} has no preconditioner flatlm can read")
+        return self._preconditioner(self._base, params)

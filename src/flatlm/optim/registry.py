@@ -1,0 +1,207 @@
+"""Methods by short name: the one place that parses method specs, knows their options, and
+builds optimizers.
+
+A spec is a short name with optional options, ``"gasam:alpha=1,ascent_steps=2"``. The CLI,
+configs, the workbench, the Hugging Face integration and the benchmarks all go through
+:func:`parse_method` / :func:`check_options` / :func:`create`, so a misspelt option or a value
+of the wrong type is refused the same way everywhere, before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flatlm.optim.methods import (
+    GASAM,
+    SAM,
+    FunctionalSAM,
+    PreconditionedFunctionalSAM,
+    PreconditionedSAM,
+)
+
+__all__ = [
+    "METHODS",
+    "MethodInfo",
+    "check_options",
+    "create",
+    "default_rho",
+    "method_info",
+    "parse_method",
+]
+
+#: Options every sharpness-aware method takes (the engine's), with their types.
+ENGINE_OPTIONS: dict[str, type] = {
+    "rho": float,
+    "max_grad_norm": float,
+    "perturb_every": int,
+    "ascent_steps": int,
+    "replay_rng": bool,
+    "skip_nonfinite": bool,
+    "distributed": str,
+}
+#: torch.optim.AdamW's options that a spec may set (``betas`` only from Python: a tuple).
+ADAMW_OPTIONS: dict[str, type] = {
+    "lr": float,
+    "betas": tuple,
+    "eps": float,
+    "weight_decay": float,
+    "amsgrad": bool,
+    "maximize": bool,
+    "foreach": bool,
+    "fused": bool,
+    "capturable": bool,
+    "differentiable": bool,
+}
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's class, its own options (beyond the engine's and AdamW's) and its default ρ."""
+
+    name: str
+    cls: type[torch.optim.Optimizer]
+    options: dict[str, type] = field(default_factory=dict)
+    rho: float | None = 0.05
+
+    @property
+    def sharpness_aware(self) -> bool:
+        return self.rho is not None
+
+    def all_options(self) -> dict[str, type]:
+        engine = ENGINE_OPTIONS if self.sharpness_aware else {}
+        return {**ADAMW_OPTIONS, **engine, **self.options}
+
+
+_GASAM_OPTIONS = {"alpha": float, "beta": float, "normalize": bool, "xi": float, "max_scale": float}
+
+_INFO: dict[str, MethodInfo] = {
+    info.name: info
+    for info in (
+        MethodInfo("adamw", torch.optim.AdamW, rho=None),
+        MethodInfo("sam", SAM, {"adaptive": bool, "eta": float}),
+        MethodInfo("fsam", FunctionalSAM),
+        MethodInfo("psam", PreconditionedSAM),
+        MethodInfo("pfsam", PreconditionedFunctionalSAM),
+        MethodInfo("gasam", GASAM, _GASAM_OPTIONS),
+    )
+}
+
+#: Short names used by the CLI, configs and the Hugging Face integration.
+METHODS: dict[str, type[torch.optim.Optimizer]] = {name: i.cls for name, i in _INFO.items()}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registry's entry for a short name (options in a spec are ignored)."""
+    key = _key(name.partition(":")[0])
+    if key not in _INFO:
+        close = difflib.get_close_matches(key, list(_INFO), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown method {name.strip()!r}{hint}; choose one of {', '.join(_INFO)}")
+    return _INFO[key]
+
+
+def default_rho(spec: str) -> float | None:
+    """The radius a spec runs with when nothing sets ρ (None for plain AdamW)."""
+    key, options = parse_method(spec)
+    return options.get("rho", _INFO[key].rho)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"gasam:alpha=-1,ascent_steps=2"`` -> ``("gasam", {"alpha": -1.0, "ascent_steps": 2})``.
+
+    A method name with optional keyword overrides, so a comparison can name variants of one
+    method. Each option must be one the method takes, with a value of its type (``true``/
+    ``false`` for switches, whole numbers for counts); anything else is a ValueError naming it.
+    """
+    name, _, rest = spec.partition(":")
+    info = method_info(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"bad method option {item!r} in {spec!r}: expected key=value")
+        options[k.strip()] = _parse_value(v.strip())
+    check_options(info.name, options, where=f"in {spec!r}")
+    return info.name, options
+
+
+def check_options(name: str, options: dict[str, Any], where: str = "") -> None:
+    """Refuse an option the method does not take, or a value of the wrong type."""
+    info = method_info(name)
+    known = info.all_options()
+    suffix = f" {where}" if where else ""
+    for key, value in options.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"{info.name} has no option {key!r}{suffix}: {hint}its options are "
+                f"{', '.join(sorted(known))}"
+            )
+        if value is not None:
+            _check_type(info.name, key, value, known[key], suffix)
+
+
+def _check_type(method: str, key: str, value: Any, expected: type, suffix: str) -> None:
+    if expected is bool:
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "a whole number"
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) if ok else False
+        want = "a finite number"
+    elif expected is tuple:
+        ok = isinstance(value, (tuple, list))
+        want = "a tuple"
+    else:
+        ok = isinstance(value, expected)
+        want = f"a {expected.__name__}"
+    if not ok:
+        raise ValueError(f"{method} option {key!r}{suffix} must be {want}, got {value!r}")
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def create(
+    name: str,
+    params: Any,
+    *,
+    base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build a method by its short name (see ``METHODS``, ``parse_method``) over ``base_optimizer``.
+
+    ``"adamw"`` gives a plain AdamW; the sharpness-aware options (``rho``, ``max_grad_norm``) are
+    then ignored if None and an error otherwise. A None value means "the method's default".
+    Options in the name (``"gasam:alpha=-1"``) take precedence over keyword arguments.
+    """
+    key, overrides = parse_method(name)
+    info = _INFO[key]
+    kwargs = {k: v for k, v in {**kwargs, **overrides}.items() if v is not None}
+    if not info.sharpness_aware:
+        extra = sorted(set(kwargs) - set(ADAMW_OPTIONS))
+        if extra:
+            raise ValueError(f"plain AdamW takes no sharpness-aware options, got {extra}")
+        return torch.optim.AdamW(params, **kwargs)
+    return info.cls(params, base_optimizer, **kwargs)
