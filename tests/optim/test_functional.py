@@ -84,42 +84,51 @@ def test_functional_methods_refuse_the_classic_protocols_with_a_clear_error():
         opt.step(lambda: None)
 
 
-def _hand_preconditioned_eps(opt, rho):
-    """ε = ρ P⁻¹g/‖P⁻¹g‖ with P = √(v/(1−β₂ᵗ)) + eps, read from the AdamW state by hand."""
+def _hand_preconditioned_eps(opt, rho, moment="current"):
+    """ε = ρ P⁻¹g/‖P⁻¹g‖ with P = √v̂ + eps, read from the AdamW state by hand: v̂ = v/(1−β₂ᵗ)
+    ("previous"), or with this gradient folded in, (β₂v + (1−β₂)g²)/(1−β₂ᵗ⁺¹) ("current")."""
     beta2, eps_adam = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
     u = []
     for p in opt.param_groups[0]["params"]:
         st = opt.base_optimizer.state[p]
-        vhat = st["exp_avg_sq"] / (1 - beta2 ** st["step"].item())
+        v, t = st["exp_avg_sq"], st["step"].item()
+        if moment == "current":
+            v, t = beta2 * v + (1 - beta2) * p.grad**2, t + 1
+        vhat = v / (1 - beta2**t)
         u.append(p.grad / (vhat.sqrt() + eps_adam))
     norm = _flat_norm(u)
     return [rho * ui / norm for ui in u]
 
 
+@pytest.mark.parametrize("moment", ["current", "previous"])
 @pytest.mark.parametrize("cls", [PreconditionedSAM, PreconditionedFunctionalSAM])
-def test_preconditioned_eps_equals_the_hand_computed_direction(cls):
+def test_preconditioned_eps_equals_the_hand_computed_direction(cls, moment):
     x, y = make_batch()
     model = make_mlp()
-    opt = cls(model.parameters(), torch.optim.AdamW, rho=0.2, lr=0.01, betas=(0.9, 0.95))
+    opt = cls(
+        model.parameters(), torch.optim.AdamW, rho=0.2, lr=0.01, betas=(0.9, 0.95), moment=moment
+    )
     for _ in range(3):  # build up a second moment
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     x2, y2 = make_batch(seed=7)
     opt.zero_grad()
     ce(y2)(model(x2)).backward()
-    for got, want in zip(opt.perturbation(), _hand_preconditioned_eps(opt, 0.2), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    want = _hand_preconditioned_eps(opt, 0.2, moment)
+    for got, w in zip(opt.perturbation(), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-15)
 
 
-def test_preconditioned_sam_step_uses_that_eps():
+@pytest.mark.parametrize("moment", ["current", "previous"])
+def test_preconditioned_sam_step_uses_that_eps(moment):
     # The gradient handed to the base is ∇L(θ + ε_hand), checked with torch.func.
     x, y = make_batch()
     model = make_mlp()
-    opt = PreconditionedSAM(model.parameters(), torch.optim.AdamW, rho=0.2, lr=0.01)
+    opt = PreconditionedSAM(model.parameters(), torch.optim.AdamW, rho=0.2, lr=0.01, moment=moment)
     for _ in range(2):
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     opt.zero_grad()
     ce(y)(model(x)).backward()
-    eps = _hand_preconditioned_eps(opt, 0.2)
+    eps = _hand_preconditioned_eps(opt, 0.2, moment)
     names = [n for n, _ in model.named_parameters()]
     shifted = {n: p.detach() + e for (n, p), e in zip(model.named_parameters(), eps, strict=True)}
     want = grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(shifted)
@@ -141,10 +150,10 @@ def test_preconditioned_sam_step_uses_that_eps():
     ("preconditioned", "plain"),
     [(PreconditionedSAM, SAM), (PreconditionedFunctionalSAM, FunctionalSAM)],
 )
-def test_first_preconditioned_step_equals_the_unpreconditioned_method(preconditioned, plain):
+def test_first_previous_moment_step_equals_the_unpreconditioned_method(preconditioned, plain):
     x, y = make_batch()
     a, b = make_mlp(), make_mlp()
-    opt_a = preconditioned(a.parameters(), torch.optim.AdamW, rho=0.3, lr=0.01)
+    opt_a = preconditioned(a.parameters(), torch.optim.AdamW, rho=0.3, lr=0.01, moment="previous")
     opt_b = plain(b.parameters(), torch.optim.AdamW, rho=0.3, lr=0.01)
     opt_a.step(forward=lambda: a(x), loss_fn=ce(y))
     opt_b.step(forward=lambda: b(x), loss_fn=ce(y))
@@ -156,23 +165,65 @@ def test_first_preconditioned_step_equals_the_unpreconditioned_method(preconditi
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def test_preconditioned_amsgrad_uses_the_running_maximum():
+@pytest.mark.parametrize("moment", ["current", "previous"])
+def test_preconditioned_amsgrad_uses_the_running_maximum(moment):
     x, y = make_batch()
     model = make_mlp()
-    opt = PreconditionedSAM(model.parameters(), torch.optim.Adam, rho=0.2, lr=0.01, amsgrad=True)
+    opt = PreconditionedSAM(
+        model.parameters(), torch.optim.Adam, rho=0.2, lr=0.01, amsgrad=True, moment=moment
+    )
     for _ in range(2):
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     opt.zero_grad()
-    ce(y)(model(x)).backward()
+    x2, y2 = make_batch(seed=5)  # another batch: the running maximum and v differ somewhere
+    ce(y2)(model(x2)).backward()
     beta2, eps_adam = 0.999, 1e-8
     u = []
     for p in model.parameters():
         st = opt.base_optimizer.state[p]
-        vhat = st["max_exp_avg_sq"] / (1 - beta2 ** st["step"].item())
+        vmax, t = st["max_exp_avg_sq"], st["step"].item()
+        if moment == "current":
+            v = beta2 * st["exp_avg_sq"] + (1 - beta2) * p.grad**2
+            vmax, t = torch.maximum(vmax, v), t + 1
+        vhat = vmax / (1 - beta2**t)
         u.append(p.grad / (vhat.sqrt() + eps_adam))
     norm = _flat_norm(u)
     for got, ui in zip(opt.perturbation(), u, strict=True):
         torch.testing.assert_close(got, 0.2 * ui / norm, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls", [PreconditionedSAM, PreconditionedFunctionalSAM])
+def test_first_current_moment_step_preconditions_by_the_gradient_itself(cls):
+    # No AdamW state yet: v = (1−β₂)g², bias-corrected for t = 1, is g²; P = |g| + eps, so
+    # P⁻¹g = g/(|g| + eps) ≈ sign(g): bounded by 1 per coordinate, never amplified by 1/eps.
+    x, y = make_batch()
+    model = make_mlp()
+    opt = cls(model.parameters(), torch.optim.AdamW, rho=0.3, lr=0.01)
+    model.zero_grad()
+    ce(y)(model(x)).backward()
+    u = [p.grad / (p.grad.abs() + 1e-8) for p in model.parameters()]
+    norm = _flat_norm(u)
+    for got, ui in zip(opt.perturbation(), u, strict=True):
+        torch.testing.assert_close(got, 0.3 * ui / norm, rtol=1e-12, atol=1e-15)
+
+
+def test_an_adam_subclass_without_the_expected_state_key_is_a_clear_error():
+    class OddAdam(torch.optim.AdamW):  # keeps its second moment under another name
+        @torch.no_grad()
+        def step(self, closure=None):
+            for p in (q for g in self.param_groups for q in g["params"] if q.grad is not None):
+                self.state[p]["v"] = p.grad**2
+                p.add_(p.grad, alpha=-0.01)
+
+    x, y = make_batch()
+    model = make_mlp()
+    opt = PreconditionedSAM(model.parameters(), OddAdam, rho=0.3, lr=0.01)
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))  # no state yet: from v = 0
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(KeyError, match="no 'exp_avg_sq'"):
+        opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)  # nothing moved
 
 
 def test_two_phase_protocol_with_an_external_vjp_equals_the_forward_protocol():

@@ -41,13 +41,21 @@ def _hand_scale(ema, t, beta, alpha, normalize, xi=1e-12, max_scale=100.0):
     return d
 
 
+@pytest.mark.parametrize("radius", ["euclidean", "ellipsoid"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("alpha", [1.0, 0.5, -1.0])
-def test_eps_equals_the_closed_form_from_the_bias_corrected_ema(alpha, normalize):
+def test_eps_equals_the_closed_form_from_the_bias_corrected_ema(alpha, normalize, radius):
     beta, rho = 0.9, 0.3
     model = make_mlp()
     opt = GASAM(
-        model.parameters(), SpySGD, rho=rho, alpha=alpha, beta=beta, normalize=normalize, lr=0.01
+        model.parameters(),
+        SpySGD,
+        rho=rho,
+        alpha=alpha,
+        beta=beta,
+        normalize=normalize,
+        radius=radius,
+        lr=0.01,
     )
     grads_seen = []
     for s in range(3):
@@ -69,11 +77,16 @@ def test_eps_equals_the_closed_form_from_the_bias_corrected_ema(alpha, normalize
     ce(y)(model(x)).backward()
     g = [p.grad.clone() for p in model.parameters()]
     d = _hand_scale(_hand_ema([*grads_seen, g], beta), 4, beta, alpha, normalize)
-    dg = [di * gi for di, gi in zip(d, g, strict=True)]
-    norm = torch.sqrt(sum((v**2).sum() for v in dg))
-    want = [rho * di * di * gi / norm for di, gi in zip(d, g, strict=True)]
-    for got, w in zip(opt.perturbation(), want, strict=True):
-        torch.testing.assert_close(got, w, rtol=1e-11, atol=1e-16)
+    d2g = [di * di * gi for di, gi in zip(d, g, strict=True)]
+    # ellipsoid: ρ bounds ‖ε ⊘ D‖, ε = ρ D²g/‖Dg‖; euclidean: ‖ε‖ = ρ, ε = ρ D²g/‖D²g‖
+    n = [di * gi for di, gi in zip(d, g, strict=True)] if radius == "ellipsoid" else d2g
+    norm = torch.sqrt(sum((v**2).sum() for v in n))
+    want = [rho * v / norm for v in d2g]
+    got = opt.perturbation()
+    for e, w in zip(got, want, strict=True):
+        torch.testing.assert_close(e, w, rtol=1e-11, atol=1e-16)
+    if radius == "euclidean":
+        assert math.isclose(torch.sqrt(sum((e**2).sum() for e in got)).item(), rho, rel_tol=1e-12)
     # perturbation() changed nothing
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
 

@@ -19,6 +19,7 @@ from flatlm.optim.directions import (
 )
 from flatlm.optim.engine import NonFiniteStepWarning, SharpnessAwareOptimizer
 from flatlm.optim.methods import (
+    ASAM,
     GASAM,
     SAM,
     FunctionalSAM,
@@ -29,6 +30,7 @@ from flatlm.optim.preconditioners import register_preconditioner
 from flatlm.optim.registry import METHODS, create, default_rho, parse_method
 
 __all__ = [
+    "ASAM",
     "GASAM",
     "METHODS",
     "SAM",

@@ -25,7 +25,7 @@ with it. The maths is foreach ops on lists of tensors; a rule may overwrite ``gr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -66,12 +66,14 @@ class Prepared:
 
     ``scale``: T of a scaled rule, also the metric of its corruption set ‖ε ⊘ T‖ ≤ ρ (used to
     project multi-step ascent). ``precond``: P per parameter (None: P = I). ``new_state``: the
-    rule's per-parameter state after this step, by key, aligned with the parameters.
+    rule's per-parameter state after this step, by key, aligned with the parameters. ``metric``:
+    M of the set ‖ε ⊘ M‖ ≤ ρ that multi-step ascent projects onto (None: the L2 ball).
     """
 
     scale: list[Tensor] | None = None
     precond: list[Tensor | None] | None = None
     new_state: dict[str, list[Tensor]] | None = None
+    metric: list[Tensor] | None = None
 
 
 class Direction:
@@ -118,7 +120,12 @@ class ScaledDirection(Direction):
     """ε ∝ T²g / ‖Tg‖: the first-order maximiser over the ellipsoid ‖ε ⊘ T‖ ≤ ρ.
 
     A subclass says what T is (``scale``); T is fixed for the step from the clean point.
+    ``radius = "euclidean"`` keeps the ellipsoid's direction but makes ρ its Euclidean length,
+    ε = ρ T²g / ‖T²g‖, so ρ means what it means for SAM (multi-step ascent then projects onto
+    the L2 ball of radius ρ).
     """
+
+    radius: str = "ellipsoid"
 
     def scale(
         self, params: list[Tensor], grads: list[Tensor], state: ParamState
@@ -134,21 +141,25 @@ class ScaledDirection(Direction):
         geometry: BaseGeometry,
     ) -> Prepared:
         scale, new_state = self.scale(params, grads, state)
-        return Prepared(scale=scale, new_state=new_state)
+        metric = scale if self.radius == "ellipsoid" else None
+        return Prepared(scale=scale, new_state=new_state, metric=metric)
 
     def __call__(
         self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
     ) -> tuple[list[Tensor], list[Tensor]]:
         assert prepared.scale is not None
         torch._foreach_mul_(grads, prepared.scale)  # T g
-        return torch._foreach_mul(grads, prepared.scale), grads  # T² g, T g
+        u = torch._foreach_mul(grads, prepared.scale)  # T² g
+        return (u, grads) if self.radius == "ellipsoid" else (u, u)
 
 
 @dataclass(frozen=True)
 class AdaptiveDirection(ScaledDirection):
-    """ASAM (Kwon et al. 2021): scale-invariant ellipsoid, T = |θ| + η elementwise."""
+    """ASAM (Kwon et al. 2021): scale-invariant ellipsoid, T = |θ| + η elementwise on the
+    tensors ``is_weight`` selects (every tensor when None) and T = 1 on the others."""
 
     eta: float = 0.01
+    is_weight: Callable[[Tensor], bool] | None = None
 
     def validate(self, geometry: BaseGeometry) -> None:
         if not (math.isfinite(self.eta) and self.eta >= 0):
@@ -157,16 +168,31 @@ class AdaptiveDirection(ScaledDirection):
     def scale(
         self, params: list[Tensor], grads: list[Tensor], state: ParamState
     ) -> tuple[list[Tensor], None]:
-        scale = torch._foreach_abs(params)
-        torch._foreach_add_(scale, self.eta)
-        return scale, None
+        if self.is_weight is None:
+            scale = torch._foreach_abs(params)
+            torch._foreach_add_(scale, self.eta)
+            return scale, None
+        weights = [p for p in params if self.is_weight(p)]
+        scaled = iter(torch._foreach_add(torch._foreach_abs(weights), self.eta) if weights else [])
+        return [next(scaled) if self.is_weight(p) else torch.ones_like(p) for p in params], None
 
 
 @dataclass(frozen=True)
 class PreconditionedDirection(Direction):
-    """ε ∝ P⁻¹ g, P the base optimizer's own preconditioner; P = I until its state exists."""
+    """ε ∝ P⁻¹ g, P the base optimizer's own preconditioner (the denominator of its update).
+
+    ``moment="current"`` (default): P from this step's second moment, the clean gradient folded
+    in, as the base optimizer will divide by it in this update: |P⁻¹g| is bounded per
+    coordinate and a coordinate it has never seen gets P = |g| + eps, not eps. ``"previous"``:
+    the second moment before this step (P = I for a parameter without state yet), as flatlm
+    did before 0.2: a coordinate seen for the first time is then amplified by 1/eps.
+    """
+
+    moment: str = "current"
 
     def validate(self, geometry: BaseGeometry) -> None:
+        if self.moment not in ("current", "previous"):
+            raise ValueError(f"moment must be 'current' or 'previous', got {self.moment!r}")
         if not geometry.has_preconditioner:
             raise TypeError(
                 f"this method preconditions ε with the base optimizer's second moment, but "
@@ -182,7 +208,8 @@ class PreconditionedDirection(Direction):
         state: ParamState,
         geometry: BaseGeometry,
     ) -> Prepared:
-        return Prepared(precond=geometry.preconditioner(params))
+        current = grads if self.moment == "current" else None
+        return Prepared(precond=geometry.preconditioner(params, current))
 
     def __call__(
         self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
@@ -211,9 +238,12 @@ class GradientStrengthDirection(ScaledDirection):
     normalize: bool = True
     xi: float = 1e-12
     max_scale: float = 100.0
+    radius: str = "euclidean"
     stateful: ClassVar[bool] = True
 
     def validate(self, geometry: BaseGeometry) -> None:
+        if self.radius not in ("euclidean", "ellipsoid"):
+            raise ValueError(f"radius must be 'euclidean' or 'ellipsoid', got {self.radius!r}")
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha!r}")
         if not 0.0 <= self.beta < 1.0:

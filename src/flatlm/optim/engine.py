@@ -120,6 +120,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._skipped_device: Tensor | None = None
         self._schedule = ReuseSchedule(perturb_every)
         self._last_step_taken: bool | None = None
+        self._graph_checked = False  # the functional methods' loss graph, checked once
 
     # --- public protocol --------------------------------------------------------------------
 
@@ -309,7 +310,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 no_sync=no_sync,
                 local=self.distributed == "local",
                 rng_devices=rng_devices,
+                check_graph=self.functional and not self._graph_checked,
             )
+            self._graph_checked = True
             clean_overflow = (
                 amp.unscale_clean_(self._grads(), scaler) if scaler is not None else None
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,7 +16,14 @@ from flatlm.optim.directions import (
 )
 from flatlm.optim.engine import SharpnessAwareOptimizer
 
-__all__ = ["GASAM", "SAM", "FunctionalSAM", "PreconditionedFunctionalSAM", "PreconditionedSAM"]
+__all__ = [
+    "ASAM",
+    "GASAM",
+    "SAM",
+    "FunctionalSAM",
+    "PreconditionedFunctionalSAM",
+    "PreconditionedSAM",
+]
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 AdamW = torch.optim.AdamW
@@ -25,9 +32,10 @@ AdamW = torch.optim.AdamW
 class SAM(SharpnessAwareOptimizer):
     """SAM (Foret et al. 2021): ε = ρ g/‖g‖, descent with ∇L(θ+ε).
 
-    ``adaptive=True`` is ASAM (Kwon et al. 2021): ε = ρ T²g/‖Tg‖ with T = |θ| + eta.
-    Engine options (``max_grad_norm``, ``replay_rng``, ``skip_nonfinite``) pass through ``**kw``;
-    everything else in ``**kw`` goes to ``base_optimizer``.
+    ``adaptive=True`` is flatlm's earlier ASAM variant, T = |θ| + eta on *every* tensor; for
+    ASAM as Kwon et al. published it use :class:`ASAM`. Engine options (``max_grad_norm``,
+    ``replay_rng``, ``skip_nonfinite`` …) pass through ``**kw``; everything else in ``**kw``
+    goes to ``base_optimizer``.
     """
 
     def __init__(
@@ -40,6 +48,35 @@ class SAM(SharpnessAwareOptimizer):
         **kw: Any,
     ):
         direction = AdaptiveDirection(eta) if adaptive else EuclideanDirection()
+        super().__init__(params, base_optimizer, rho=rho, direction=direction, **kw)
+
+
+def _is_weight(p: Tensor) -> bool:
+    return p.dim() >= 2
+
+
+class ASAM(SharpnessAwareOptimizer):
+    """ASAM as Kwon et al. (2021) published it: ε = ρ T²g/‖Tg‖ with T = |w| + η on the weights
+    and T = 1 on every other tensor (biases, normalisation gains), η = 0.01, ρ = 0.5 by default
+    (T shrinks ε, so ASAM's ρ is larger than SAM's).
+
+    ``is_weight(p)`` decides what counts as a weight: tensors with two or more dimensions by
+    default. (The reference code tests ``'weight' in name``, which also scales normalisation
+    gains; pass a predicate to match it.)
+    """
+
+    DEFAULT_RHO = 0.5
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = DEFAULT_RHO,
+        eta: float = 0.01,
+        is_weight: Callable[[Tensor], bool] = _is_weight,
+        **kw: Any,
+    ):
+        direction = AdaptiveDirection(eta, is_weight=is_weight)
         super().__init__(params, base_optimizer, rho=rho, direction=direction, **kw)
 
 
@@ -59,36 +96,29 @@ class FunctionalSAM(SharpnessAwareOptimizer):
 
 
 class PreconditionedSAM(SharpnessAwareOptimizer):
-    """SAM with ε = ρ P⁻¹g/‖P⁻¹g‖, P = √v̂ + eps from the base Adam/AdamW state (I until it exists)."""
+    """SAM with ε = ρ P⁻¹g/‖P⁻¹g‖, P = √v̂ + eps from the base Adam/AdamW state: by default
+    this step's second moment (``moment="current"``), ``"previous"`` for the one before it."""
+
+    _functional = False
 
     def __init__(
         self,
         params: Params,
         base_optimizer: type[torch.optim.Optimizer] = AdamW,
         rho: float = 0.05,
+        moment: str = "current",
         **kw: Any,
     ):
-        super().__init__(params, base_optimizer, rho=rho, direction=PreconditionedDirection(), **kw)
+        direction = PreconditionedDirection(moment)
+        super().__init__(
+            params, base_optimizer, rho=rho, direction=direction, functional=self._functional, **kw
+        )
 
 
-class PreconditionedFunctionalSAM(SharpnessAwareOptimizer):
+class PreconditionedFunctionalSAM(PreconditionedSAM):
     """Functional-SAM's gradient rule with Preconditioned SAM's direction."""
 
-    def __init__(
-        self,
-        params: Params,
-        base_optimizer: type[torch.optim.Optimizer] = AdamW,
-        rho: float = 0.05,
-        **kw: Any,
-    ):
-        super().__init__(
-            params,
-            base_optimizer,
-            rho=rho,
-            direction=PreconditionedDirection(),
-            functional=True,
-            **kw,
-        )
+    _functional = True
 
 
 class GASAM(SharpnessAwareOptimizer):
@@ -96,12 +126,12 @@ class GASAM(SharpnessAwareOptimizer):
 
     The corruption set is the ellipsoid ‖ε ⊘ D‖ ≤ ρ with D = (ŝ + ξ)^α, ŝ the bias-corrected
     RMS of each element's gradient over time (EMA ``beta``), relative to its RMS over all elements
-    when ``normalize``. One step: ε = ρ D²g/‖Dg‖; ``ascent_steps=K`` takes K projected steps of
-    size ρ/K. α = 0 is SAM. D is clamped to [1/max_scale, max_scale] so no α gives a
-    non-finite step. The default α = −1 (shrink the corruption where gradients are strong) won
-    flatlm's LSTM and GPT comparisons against α ∈ {0.5, 1} (docs/results.md); note that ρ bounds
-    the ellipsoid norm, so the Euclidean ‖ε‖ can exceed ρ (up to ρ·max_scale).
-    See docs/algorithms.md.
+    when ``normalize``. D is clamped to [1/max_scale, max_scale] so no α gives a non-finite step.
+    ``radius="euclidean"`` (default): ε = ρ D²g/‖D²g‖, the ellipsoid's direction with Euclidean
+    length ρ, so ρ means what it means for SAM and α is compared at a matched radius;
+    ``"ellipsoid"``: ε = ρ D²g/‖Dg‖ (ρ bounds ‖ε ⊘ D‖; ‖ε‖ can reach ρ·max_scale).
+    ``ascent_steps=K`` takes K projected steps of size ρ/K. α = 0 is SAM. See
+    docs/algorithms.md for α's default and what each sign means.
     """
 
     def __init__(
@@ -115,10 +145,11 @@ class GASAM(SharpnessAwareOptimizer):
         ascent_steps: int = 1,
         xi: float = 1e-12,
         max_scale: float = 100.0,
+        radius: str = "euclidean",
         **kw: Any,
     ):
         direction = GradientStrengthDirection(
-            alpha=alpha, beta=beta, normalize=normalize, xi=xi, max_scale=max_scale
+            alpha=alpha, beta=beta, normalize=normalize, xi=xi, max_scale=max_scale, radius=radius
         )
         super().__init__(
             params, base_optimizer, rho=rho, direction=direction, ascent_steps=ascent_steps, **kw

@@ -31,9 +31,12 @@ __all__ = [
     "MicroBatch",
     "Recorded",
     "RngState",
+    "check_functional_graph",
+    "check_loss",
     "clean_pass",
     "perturbed_pass",
     "replay",
+    "split_output",
     "sync_context",
     "vjp",
 ]
@@ -112,14 +115,28 @@ def sync_context(
     return no_sync() if skip else nullcontext()  # type: ignore[misc]
 
 
-def vjp(logits: Tensor, dlogits: Tensor) -> None:
-    """J(θ)ᵀ r: backpropagate the clean pass's dlogits through these logits."""
+def vjp(
+    logits: Tensor,
+    dlogits: Tensor,
+    *,
+    aux: Tensor | None = None,
+    weight: float = 1.0,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """J(θ)ᵀ r: backpropagate the clean pass's dlogits through these logits (and, with
+    ``aux``, the gradient of weight · aux at this point, scaled like the clean loss)."""
     if logits.shape != dlogits.shape:
         raise RuntimeError(
             f"forward() returned logits of shape {tuple(logits.shape)} at the perturbed point "
             f"but {tuple(dlogits.shape)} at the clean point"
         )
-    logits.backward(dlogits.to(logits.dtype))
+    if aux is None:
+        logits.backward(dlogits.to(logits.dtype))
+        return
+    aux = aux * weight if weight != 1.0 else aux
+    if scaler is not None:
+        aux = scaler.scale(aux)
+    torch.autograd.backward([logits, aux], [dlogits.to(logits.dtype), torch.ones_like(aux)])
 
 
 def replay(
@@ -146,6 +163,92 @@ def _all_finite(ok: Tensor | None, value: Tensor) -> Tensor:
     return finite if ok is None else ok & finite
 
 
+def split_output(out: Any) -> tuple[Tensor, Tensor | None]:
+    """``forward()``'s result as (logits, aux): the logits tensor alone, or ``(logits, aux)``
+    with aux a scalar loss term that depends on the parameters directly (an L2 penalty, an MoE
+    load-balancing loss), added to ``loss_fn(logits)``."""
+    if isinstance(out, Tensor):
+        return out, None
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
+        aux = out[1]
+        if aux is None:
+            return out[0], None
+        if isinstance(aux, Tensor) and aux.numel() == 1:
+            return out[0], aux.reshape(())
+    raise TypeError(
+        "forward() must return the logits tensor, or a pair (logits, aux_loss) with aux_loss a "
+        f"scalar tensor; got {_describe(out)}"
+    )
+
+
+def check_loss(loss: Any) -> Tensor:
+    """The value of ``loss_fn``: a scalar tensor that requires grad, else a clear error."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"loss_fn must return a scalar tensor, got {_describe(loss)}: compute the loss "
+            "with torch ops on the logits (a Python number has no gradient)"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}: reduce it "
+            "(e.g. .mean()) so each step has one loss"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn's value does not require grad: it must be computed from the logits "
+            "forward() returns (is forward running under torch.no_grad()?)"
+        )
+    return loss
+
+
+def check_functional_graph(loss: Tensor, logits: Tensor, aux: Tensor | None) -> None:
+    """The functional methods backpropagate only r through the logits at θ+ε: a term of
+    ``loss_fn`` that reaches a parameter without going through the logits would be dropped
+    silently, and an ``aux`` that goes through the logits would be counted twice. Walks the
+    autograd graph (once per optimizer: the graph's structure does not change between steps)."""
+    if _reaches_leaf(loss, stop=logits):
+        raise ValueError(
+            "loss_fn depends on parameters other than through the logits (e.g. an L2 penalty or "
+            "an auxiliary loss): the functional methods would drop that term. Return it from "
+            "forward() instead, as forward=lambda: (logits, aux_loss); see docs/algorithms.md"
+        )
+    if aux is not None and logits.grad_fn is not None and _reaches(aux, logits.grad_fn):
+        raise ValueError(
+            "the aux_loss returned by forward() depends on the logits: put terms of the logits "
+            "in loss_fn (the functional methods take their gradient through r), and only terms "
+            "that bypass the logits in aux_loss"
+        )
+
+
+def _walk(root: Tensor, stop: Any = None) -> Iterator[Any]:
+    seen: set[Any] = set()
+    todo = [root.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node is stop:
+            continue
+        seen.add(node)
+        yield node
+        todo.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _reaches_leaf(root: Tensor, stop: Tensor) -> bool:
+    return any(type(n).__name__ == "AccumulateGrad" for n in _walk(root, stop.grad_fn))
+
+
+def _reaches(root: Tensor, node: Any) -> bool:
+    return any(n is node for n in _walk(root))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value[:4])
+        return f"a {type(value).__name__} of {len(value)} ({inner})"
+    return f"a {type(value).__name__}"
+
+
 def clean_pass(
     micro: Sequence[MicroBatch],
     *,
@@ -155,12 +258,14 @@ def clean_pass(
     no_sync: NoSync | None = None,
     local: bool = False,
     parameter_grads: bool = True,
+    check_graph: bool = False,
 ) -> CleanPass:
     """Forward–backward of every micro-batch at θ, each loss weighted 1/M.
 
     ``rng_devices``: the CUDA devices to record generator states of (None records none).
     ``parameter_grads=False``: only r(θ), from a no-grad forward and ℓ's gradient at the logits
-    (what a functional step that reuses a stored direction needs from θ).
+    (what a functional step that reuses a stored direction needs from θ). ``check_graph``: see
+    :func:`check_functional_graph`.
     """
     weight = 1.0 / len(micro)
     records: list[Recorded] = []
@@ -170,18 +275,24 @@ def clean_pass(
         rng = RngState(rng_devices) if rng_devices is not None else None
         if parameter_grads:
             with torch.enable_grad(), sync_context(no_sync, i, len(micro), local=local):
-                logits = mb.forward()
-                loss = mb.loss_fn(logits)
+                logits, aux = split_output(mb.forward())
+                loss = check_loss(mb.loss_fn(logits))
                 if functional:
+                    if check_graph:
+                        check_functional_graph(loss, logits, aux)
                     logits.retain_grad()
+                if aux is not None:
+                    loss = loss + aux
                 scaled_backward(loss, weight, scaler)
         else:
             with torch.no_grad():
-                logits = mb.forward()
+                logits, aux = split_output(mb.forward())
             logits = logits.detach().requires_grad_()
             with torch.enable_grad():
-                loss = mb.loss_fn(logits)
+                loss = check_loss(mb.loss_fn(logits))
                 scaled_backward(loss, weight, scaler)
+            if aux is not None:
+                loss = loss + aux
         # r of the weighted (and scaled) loss: the second pass's VJP carries the same factors.
         records.append(Recorded(rng, logits.grad.detach() if functional else None))
         del logits
@@ -200,17 +311,20 @@ def perturbed_pass(
     ok: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Forward–backward of every micro-batch at the perturbed point: ∇L, or where the record has
-    dlogits r the VJP J(θ+ε)ᵀ r. Returns ``ok`` and'ed with the finiteness of the perturbed
-    losses, and their weighted sum (None for the VJP, which computes no loss)."""
+    dlogits r the VJP J(θ+ε)ᵀ r (plus the gradient of forward's aux loss there). Returns ``ok``
+    and'ed with the finiteness of the perturbed losses, and their weighted sum (None for the
+    VJP, which computes no loss)."""
     weight = 1.0 / len(micro)
     state: dict[str, Tensor | None] = {"ok": ok, "total": None}
 
     def run(i: int, record: Recorded) -> None:
-        logits = micro[i].forward()
+        logits, aux = split_output(micro[i].forward())
         if record.dlogits is not None:
-            vjp(logits, record.dlogits)
+            vjp(logits, record.dlogits, aux=aux, weight=weight, scaler=scaler)
             return
-        loss = micro[i].loss_fn(logits)
+        loss = check_loss(micro[i].loss_fn(logits))
+        if aux is not None:
+            loss = loss + aux
         scaled_backward(loss, weight, scaler)
         loss = loss.detach()
         state["ok"] = _all_finite(state["ok"], loss)

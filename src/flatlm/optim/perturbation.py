@@ -135,7 +135,7 @@ class Perturbation:
             self._delta = [torch.zeros_like(p) for p in params]
         delta = self._delta
         torch._foreach_add_(delta, u)
-        metric = self.prepared.scale
+        metric = self.prepared.metric
         size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
         torch._foreach_mul_(delta, torch.clamp(inverse_norm(size), max=1.0))
         torch._foreach_copy_(params, self._clean_list(params))

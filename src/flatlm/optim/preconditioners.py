@@ -23,9 +23,13 @@ __all__ = [
     "register_preconditioner",
 ]
 
-#: ``fn(base_optimizer, params) -> list[Tensor | None]``: P per parameter, None where the base
-#: optimizer has no state yet for it (then P = I there).
-PreconditionerFn = Callable[[torch.optim.Optimizer, list[Tensor]], list[Tensor | None]]
+#: ``fn(base_optimizer, params, grads) -> list[Tensor | None]``: P per parameter. With ``grads``
+#: (this step's clean gradients) P is the denominator of this step's update, with the gradient
+#: folded into the second moment; with ``grads=None`` it is the previous step's (None where the
+#: base optimizer has no state yet: P = I there).
+PreconditionerFn = Callable[
+    [torch.optim.Optimizer, list[Tensor], list[Tensor] | None], list[Tensor | None]
+]
 _PRECONDITIONERS: dict[type[torch.optim.Optimizer], PreconditionerFn] = {}
 
 
@@ -52,29 +56,60 @@ def known_preconditioners() -> list[str]:
 
 
 @torch.no_grad()
-def adam_preconditioner(base: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
-    """P = √v̂ + eps with v̂ = v / (1 − β₂ᵗ), the denominator Adam/AdamW divide by.
+def adam_preconditioner(
+    base: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor] | None = None
+) -> list[Tensor | None]:
+    """P = √v̂ + eps, the denominator Adam/AdamW divide by, v̂ = v / (1 − β₂ᵗ).
 
-    With ``amsgrad`` the running maximum of v is what Adam divides by, so that is used.
+    With ``grads``: this step's, v = β₂v + (1 − β₂)g² bias-corrected for step t + 1 (from v = 0,
+    t = 0 for a parameter without state), so |P⁻¹g| ≤ √(1 − β₂ᵗ⁺¹)/√(1 − β₂) per coordinate
+    and every parameter with a gradient has a P. Without: the previous step's, None where the
+    parameter has no state yet. With ``amsgrad`` the running maximum of v, as Adam divides by it.
     """
     out: list[Tensor | None] = [None] * len(params)
     index = {p: i for i, p in enumerate(params)}
     for group in base.param_groups:
         beta2 = float(group["betas"][1])
         eps = float(group["eps"])
-        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-        idx, second_moments, steps = [], [], []
+        amsgrad = group.get("amsgrad", False)
+        key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
+        idx, second_moments, steps, maxima = [], [], [], []
         for p in group["params"]:
             i = index.get(p)
-            state = base.state.get(p)
-            if i is None or not state or key not in state:
+            if i is None:
                 continue
+            state = base.state.get(p)
+            if state and (key not in state or "step" not in state):
+                raise KeyError(
+                    f"{type(base).__name__} has state for a parameter but no {key!r}/'step' in "
+                    f"it (keys: {sorted(state)}), so flatlm cannot read its preconditioner; "
+                    "register one for this class with flatlm.optim.register_preconditioner"
+                )
+            if not state:
+                if grads is None:
+                    continue  # previous moment: none yet, P = I
+                on_device = group.get("fused") or group.get("capturable")  # where Adam keeps it
+                step = torch.zeros((), device=p.device if on_device else "cpu")
+                state = {"exp_avg_sq": torch.zeros_like(p), "step": step}
+                if amsgrad:
+                    state["max_exp_avg_sq"] = state["exp_avg_sq"]
             idx.append(i)
-            second_moments.append(state[key])
+            second_moments.append(state["exp_avg_sq" if grads is not None else key])
             steps.append(state["step"])
+            maxima.append(state.get("max_exp_avg_sq"))
         if not idx:
             continue
-        precond = torch._foreach_div(second_moments, bias_corrections(beta2, steps))
+        if grads is None:
+            precond = torch._foreach_div(second_moments, bias_corrections(beta2, steps))
+        else:
+            g = [grads[i] for i in idx]
+            moment = torch._foreach_mul(second_moments, beta2)
+            torch._foreach_addcmul_(moment, g, g, value=1.0 - beta2)
+            if amsgrad:
+                torch._foreach_maximum_(moment, maxima)
+            precond = torch._foreach_div(
+                moment, bias_corrections(beta2, torch._foreach_add(steps, 1.0))
+            )
         torch._foreach_sqrt_(precond)
         torch._foreach_add_(precond, eps)
         for i, pc in zip(idx, precond, strict=True):
@@ -103,8 +138,11 @@ class BaseGeometry:
     def has_preconditioner(self) -> bool:
         return self._preconditioner is not None
 
-    def preconditioner(self, params: list[Tensor]) -> list[Tensor | None]:
-        """P per parameter (None: no state yet, P = I there)."""
+    def preconditioner(
+        self, params: list[Tensor], grads: list[Tensor] | None = None
+    ) -> list[Tensor | None]:
+        """P per parameter: this step's with ``grads``, else the previous step's (None where
+        there is no state yet, P = I there)."""
         if self._preconditioner is None:
             raise TypeError(f"{self.base_name} has no preconditioner flatlm can read")
-        return self._preconditioner(self._base, params)
+        return self._preconditioner(self._base, params, grads)

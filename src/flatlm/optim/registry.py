@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flatlm.optim.methods import (
+    ASAM,
     GASAM,
     SAM,
     FunctionalSAM,
@@ -77,7 +78,14 @@ class MethodInfo:
         return {**ADAMW_OPTIONS, **engine, **self.options}
 
 
-_GASAM_OPTIONS = {"alpha": float, "beta": float, "normalize": bool, "xi": float, "max_scale": float}
+_GASAM_OPTIONS = {
+    "alpha": float,
+    "beta": float,
+    "normalize": bool,
+    "xi": float,
+    "max_scale": float,
+    "radius": str,
+}
 
 _INFO: dict[str, MethodInfo] = {
     info.name: info
@@ -85,8 +93,9 @@ _INFO: dict[str, MethodInfo] = {
         MethodInfo("adamw", torch.optim.AdamW, rho=None),
         MethodInfo("sam", SAM, {"adaptive": bool, "eta": float}),
         MethodInfo("fsam", FunctionalSAM),
-        MethodInfo("psam", PreconditionedSAM),
-        MethodInfo("pfsam", PreconditionedFunctionalSAM),
+        MethodInfo("asam", ASAM, {"eta": float}, rho=ASAM.DEFAULT_RHO),
+        MethodInfo("psam", PreconditionedSAM, {"moment": str}),
+        MethodInfo("pfsam", PreconditionedFunctionalSAM, {"moment": str}),
         MethodInfo("gasam", GASAM, _GASAM_OPTIONS),
     )
 }
