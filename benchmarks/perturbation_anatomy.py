@@ -21,8 +21,10 @@ import json
 
 import torch
 
-from flatlm.lm.diagnostics import fixed_batches, load_trained, train_split
-from flatlm.lm.train import lm_loss, make_optimizer
+from flatlm.lm.checkpoint import load_trained
+from flatlm.lm.data import train_split
+from flatlm.lm.evaluate import fixed_batches, lm_loss
+from flatlm.lm.train import make_optimizer
 from flatlm.optim import PreconditionedSAM
 
 

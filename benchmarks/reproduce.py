@@ -38,19 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flatlm.lm.compare import (
+from flatlm.lm.compare import compare
+from flatlm.lm.config import RunConfig, load_config, parse_override
+from flatlm.lm.models import GPT_SIZES
+from flatlm.lm.plots import plot_curves
+from flatlm.lm.report import (
     BASELINE,
     collect_runs,
-    compare,
     final_lambda_max,
     paired_deltas,
-    plot_curves,
     regime,
     run_dir,
     summarize,
 )
-from flatlm.lm.config import RunConfig, load_config, parse_override
-from flatlm.lm.models import GPT_SIZES
 from flatlm.optim import parse_method
 
 REPO = Path(__file__).resolve().parent.parent

@@ -160,7 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     arg("dir", help="the folder `flatlm compare` wrote"),
 )
 def cmd_report(args: argparse.Namespace) -> int:
-    from flatlm.lm.compare import write_report
+    from flatlm.lm.report import write_report
 
     report = write_report(args.dir)
     print(report["table"], end="")
@@ -228,8 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (errors in configs, data or checkpoints give 2)."""
-    from flatlm.lm.config import ConfigError
-    from flatlm.lm.train import CheckpointError
+    from flatlm._extras import MissingExtraError
+
+    try:
+        from flatlm.lm.checkpoint import CheckpointError
+        from flatlm.lm.config import ConfigError
+    except MissingExtraError as e:
+        print(f"flatlm: error: {e}", file=sys.stderr)
+        return 2
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,16 +1,18 @@
 """benchmarks/perturbation_anatomy.py on a psam checkpoint: its loss increases for a small ρ
 must be the first-order closed forms ρ‖g‖ (SAM) and ρ g·P⁻¹g/‖P⁻¹g‖ (preconditioned), with P
-rebuilt here from the checkpoint's AdamW moments."""
+rebuilt here from the checkpoint's AdamW moments and this gradient (this step's moment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from flatlm.lm.checkpoint import load_trained
 from flatlm.lm.config import load_config
-from flatlm.lm.diagnostics import fixed_batches, load_trained, train_split
-from flatlm.lm.train import lm_loss, train
+from flatlm.lm.data import train_split
+from flatlm.lm.evaluate import fixed_batches, lm_loss
 from flatlm.lm.train import param_groups as make_param_groups
+from flatlm.lm.train import train
 from helpers.scripts import load_benchmark
 
 anatomy = load_benchmark("perturbation_anatomy")
@@ -53,8 +55,9 @@ def test_anatomy_of_a_psam_checkpoint_matches_the_first_order_closed_forms(
     precond = []
     for p in params:
         group = next(g for g in base.param_groups if any(q is p for q in g["params"]))
-        st = base.state[p]
-        v_hat = st["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(st["step"]))
+        st, beta2 = base.state[p], group["betas"][1]
+        v = beta2 * st["exp_avg_sq"].double() + (1 - beta2) * p.grad.double() ** 2
+        v_hat = v / (1 - beta2 ** (float(st["step"]) + 1))
         precond.append((v_hat.sqrt() + group["eps"]).reshape(-1))
     u = g / torch.cat(precond)
     expected = {"sam": rho * float(g.norm()), "psam": rho * float(g @ u / u.norm())}

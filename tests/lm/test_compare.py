@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from flatlm.lm.compare import compare, write_report
+from flatlm.lm.compare import compare
+from flatlm.lm.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

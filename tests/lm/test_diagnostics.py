@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from flatlm.lm.checkpoint import CheckpointError, load_trained
 from flatlm.lm.config import ConfigError, load_config
-from flatlm.lm.data import prepare_corpus
-from flatlm.lm.diagnostics import (
-    checkpoint_sharpness,
-    double_backward_attention,
-    fixed_batches,
-    load_trained,
-    run_rho,
-    train_split,
-)
-from flatlm.lm.train import CheckpointError, lm_loss, make_optimizer, train
+from flatlm.lm.data import prepare_corpus, train_split
+from flatlm.lm.diagnostics import checkpoint_sharpness, double_backward_attention, run_rho
+from flatlm.lm.evaluate import fixed_batches, lm_loss
+from flatlm.lm.train import make_optimizer, train
 from flatlm.sharpness import quick_sharpness, sharpness_report
 
 

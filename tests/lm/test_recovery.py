@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flatlm.lm.train import CheckpointError, load_checkpoint, previous_checkpoint, train
+from flatlm.lm.checkpoint import CheckpointError, load_checkpoint, previous_checkpoint
+from flatlm.lm.train import train
 
 
 def _params(run: Path) -> dict[str, torch.Tensor]:

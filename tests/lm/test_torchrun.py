@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from flatlm.lm.train import load_checkpoint
+from flatlm.lm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

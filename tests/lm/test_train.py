@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import flatlm.lm.train as train_mod
+from flatlm.lm.checkpoint import CheckpointError
 from flatlm.lm.models import build_model
-from flatlm.lm.train import CheckpointError, lr_lambda, param_groups, train
+from flatlm.lm.train import lr_lambda, param_groups, train
 
 
 def _params(run_dir):

@@ -8,7 +8,8 @@ import statistics
 import pytest
 from scipy import stats as sps
 
-from flatlm.lm.compare import collect_runs, compare, paired_deltas, write_report
+from flatlm.lm.compare import compare
+from flatlm.lm.report import collect_runs, paired_deltas, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,7 +14,6 @@ import json
 import lzma
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flatlm.lm._io import atomic_write, atomic_write_text
 from flatlm.lm.config import DataConfig
 
 SOTU_PATH = Path(__file__).resolve().parent.parent / "data" / "sotu.txt.xz"
@@ -251,19 +251,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- cache
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a temp file in the same folder, then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_tokens(path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type) -> int:
     """Stream token ids to ``path`` piece by piece (never the whole split in memory)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     n = 0
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path, "wb") as f:
         for i in range(0, len(pieces), 64):
             chunk = pieces[i : i + 64]
             for p, ids in zip(chunk, tok.encode_batch([p.text for p in chunk]), strict=True):
@@ -271,7 +262,6 @@ def _write_tokens(path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type) 
                     ids = [*ids, tok.eot_id]
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n += len(ids)
-    os.replace(tmp, path)
     return n
 
 
@@ -323,6 +313,17 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
 
 
 # ----------------------------------------------------------------------------- batches
+
+
+def train_split(corpus: Corpus, cfg: DataConfig) -> np.ndarray:
+    """The training tokens a run samples from: the last ``data.train_tokens`` (0 = all).
+
+    The last tokens are the text nearest the (later) validation period, so a limited split adds
+    repetition (over-fitting) without adding more distribution shift.
+    """
+    data = corpus.splits["train"]
+    n = cfg.train_tokens
+    return data[len(data) - n :] if 0 < n < len(data) else data
 
 
 def _check_length(data: np.ndarray, block_size: int, split: str) -> None:

@@ -20,35 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatlm.lm.config import DataConfig, RunConfig, config_from_dict, method_options
-from flatlm.lm.data import Corpus, eval_batches, prepare_corpus
+from flatlm.lm._process import torch_threads
+from flatlm.lm.checkpoint import load_trained
+from flatlm.lm.config import RunConfig, method_options
+from flatlm.lm.data import train_split
+from flatlm.lm.evaluate import Batches, evaluate, fixed_batches, lm_loss
 
 # The cheap subset logged during training (split="sharpness" rows in metrics.jsonl/.csv).
 LOGGED = ("hessian.lambda_max", "sam.logit_functional_ratio")
 DEFAULT_RHO = 0.05  # SAM's default radius, for the decomposition when optim.rho is unset
-
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def train_split(corpus: Corpus, cfg: DataConfig) -> np.ndarray:
-    """The training tokens a run samples from: the last ``data.train_tokens`` (0 = all).
-
-    The last tokens are the text nearest the (later) validation period, so a limited split adds
-    repetition (over-fitting) without adding more distribution shift.
-    """
-    data = corpus.splits["train"]
-    n = cfg.train_tokens
-    return data[len(data) - n :] if 0 < n < len(data) else data
-
-
-def fixed_batches(
-    data: np.ndarray, n_batches: int, batch_size: int, block_size: int, split: str, device: Any
-) -> Batches:
-    """Evenly spaced windows (the same for every method, seed and call), on ``device``."""
-    return [
-        (x.to(device), y.to(device))
-        for x, y in eval_batches(data, n_batches, batch_size, block_size, split)
-    ]
 
 
 @contextlib.contextmanager
@@ -70,12 +50,6 @@ def double_backward_attention() -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from flatlm.lm.train import lm_loss  # lazy: train imports this module
-
-    return lm_loss(logits, targets)
 
 
 def run_rho(cfg: RunConfig) -> float:
@@ -105,7 +79,7 @@ class SharpnessLogger:
 
         with rng_preserved(self.device), double_backward_attention():
             figs = quick_sharpness(
-                model, _lm_loss, self.batches, lanczos_iters=iters or self.iters, rho=self.rho
+                model, lm_loss, self.batches, lanczos_iters=iters or self.iters, rho=self.rho
             )
         return {"loss": figs.get("sam.loss")} | {k: figs.get(k) for k in LOGGED}
 
@@ -130,8 +104,6 @@ def regime_figures(
     model: nn.Module, cfg: RunConfig, train_data: np.ndarray, step: int, device: Any
 ) -> dict[str, Any]:
     """What the regime sentence needs: training loss on fixed training windows, epochs seen."""
-    from flatlm.lm.train import evaluate
-
     tc = cfg.train
     batches = fixed_batches(
         train_data, tc.eval_batches, tc.batch_size, cfg.model.block_size, "train", device
@@ -146,33 +118,6 @@ def regime_figures(
 
 
 # ----------------------------------------------------------------------------- flatlm sharpness
-
-
-def load_trained(
-    path: str | Path, device: str = "cpu"
-) -> tuple[nn.Module, RunConfig, Corpus, dict]:
-    """Model, config and corpus of a checkpoint (a ``checkpoint.pt`` or the run folder holding it)."""
-    from flatlm.lm.models import build_model
-    from flatlm.lm.train import CheckpointError, load_checkpoint
-
-    path = Path(path)
-    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt_path.is_file():
-        raise CheckpointError(f"no checkpoint at {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
-    try:
-        cfg = config_from_dict(ckpt["config"])
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt_path} holds an unusable config: {e}") from e
-    corpus = prepare_corpus(cfg.data)
-    if corpus.fingerprint != ckpt["data_fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {ckpt_path} was trained on another corpus/tokenizer than "
-            f"{cfg.data.corpus!r} now holds (data fingerprint differs)"
-        )
-    model = build_model(cfg.model, corpus.vocab_size)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), cfg, corpus, ckpt
 
 
 def checkpoint_sharpness(
@@ -199,11 +144,8 @@ def checkpoint_sharpness(
     model, cfg, corpus, ckpt = load_trained(path, device)
     what = tuple(what or DEFAULT_FIGURES)
     rho = run_rho(cfg)
-    threads = torch.get_num_threads()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     figures: dict[str, dict[str, Any]] = {}
-    try:
+    with torch_threads(cfg.train.threads) as threads:
         for split in splits:
             data = train_split(corpus, cfg.data) if split == "train" else corpus.splits[split]
             bs = fixed_batches(
@@ -212,7 +154,7 @@ def checkpoint_sharpness(
             with double_backward_attention():
                 figures[split] = sharpness_report(
                     model,
-                    _lm_loss,
+                    lm_loss,
                     bs,
                     params=params,
                     what=what,
@@ -222,8 +164,6 @@ def checkpoint_sharpness(
                     rho=rho,
                     progress=progress,
                 )
-    finally:
-        torch.set_num_threads(threads)
     return {
         "checkpoint": str(path),
         "method": ckpt["method"],
@@ -240,7 +180,7 @@ def checkpoint_sharpness(
             "lanczos_iters": lanczos_iters,
             "params": params,
             "rho": rho,
-            "threads": cfg.train.threads or threads,
+            "threads": threads,
         },
         "figures": figures,
     }

@@ -2,33 +2,32 @@
 
 Everything that decides the trajectory is seeded or checkpointed (model init from ``train.seed``,
 a separate ``torch.Generator`` for batch sampling, the global RNG for dropout), so a run resumed
-from a checkpoint continues bit for bit on CPU.
+from a checkpoint continues bit for bit on CPU (:mod:`flatlm.lm.checkpoint`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
+from flatlm.lm._io import atomic_write_text
+from flatlm.lm._process import stop_on_signals, torch_threads
+from flatlm.lm.checkpoint import RunState, resume_run, save_checkpoint
 from flatlm.lm.config import (
     OptimConfig,
     RunConfig,
@@ -36,17 +35,13 @@ from flatlm.lm.config import (
     config_from_dict,
     method_options,
 )
-from flatlm.lm.data import Corpus, atomic_write_text, eval_batches, get_batch, prepare_corpus
-from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, train_split
-from flatlm.lm.models import build_model, count_params, resolve_dims
+from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
+from flatlm.lm.diagnostics import SharpnessLogger, regime_figures
+from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
+from flatlm.lm.models import build_model, count_params
 
-CHECKPOINT_FORMAT = "flatlm-lm-checkpoint-1"
 CSV_FIELDS = ("step", "split", "loss", "ppl", "lr", "elapsed_s")
 SHARPNESS_FIELDS = ("hessian.lambda_max", "sam.logit_functional_ratio")  # split="sharpness" rows
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message says why."""
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -90,19 +85,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-# ----------------------------------------------------------------------------- steps
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 def train_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -114,7 +96,7 @@ def train_step(
     from flatlm.optim import SharpnessAwareOptimizer
 
     def forward() -> torch.Tensor:
-        with _autocast(x.device):
+        with autocast(x.device):
             return model(x)
 
     def loss_fn(logits: torch.Tensor) -> torch.Tensor:
@@ -129,103 +111,6 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean per-token cross-entropy over fixed batches (eval mode: no dropout, no RNG use)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with _autocast(x.device):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    model.train(was_training)
-    return total / count
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
-    """Write to a temp file in the same folder, fsync, then ``os.replace``: never a half-written
-    file. ``keep_previous`` first moves the old file to ``previous_checkpoint(path)``, so a later
-    unreadable checkpoint (a full disk, a copy cut short) still leaves one to resume from."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.is_file():
-            os.replace(path, previous_checkpoint(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def previous_checkpoint(path: Path) -> Path:
-    return path.with_name(path.stem + ".prev" + path.suffix)
-
-
-def load_latest_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path``, or, if that one is missing or unreadable, the previous one
-    (with a warning naming why); a ``CheckpointError`` if neither can be read."""
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as latest_error:
-        prev = previous_checkpoint(path)
-        if not prev.is_file():
-            raise
-        ckpt = load_checkpoint(prev)
-        warnings.warn(f"{latest_error}; resuming from the previous checkpoint {prev}", stacklevel=2)
-        return ckpt
-
-
-def model_spec(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
-    """What must match for a checkpoint's weights to be this run's weights."""
-    spec = {"arch": cfg.model.arch, **resolve_dims(cfg.model), "vocab_size": vocab_size}
-    if cfg.model.arch == "gpt":
-        spec["block_size"] = cfg.model.block_size
-    return spec
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint, turning any unreadable file into a ``CheckpointError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint to resume from at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated and cannot be read "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a flatlm LM checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def check_compatible(ckpt: dict[str, Any], spec: dict[str, Any], cfg: RunConfig, fp: str, path):
-    """Refuse to resume into a different model, optimizer or corpus, naming the difference."""
-    problems = [
-        f"model.{k} is {ckpt['model_spec'].get(k)!r} in the checkpoint but {v!r} now"
-        for k, v in spec.items()
-        if ckpt["model_spec"].get(k) != v
-    ]
-    if ckpt["method"] != cfg.optim.method:
-        problems.append(
-            f"optim.method is {ckpt['method']!r} in the checkpoint but {cfg.optim.method!r} now"
-        )
-    if ckpt["data_fingerprint"] != fp:
-        problems.append("the corpus/tokenizer differs from the checkpoint's (data fingerprint)")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- logging
@@ -271,25 +156,30 @@ class MetricsLog:
             self.tb.close()
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """SIGINT/SIGTERM set a flag (the loop checkpoints and returns); a second Ctrl-C aborts."""
-    flag: dict[str, int | None] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
+def _validate(run: RunState, batches: Batches, log: MetricsLog) -> float:
+    """Validation loss now, logged (and flushed) as a split="val" record."""
+    loss = evaluate(run.model, batches)
+    ppl = math.exp(min(loss, 50))
+    log.add(step=run.step, split="val", loss=loss, ppl=ppl, elapsed_s=run.train_time)
+    log.flush()
+    return loss
 
-    def handler(signum: int, frame: Any) -> None:
-        if flag["signal"] is not None:
-            raise KeyboardInterrupt
-        flag["signal"] = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _checkpoint(path: Path, run: RunState, cfg: RunConfig, corpus: Corpus, log: MetricsLog) -> None:
+    """Save the run, then the metrics files (their records are the checkpoint's)."""
+    save_checkpoint(path, run, cfg, corpus, log.records)
+    log.flush()
+
+
+def _progress_bar(cfg: RunConfig, step: int, quiet: bool) -> tqdm:
+    return tqdm(
+        total=cfg.train.steps,
+        initial=step,
+        disable=quiet or not sys.stderr.isatty(),
+        desc=f"{cfg.optim.method} s{cfg.train.seed}",
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -309,13 +199,8 @@ def train(
     ``stop_after`` ends the run after that step with a checkpoint, exactly as Ctrl-C would
     (used by the resume tests). The result's ``status`` is "completed", "interrupted" or "stopped".
     """
-    threads = torch.get_num_threads()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with torch_threads(cfg.train.threads):
         return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after)
-    finally:
-        torch.set_num_threads(threads)  # a process-wide setting: leave it as we found it
 
 
 def _train(
@@ -326,149 +211,134 @@ def _train(
     corpus: Corpus | None,
     stop_after: int | None,
 ) -> dict[str, Any]:
-    tc = cfg.train
+    tc, block = cfg.train, cfg.model.block_size
     out.mkdir(parents=True, exist_ok=True)
     rank, world, device = _distributed_setup(torch.device(tc.device))
-    run_dir = out  # where the checkpoint is read from; every rank resumes from rank 0's
+    resume_from = out / "checkpoint.pt"  # every rank resumes from rank 0's
     if rank > 0:  # only rank 0 writes: the others log and checkpoint into a throwaway folder
         out = Path(tempfile.mkdtemp(prefix=f"flatlm-rank{rank}-"))
     corpus = corpus or prepare_corpus(cfg.data)
-    block = cfg.model.block_size
     train_data = train_split(corpus, cfg.data)  # data.train_tokens: the last N tokens only
-
-    torch.manual_seed(tc.seed)  # the same init for every method with this seed
-    model = build_model(cfg.model, corpus.vocab_size).to(device)
-    opt = make_optimizer(model, cfg.optim, tc.grad_clip)
-    # Under torchrun the passes go through DDP (gradients all-reduced: ε from the global
-    # gradient); evaluation and checkpoints use the plain module.
-    forward_model = _ddp(model, device) if world > 1 else model
-    sched = LambdaLR(opt, lr_lambda(tc))
-    sampler = torch.Generator().manual_seed(tc.seed)
-    spec = model_spec(cfg, corpus.vocab_size)
-    val_batches = [
-        (x.to(device), y.to(device))
-        for x, y in eval_batches(corpus.splits["val"], tc.eval_batches, tc.batch_size, block, "val")
-    ]
-
-    ckpt_path = out / "checkpoint.pt"
-    step, train_time, records = 0, 0.0, []
-    if resume:
-        ckpt = load_latest_checkpoint(run_dir / "checkpoint.pt")
-        check_compatible(ckpt, spec, cfg, corpus.fingerprint, run_dir / "checkpoint.pt")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        sampler.set_state(ckpt["rng"]["sampler"])
-        step, train_time, records = ckpt["step"], ckpt["train_time_s"], ckpt["metrics"]
+    run, forward_model = _init_run(cfg, corpus.vocab_size, device, world)
+    val_batches = fixed_batches(
+        corpus.splits["val"], tc.eval_batches, tc.batch_size, block, "val", device
+    )
+    records = resume_run(run, resume_from, cfg, corpus) if resume else []
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     log = MetricsLog(out, records)
+    ckpt_path = out / "checkpoint.pt"
 
-    def save_checkpoint() -> None:
-        rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "config": cfg.to_dict(),
-            "model_spec": spec,
-            "method": cfg.optim.method,
-            "data_fingerprint": corpus.fingerprint,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": rng,
-            "metrics": log.records,
-            "train_time_s": train_time,
-        }
-        _atomic_save(state, ckpt_path, keep_previous=True)
-        log.flush()
-
-    def validate() -> float:
-        loss = evaluate(model, val_batches)
-        log.add(
-            step=step, split="val", loss=loss, ppl=math.exp(min(loss, 50)), elapsed_s=train_time
-        )
-        log.flush()
-        return loss
-
-    if step == 0 and tc.eval_every > 0:
-        validate()
+    if run.step == 0 and tc.eval_every > 0:
+        _validate(run, val_batches, log)
     sharpness = SharpnessLogger(cfg, train_data, device)  # never touches the training RNG
-    if step == 0:
-        sharpness.log(model, step, log, train_time)
+    if run.step == 0:
+        sharpness.log(run.model, run.step, log, run.train_time)
     wall0 = time.perf_counter()
     status = "completed"
-    bar = tqdm(
-        total=tc.steps,
-        initial=step,
-        disable=quiet or not sys.stderr.isatty(),
-        desc=f"{cfg.optim.method} s{tc.seed}",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    model.train()
-    with stop_on_signals() as stop, bar:
-        while step < tc.steps:
+    run.model.train()
+    with stop_on_signals() as stop, _progress_bar(cfg, run.step, quiet) as bar:
+        while run.step < tc.steps:
             # Every rank draws the same global batch and takes its share: one sampler state.
-            x, y = get_batch(train_data, tc.batch_size * world, block, sampler)
+            x, y = get_batch(train_data, tc.batch_size * world, block, run.sampler)
             x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
             t0 = time.perf_counter()
-            loss = train_step(forward_model, opt, x, y, tc.grad_clip)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
+            loss = train_step(forward_model, run.opt, x, y, tc.grad_clip)
+            lr = run.opt.param_groups[0]["lr"]
+            run.sched.step()
             if device.type == "cuda":  # honest step times: wait for the queued kernels
                 torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - t0
-            step += 1
+            run.train_time += time.perf_counter() - t0
+            run.step += 1
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if run.step % tc.log_every == 0 or run.step == tc.steps:
                 loss_value = loss.item()  # the only host read of the loss: on log steps
-                log.add(step=step, split="train", loss=loss_value, lr=lr, elapsed_s=train_time)
+                log.add(
+                    step=run.step, split="train", loss=loss_value, lr=lr, elapsed_s=run.train_time
+                )
                 bar.set_postfix(loss=f"{loss_value:.3f}")
-            if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{validate():.3f}")
-            sharpness.log(model, step, log, train_time)
-            if stop["signal"] is not None or step == stop_after:
-                status = "interrupted" if stop["signal"] is not None else "stopped"
+            if tc.eval_every > 0 and (run.step % tc.eval_every == 0 or run.step == tc.steps):
+                val = _validate(run, val_batches, log)
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
+            sharpness.log(run.model, run.step, log, run.train_time)
+            if stop.is_set() or run.step == stop_after:
+                status = "interrupted" if stop.is_set() else "stopped"
                 break
-            if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
-                save_checkpoint()
-    save_checkpoint()
+            if tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0:
+                _checkpoint(ckpt_path, run, cfg, corpus, log)
+    _checkpoint(ckpt_path, run, cfg, corpus, log)
 
-    result: dict[str, Any] = {
-        "method": cfg.optim.method,
-        "seed": tc.seed,
-        "status": status,
-        "step": step,
-        "steps": tc.steps,
-        "params": count_params(model),
-        "vocab_size": corpus.vocab_size,
-        "train_time_s": train_time,
-        "time_per_step_s": train_time / max(step, 1),
-        "wall_time_s": time.perf_counter() - wall0,
-        "skipped_steps": int(getattr(opt, "skipped_steps", 0)),
-    }
+    result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
     if status == "completed":
-        val = [r for r in log.records if r["split"] == "val" and r["step"] == step]
-        result["val_loss"] = val[-1]["loss"] if val else validate()
-        test_batches = [
-            (x.to(device), y.to(device))
-            for x, y in eval_batches(
-                corpus.splits["test"], tc.test_batches, tc.batch_size, block, "test"
-            )
-        ]
-        result["test_loss"] = evaluate(model, test_batches)
-        log.add(step=step, split="test", loss=result["test_loss"], elapsed_s=train_time)
-        result["val_ppl"] = math.exp(min(result["val_loss"], 50))
-        result["test_ppl"] = math.exp(min(result["test_loss"], 50))
-        result |= regime_figures(model, cfg, train_data, step, device) | sharpness.final(model)
+        result |= _final_figures(cfg, run, corpus, train_data, val_batches, log, sharpness)
     log.close()
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def _init_run(
+    cfg: RunConfig, vocab_size: int, device: torch.device, world: int
+) -> tuple[RunState, nn.Module]:
+    """The run at step 0, and the module the training passes go through."""
+    torch.manual_seed(cfg.train.seed)  # the same init for every method with this seed
+    model = build_model(cfg.model, vocab_size).to(device)
+    opt = make_optimizer(model, cfg.optim, cfg.train.grad_clip)
+    # Under torchrun the passes go through DDP (gradients all-reduced: ε from the global
+    # gradient); evaluation and checkpoints use the plain module.
+    forward_model = _ddp(model, device) if world > 1 else model
+    sampler = torch.Generator().manual_seed(cfg.train.seed)
+    run = RunState(model, opt, LambdaLR(opt, lr_lambda(cfg.train)), sampler, device)
+    return run, forward_model
+
+
+def _result(
+    cfg: RunConfig, run: RunState, status: str, vocab_size: int, wall_time: float
+) -> dict[str, Any]:
+    """What every run reports, finished or not."""
+    return {
+        "method": cfg.optim.method,
+        "seed": cfg.train.seed,
+        "status": status,
+        "step": run.step,
+        "steps": cfg.train.steps,
+        "params": count_params(run.model),
+        "vocab_size": vocab_size,
+        "train_time_s": run.train_time,
+        "time_per_step_s": run.train_time / max(run.step, 1),
+        "wall_time_s": wall_time,
+        "skipped_steps": int(getattr(run.opt, "skipped_steps", 0)),
+    }
+
+
+def _final_figures(
+    cfg: RunConfig,
+    run: RunState,
+    corpus: Corpus,
+    train_data: np.ndarray,
+    val_batches: Batches,
+    log: MetricsLog,
+    sharpness: SharpnessLogger,
+) -> dict[str, Any]:
+    """A completed run's final validation and test losses, regime figures and final sharpness."""
+    tc, block = cfg.train, cfg.model.block_size
+    val = [r for r in log.records if r["split"] == "val" and r["step"] == run.step]
+    val_loss = val[-1]["loss"] if val else _validate(run, val_batches, log)
+    test_data = corpus.splits["test"]
+    test_batches = fixed_batches(
+        test_data, tc.test_batches, tc.batch_size, block, "test", run.device
+    )
+    test_loss = evaluate(run.model, test_batches)
+    log.add(step=run.step, split="test", loss=test_loss, elapsed_s=run.train_time)
+    figures = {
+        "val_loss": val_loss,
+        "test_loss": test_loss,
+        "val_ppl": math.exp(min(val_loss, 50)),
+        "test_ppl": math.exp(min(test_loss, 50)),
+    }
+    regime = regime_figures(run.model, cfg, train_data, run.step, run.device)
+    return figures | regime | sharpness.final(run.model)
+
+
+# ----------------------------------------------------------------------------- distributed
 
 
 def _distributed_setup(device: torch.device) -> tuple[int, int, torch.device]:

@@ -1,0 +1,142 @@
+"""The comparison's PNG plots: validation curves, Δ vs the baseline, sharpness over training.
+
+Each function takes what :mod:`flatlm.lm.report` collected and returns the paths it wrote (none
+when there is nothing to draw). Matplotlib is imported on first use, off-screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[dict[str, Any]], methods: list[str], out: Path) -> list[Path]:
+    """``val_loss.png`` (mean ± std per method) and ``val_loss_by_seed.png`` (a panel per method)."""
+    plt = _pyplot()
+    methods = [m for m in methods if any(r["method"] == m and r["val_curve"] for r in runs)]
+    if not methods:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = [r["val_curve"] for r in runs if r["method"] == method and r["val_curve"]]
+        n = min(len(c) for c in curves)
+        steps = np.array([s for s, _ in curves[0][:n]])
+        losses = np.array([[v for _, v in c[:n]] for c in curves])
+        # the sample std (ddof=1), as in the tables; one seed draws no band
+        mean = losses.mean(0)
+        std = losses.std(0, ddof=1) if len(losses) > 1 else np.zeros_like(mean)
+        ax.plot(steps, mean, label=f"{method} (n={len(curves)})")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="Validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = [out / "val_loss.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    cols = min(3, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharey=True)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        for r in sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"]):
+            if r["val_curve"]:
+                s, v = zip(*r["val_curve"], strict=True)
+                ax.plot(s, v, label=f"seed {r['seed']}")
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    fig.supxlabel("step")
+    fig.supylabel("validation loss")
+    fig.tight_layout()
+    paths.append(out / "val_loss_by_seed.png")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def plot_deltas(deltas: dict[str, dict[str, Any]], out: Path, baseline: str) -> list[Path]:
+    """``delta_vs_adamw.png``: mean Δ val/test loss per method with its 95% t-interval."""
+    plt = _pyplot()
+    methods = [m for m in deltas if m != baseline]
+    if not methods:
+        return []
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) + 2), 4))
+    for k, (split, color) in enumerate((("val", "C0"), ("test", "C1"))):
+        for i, method in enumerate(methods):
+            d = deltas[method][split]
+            x = i + (k - 0.5) * 0.25
+            if d["t_low"] is not None:
+                err = [[d["mean"] - d["t_low"]], [d["t_high"] - d["mean"]]]
+                ax.errorbar(x, d["mean"], yerr=err, fmt="o", color=color, capsize=4)
+            else:
+                ax.plot(x, d["mean"], "x", color=color)
+            ax.plot(
+                [x] * d["n"], d["diffs"], ".", color=color, alpha=0.4,
+                label=None if i else f"{split} (dots: seeds)",
+            )  # fmt: skip
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    n = max(deltas[m]["val"]["n"] for m in methods)
+    title = f"Δ loss vs {baseline}, paired by seed (n={n})"
+    ax.set(
+        ylabel=f"loss − {baseline} loss (nats/token)",
+        title=title + (", 95% t-interval" if n > 1 else ", no interval"),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "delta_vs_adamw.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_sharpness(runs: list[dict[str, Any]], methods: list[str], out: Path) -> list[Path]:
+    """``sharpness.png``: λ_max(H) and the logit/functional ratio over training, mean per method."""
+    plt = _pyplot()
+    methods = [
+        m for m in methods if any(r["method"] == m and r.get("sharpness_curve") for r in runs)
+    ]
+    if not methods:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in methods:
+        curves = [
+            r["sharpness_curve"] for r in runs if r["method"] == method and r.get("sharpness_curve")
+        ]
+        n = min(len(c) for c in curves)
+        steps = [c[0] for c in curves[0][:n]]
+        for ax, col in zip(axes, (1, 2), strict=True):
+            ys = np.array(
+                [[np.nan if c[i][col] is None else c[i][col] for i in range(n)] for c in curves]
+            )
+            ax.plot(steps, np.nanmean(ys, axis=0), marker=".", label=f"{method} (n={len(curves)})")
+    axes[0].set(
+        xlabel="step", ylabel="λ_max(H) (Lanczos lower bound)", title="Top Hessian eigenvalue"
+    )
+    axes[1].set(
+        xlabel="step", ylabel="‖logit path‖ / ‖functional path‖", title="SAM logit/functional ratio"
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "sharpness.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
