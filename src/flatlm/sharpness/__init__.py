@@ -3,7 +3,21 @@ SAM-sharpness and random-corruption sharpness (see docs/sharpness.md).
 
 The operators (WHAT curvature: :mod:`.operators`) are kept apart from the solvers (HOW it is
 reduced to eigenvalues and traces: :mod:`.solvers`); :func:`sharpness_report` ties them together.
+
+Needs the ``sharpness`` extra (numpy, scipy): ``pip install 'flatlm[sharpness]'``. Checked here,
+before any submodule imports them, so a missing one names the extra. The curvlinops backend is
+optional and never imported unless asked for (docs/install.md).
 """
+
+from flatlm._extras import MissingExtraError
+
+try:
+    import numpy  # noqa: F401
+    import scipy.sparse.linalg  # noqa: F401
+except ImportError as e:
+    raise MissingExtraError(
+        e.name or "numpy", "sharpness", feature="flatlm.sharpness", cause=e
+    ) from e
 
 from flatlm.sharpness._common import select_params
 from flatlm.sharpness.corruption import CorruptionEstimate, corruption_sharpness, sam_sharpness

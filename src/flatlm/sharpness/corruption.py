@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from flatlm._extras import require
 from flatlm.sharpness._common import (
     LossFn,
     ParamSpec,
@@ -123,7 +124,7 @@ def corruption_sharpness(
         iso_scale = sigma * float(norm(theta)) / math.sqrt(n)
         it = range(num_samples)
         if progress:
-            from tqdm.auto import tqdm
+            tqdm = require("tqdm.auto", "sharpness", feature="progress=True").tqdm
 
             it = tqdm(it, desc="corruption")
         for _ in it:

@@ -7,16 +7,22 @@ order) and represents the curvature of the token-weighted mean loss over all giv
 
 Backends:
 
-- ``"autograd"`` (the Hessian's default): double backward with ``torch.autograd``. It works for
-  any model autograd can differentiate twice and is the fastest on CPU for small models.
-- ``"curvlinops"`` (the Gauss–Newton default): curvlinops' ``HessianLinearOperator`` /
-  ``GGNLinearOperator`` (torch.func: ``jvp`` of ``jacrev`` / ``jvp`` + ``vjp``, vmapped over
-  the columns of a block). They take any logit shape and any loss, so ``(B, T, V)`` logits need
-  no flattening; the mean over tokens is kept by giving curvlinops each batch's token count as
-  its "batch size". Not the Hessian's default because torch.func's second derivatives of
-  ``F.layer_norm`` (input and weight together) are wrong in torch 2.13 (an asymmetric
-  "Hessian"; cf. pytorch/pytorch#196700), i.e. for every transformer with ``nn.LayerNorm``;
-  the GGN only needs first derivatives of the model and is unaffected (tested).
+- ``"autograd"`` (the default of both): reverse-mode ``torch.autograd`` only. The Hessian by
+  double backward; the Gauss–Newton product ``G v = Jᵀ H_ℓ J v`` with ``J v`` by the double-vjp
+  trick (``u ↦ Jᵀu`` is linear, so differentiating it w.r.t. ``u`` along ``v`` gives ``J v``),
+  ``H_ℓ J v`` by double backward of the loss w.r.t. the logits alone (for cross-entropy that is
+  ``(diag(p) − ppᵀ) J v`` per position) and ``Jᵀ(·)`` by one backward. It works for any model
+  autograd can differentiate twice, needs nothing beyond torch, and was the fastest on CPU
+  (docs/sharpness.md).
+- ``"curvlinops"`` (optional; ``curvlinops-for-pytorch`` is not a dependency of flatlm, see
+  docs/install.md): curvlinops' ``HessianLinearOperator`` / ``GGNLinearOperator`` (torch.func:
+  ``jvp`` of ``jacrev`` / ``jvp`` + ``vjp``). They take any logit shape and any loss, so
+  ``(B, T, V)`` logits need no flattening; the mean over tokens is kept by giving curvlinops each
+  batch's token count as its "batch size". An independent implementation, tested against the
+  default. Forward-mode AD is missing for some ops (the CPU LSTM's ``mkldnn_rnn_layer``), and
+  torch.func's second derivatives of ``F.layer_norm`` (input and weight together) are wrong in
+  torch 2.13 (an asymmetric "Hessian"; cf. pytorch/pytorch#196700), i.e. for every transformer
+  with ``nn.LayerNorm``; the GGN only needs first derivatives of the model and is unaffected.
 - ``"fd"`` (Hessian only): central finite differences of gradients, for models where double
   backward is unavailable or too costly. Written here because curvlinops has no such operator.
 """
@@ -31,6 +37,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from flatlm._extras import require
 from flatlm.sharpness._common import (
     Batch,
     LossFn,
@@ -44,6 +51,13 @@ from flatlm.sharpness._common import (
 )
 
 Backend = Literal["curvlinops", "autograd", "fd"]
+
+# curvlinops-for-pytorch declares backpack-for-pytorch, which pulls torchvision and with it a CUDA
+# build of torch; the operators used here import neither, hence --no-deps for it alone.
+CURVLINOPS_INSTALL = (
+    "pip install einops opt-einsum einconv linear_operator && "
+    "pip install --no-deps curvlinops-for-pytorch==3.0.1"
+)
 
 
 class CurvatureOperator:
@@ -153,9 +167,13 @@ def _curvlinops_matmat(
     batches: Sequence[Batch],
     params: Sequence[Tensor],
 ) -> Callable[[Tensor], Tensor]:
-    from curvlinops import GGNLinearOperator, HessianLinearOperator
-
-    cls = HessianLinearOperator if kind == "hessian" else GGNLinearOperator
+    curvlinops = require(
+        "curvlinops",
+        None,
+        feature='backend="curvlinops"',
+        hint=CURVLINOPS_INSTALL + " (see docs/install.md; the default backend needs no install)",
+    )
+    cls = curvlinops.HessianLinearOperator if kind == "hessian" else curvlinops.GGNLinearOperator
     # curvlinops weights batch b by batch_size_fn(X_b) / num_data for reduction="mean"; with the
     # token counts that is exactly the token-weighted mean loss of _common.
     data = [({"inputs": b.inputs, "n": b.count}, b.targets) for b in batches]
@@ -214,8 +232,12 @@ def _autograd_hessian_matmat(
 def _autograd_ggn_matmat(
     model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], params: Sequence[Tensor]
 ) -> Callable[[Tensor], Tensor]:
-    # G v = Jᵀ H_ℓ J v. J v by the double-vjp trick: u ↦ Jᵀu is linear, so d(Jᵀu)/du applied to
-    # v gives J v without forward-mode AD.
+    # G v = Σ_b Jᵀ H_ℓ J v, reverse mode only (works wherever the autograd Hessian does):
+    # - J v by the double-vjp trick: u ↦ Jᵀu is linear, so d(Jᵀu)/du applied to v gives J v
+    #   without forward-mode AD (which some ops lack, e.g. the CPU LSTM's mkldnn_rnn_layer);
+    # - H_ℓ (J v) by double backward of the loss w.r.t. the detached logits z alone (logit-sized;
+    #   for mean cross-entropy over n tokens it is (diag(p) − ppᵀ)/n per position);
+    # - Jᵀ(·) by one more backward through the model's graph, kept for all columns.
     def mm(V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         for b in batches:
@@ -223,6 +245,8 @@ def _autograd_ggn_matmat(
                 logits = model(b.inputs)
                 z = logits.detach().requires_grad_(True)
                 r = torch.autograd.grad(loss_fn(z, b.targets) * b.weight, z, create_graph=True)[0]
+                if not r.requires_grad:  # loss linear in the logits: H_ℓ = 0
+                    continue
                 u = torch.zeros_like(logits, requires_grad=True)
                 ju = torch.autograd.grad(
                     logits, list(params), grad_outputs=u, create_graph=True, allow_unused=True
@@ -238,8 +262,6 @@ def _autograd_ggn_matmat(
                         grad_outputs=[vs[i] for i in used],
                         retain_graph=True,
                     )[0]
-                    if not r.requires_grad:  # loss linear in the logits: H_ℓ = 0
-                        continue
                     hjv = torch.autograd.grad(r, z, grad_outputs=jv, retain_graph=True)[0]
                     out[:, j] += flat(_grads(logits, params, grad_outputs=hjv, retain_graph=True))
         return out
@@ -337,9 +359,12 @@ def ggn_operator(
     batches: Iterable[tuple[Tensor, Tensor]] | Sequence[Batch],
     *,
     params: ParamSpec = None,
-    backend: Backend = "curvlinops",
+    backend: Backend = "autograd",
 ) -> CurvatureOperator:
-    """Gauss–Newton matrix ``Σ_b w_b J_bᵀ H_ℓ J_b`` (H_ℓ = ∇²_F ℓ) w.r.t. the selected params."""
+    """Gauss–Newton matrix ``Σ_b w_b J_bᵀ H_ℓ J_b`` (H_ℓ = ∇²_F ℓ) w.r.t. the selected params.
+
+    ``backend="autograd"`` (default) needs torch alone; ``"curvlinops"`` is the optional
+    curvlinops implementation (same matrix; see the module docstring)."""
     bs = _as_batches(batches)
     sel = select_params(model, params)
     ps = [p for _, p in sel]

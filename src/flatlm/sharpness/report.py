@@ -86,7 +86,7 @@ def sharpness_report(
     lanczos_tol: float = 1e-6,
     lanczos_maxiter: int | None = None,
     hessian_backend: Backend = "autograd",
-    ggn_backend: Backend = "curvlinops",
+    ggn_backend: Backend = "autograd",
     rho: float = 0.05,
     eps: EpsSpec = None,
     optimizer: object | None = None,
@@ -108,7 +108,8 @@ def sharpness_report(
     functional/logit split of SAM's gradient; ``"sam_sharpness"``: L(θ+ε) − L(θ) (ε from
     ``eps``, ``optimizer.perturbation()`` or SAM's ρ g/‖g‖); ``"corruption"``: mean loss
     increase under random corruption of relative size ``sigma``. The backends are those of
-    :mod:`flatlm.sharpness.operators` (``"fd"``: Hessian only). Model, ``.grad`` and train/eval flags are
+    :mod:`flatlm.sharpness.operators` (``"fd"``: Hessian only; the defaults need torch alone,
+    ``"curvlinops"`` needs curvlinops installed). Model, ``.grad`` and train/eval flags are
     left exactly as they were. Returns a flat dict of JSON-serialisable values.
     """
     unknown = set(what) - set(ALL_FIGURES)

@@ -19,6 +19,7 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor
 
+from flatlm._extras import require
 from flatlm.sharpness.operators import CurvatureOperator
 
 Which = Literal["LA", "LM", "SA"]
@@ -51,7 +52,7 @@ def _progress(op: CurvatureOperator, enabled: bool, desc: str) -> Iterator[None]
     if not enabled:
         yield
         return
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "sharpness", feature="progress=True").tqdm
 
     bar = tqdm(desc=desc, unit="mv")
     old = op.progress
