@@ -12,7 +12,9 @@ something when every method gets its own best radius, so the protocol is:
    and the final top Hessian eigenvalue λ_max (``train.sharpness_final``).
 
 Two parts: the workbench GPT at two sizes with adamw, sam, fsam, psam, pfsam, and the GA-SAM
-setting (a micro LSTM LM, docs/experiments/gasam_lstm.toml) with adamw, sam, gasam (α = −1).
+setting (a micro LSTM LM, docs/experiments/gasam_lstm.toml) with adamw, sam, gasam; either part
+takes other methods or variants (``--lstm-methods adamw sam gasam:alpha=1 ...``), each tuned
+over the same grid.
 
     python benchmarks/reproduce.py --profile cpu --jobs 2        # ≈ 20-45 min on a 2-core CPU
     python benchmarks/reproduce.py --profile gpu                 # GPT small/medium on CUDA
@@ -57,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 GASAM_LSTM = REPO / "docs" / "experiments" / "gasam_lstm.toml"
 
 GPT_METHODS = ("adamw", "sam", "fsam", "psam", "pfsam")
-LSTM_METHODS = ("adamw", "sam", "gasam")  # gasam's default α is −1
+LSTM_METHODS = ("adamw", "sam", "gasam")
 GPT_GRID = (0.02, 0.1, 0.5)
 LSTM_GRID = (0.05, 0.2, 1.0)
 
@@ -128,15 +130,21 @@ class Part:
 
 
 def method_spec(method: str, rho: float | None) -> str:
-    """``sam`` at ρ = 0.1 -> ``sam:rho=0.1`` (the radius travels in the method name)."""
-    return method if method == BASELINE or rho is None else f"{method}:rho={rho:g}"
+    """``sam`` at ρ = 0.1 -> ``sam:rho=0.1``, ``gasam:alpha=1`` -> ``gasam:alpha=1,rho=0.1``
+    (the radius travels in the method name; a method may be a variant with options)."""
+    if method == BASELINE or rho is None:
+        return method
+    return f"{method}{',' if ':' in method else ':'}rho={rho:g}"
 
 
 def spec_rho(spec: str) -> tuple[str, float | None]:
-    """``sam:rho=0.1`` -> ("sam", 0.1); the inverse of :func:`method_spec`."""
-    base, options = parse_method(spec)
-    rho = options.get("rho")
-    return base, None if rho is None else float(rho)
+    """``gasam:alpha=1,rho=0.1`` -> ("gasam:alpha=1", 0.1); the inverse of :func:`method_spec`."""
+    name, _, rest = spec.partition(":")
+    items = [item.strip() for item in rest.split(",") if item.strip()]
+    kept = [item for item in items if item.partition("=")[0].strip() != "rho"]
+    rho = parse_method(spec)[1].get("rho")
+    method = name.strip() + (":" + ",".join(kept) if kept else "")
+    return method, None if rho is None else float(rho)
 
 
 def build_parts(args: argparse.Namespace) -> list[Part]:
@@ -163,15 +171,17 @@ def build_parts(args: argparse.Namespace) -> list[Part]:
 
     if "gpt" in args.parts:
         for size in args.sizes or prof.gpt_sizes:
-            items = overrides({**prof.gpt, "model.arch": "gpt", "model.size": size}, GPT_METHODS)
+            gpt = tuple(args.gpt_methods)
+            items = overrides({**prof.gpt, "model.arch": "gpt", "model.size": size}, gpt)
             cfg = load_config(preset=prof.gpt_preset, overrides=items)
-            parts.append(Part(f"gpt-{size}", f"GPT {size}", cfg, GPT_METHODS, tuple(args.grid)))
+            parts.append(Part(f"gpt-{size}", f"GPT {size}", cfg, gpt, tuple(args.grid)))
     if "lstm" in args.parts:
-        items = overrides(prof.lstm, LSTM_METHODS)
+        lstm = tuple(args.lstm_methods)
+        items = overrides(prof.lstm, lstm)
         path = None if prof.lstm_preset else GASAM_LSTM
         cfg = load_config(preset=prof.lstm_preset, path=path, overrides=items)
         title = f"LSTM {cfg.model.size} (GA-SAM setting)"
-        parts.append(Part("lstm", title, cfg, LSTM_METHODS, tuple(args.lstm_grid)))
+        parts.append(Part("lstm", title, cfg, lstm, tuple(args.lstm_grid)))
     return parts
 
 
@@ -194,9 +204,9 @@ def choose_rho(
     for r in runs:
         if r.get("seed") != seed or r.get("status") != "completed":
             continue
-        base, options = parse_method(r["method"])
-        if set(options) == {"rho"}:  # a variant with other options is not this grid's point
-            val[base, float(options["rho"])] = float(r["val_loss"])
+        method, rho = spec_rho(r["method"])
+        if rho is not None:  # the grid point of exactly this method (or variant)
+            val[method, rho] = float(r["val_loss"])
     out: dict[str, dict[str, Any]] = {}
     for method in methods:
         if method == BASELINE:
@@ -628,6 +638,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     arg("--sizes", nargs="+", choices=list(GPT_SIZES), help="GPT sizes (default: the profile's)")
     arg("--grid", nargs="+", type=float, default=list(GPT_GRID), help="ρ grid of the GPT part")
     arg("--lstm-grid", nargs="+", type=float, default=list(LSTM_GRID), help="ρ grid, LSTM part")
+    arg(
+        "--gpt-methods",
+        nargs="+",
+        default=list(GPT_METHODS),
+        help="methods (or variants such as gasam:alpha=1) of the GPT part; adamw first",
+    )
+    arg(
+        "--lstm-methods",
+        nargs="+",
+        default=list(LSTM_METHODS),
+        help="methods of the LSTM part; adamw first",
+    )
     arg("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one tunes ρ")
     arg("--device", help="override the profile's device (cpu, cuda, cuda:1, ...)")
     arg(
@@ -640,6 +662,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(x <= 0 for x in [*args.grid, *args.lstm_grid]):
         parser.error("every ρ in --grid/--lstm-grid must be > 0")
+    for flag, methods in (
+        ("--gpt-methods", args.gpt_methods),
+        ("--lstm-methods", args.lstm_methods),
+    ):
+        if methods[0] != BASELINE:
+            parser.error(f"{flag} must start with {BASELINE} (the baseline every verdict uses)")
+        for spec in methods:
+            try:
+                if spec_rho(spec)[1] is not None:
+                    parser.error(f"{flag}: {spec!r} names rho; the grid sets it")
+            except ValueError as e:
+                parser.error(f"{flag}: {e}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must be distinct")
     if args.jobs is not None and args.jobs < 1:

@@ -46,7 +46,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
         base_optimizer: the wrapped optimizer's class (AdamW by default), built on the same groups
-            with ``base_kwargs``.
+            with ``base_kwargs``; or an optimizer already built (params then None), whose groups
+            and state are used as they are.
         rho: perturbation radius ρ ≥ 0.
         direction: the rule that makes ε's direction (see :mod:`flatlm.optim.directions`).
         functional: take J(θ+ε)ᵀ r(θ) at the perturbed point instead of ∇L(θ+ε).
@@ -75,8 +76,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[torch.optim.Optimizer],
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
         *,
         rho: float,
         direction: Direction,
@@ -92,13 +93,32 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         check_options(
             base_optimizer, rho, functional, ascent_steps, max_grad_norm, perturb_every, distributed
         )
-        if issubclass(base_optimizer, SharpnessAwareOptimizer):
+        if isinstance(base_optimizer, SharpnessAwareOptimizer) or (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, SharpnessAwareOptimizer)
+        ):
             raise TypeError("base_optimizer cannot itself be a sharpness-aware optimizer")
+        if isinstance(base_optimizer, torch.optim.Optimizer):  # wrap an optimizer already built
+            base = base_optimizer
+            if base_kwargs:
+                raise TypeError(
+                    f"base_optimizer is an already-built {type(base).__name__}; its arguments "
+                    f"cannot be set here (got {sorted(base_kwargs)})"
+                )
+            if params is not None and {id(p) for p in _flat(params)} != {
+                id(p) for g in base.param_groups for p in g["params"]
+            }:
+                raise ValueError("params differ from the wrapped optimizer's; pass params=None")
+            params = base.param_groups
+        elif params is None:
+            raise TypeError("params is None: pass parameters, or a built optimizer to wrap")
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
         super().__init__(params, {"rho": rho})
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            self.base_optimizer = base_optimizer
+        else:
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of groups for both objects: schedulers and users see a single source of truth.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -174,6 +194,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         self._require_classic_protocol("step(closure)")
         self._require_fresh_every_step("step(closure)")
+        self._require_clean_gradient("step(closure)")
         closure = torch.enable_grad()(closure)
         loss = None
         try:
@@ -200,6 +221,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._require_fresh_every_step("first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
+        self._require_clean_gradient("first_step()")
         self._perturbation.ascend(self.param_groups, self.state, first=True)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -268,7 +290,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_state_dict(state_dict, type(self).__name__)
+        check_state_dict(state_dict, type(self).__name__, self.param_groups)
         self.base_optimizer.load_state_dict(state_dict["base"])
         # Load our own state against the base's (now loaded) groups, then share them again.
         super().load_state_dict(
@@ -417,6 +439,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "step(forward=lambda: model(x), loss_fn=...)"
             )
 
+    def _require_clean_gradient(self, what: str) -> None:
+        if not self._grads():
+            raise RuntimeError(
+                f"{what} found no gradient on any parameter: this protocol perturbs along the "
+                "gradient of a clean backward you have already run (loss = closure() or "
+                f"loss.backward(), then opt.{what.split('(')[0]}(...)); to run both passes in one "
+                "call use step(forward=lambda: model(x), loss_fn=...)"
+            )
+
     def _grads(self) -> list[Tensor]:
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
@@ -432,3 +463,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
             + (f", perturb_every={self.perturb_every})" if self.perturb_every > 1 else ")")
         )
+
+
+def _flat(params: Iterable[Any]) -> list[Tensor]:
+    """The tensors of a parameter list or of parameter groups."""
+    out: list[Tensor] = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out

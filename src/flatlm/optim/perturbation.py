@@ -17,7 +17,7 @@ from torch import Tensor
 
 from flatlm.optim.directions import Direction, Prepared, global_norm
 from flatlm.optim.preconditioners import BaseGeometry
-from flatlm.optim.validation import check_group_rhos
+from flatlm.optim.validation import check_dense, check_group_rhos
 
 __all__ = ["Gathered", "Perturbation", "ReuseSchedule", "inverse_norm"]
 
@@ -99,8 +99,10 @@ class Perturbation:
         if first:
             if self.active is not None:  # a previous first step was never completed
                 self.restore()
-            self.active = Gathered.of(groups)
-            self._store_clean(self.active.params)
+            gathered = Gathered.of(groups)
+            check_dense(gathered.params)
+            self.active = gathered
+            self._store_clean(gathered.params)
             self._delta = None
         gathered = self.active
         assert gathered is not None

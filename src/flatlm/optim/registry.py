@@ -30,6 +30,7 @@ __all__ = [
     "MethodInfo",
     "check_options",
     "create",
+    "decay_groups",
     "default_rho",
     "method_info",
     "parse_method",
@@ -192,15 +193,36 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups with the usual no-decay rule (nanoGPT's and the HF Trainer's, with
+    embeddings added): tensors of two or more dimensions decay; biases, normalisation gains and
+    the weights of ``nn.Embedding`` modules (and a head tied to one) get weight decay 0."""
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    }
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def create(
     name: str,
     params: Any,
     *,
-    base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.AdamW,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build a method by its short name (see ``METHODS``, ``parse_method``) over ``base_optimizer``.
 
+    ``params``: parameters or groups, as for any optimizer; or a model (``nn.Module``), grouped
+    by :func:`decay_groups` with ``weight_decay`` (AdamW's default 0.01 if not given); or None
+    with an already-built ``base_optimizer`` to wrap (its groups and state are used as they are).
     ``"adamw"`` gives a plain AdamW; the sharpness-aware options (``rho``, ``max_grad_norm``) are
     then ignored if None and an error otherwise. A None value means "the method's default".
     Options in the name (``"gasam:alpha=-1"``) take precedence over keyword arguments.
@@ -208,6 +230,8 @@ def create(
     key, overrides = parse_method(name)
     info = _INFO[key]
     kwargs = {k: v for k, v in {**kwargs, **overrides}.items() if v is not None}
+    if isinstance(params, torch.nn.Module):
+        params = decay_groups(params, kwargs.get("weight_decay", 0.01))
     if not info.sharpness_aware:
         extra = sorted(set(kwargs) - set(ADAMW_OPTIONS))
         if extra:

@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_group_rhos", "check_options", "check_rho", "check_state_dict"]
+__all__ = [
+    "check_dense",
+    "check_group_rhos",
+    "check_options",
+    "check_rho",
+    "check_state_dict",
+]
 
 
 def check_rho(rho: object) -> None:
@@ -40,15 +46,26 @@ def check_options(
     check_rho(rho)
     if distributed not in ("sync", "local"):
         raise ValueError(f"distributed must be 'sync' or 'local', got {distributed!r}")
-    if isinstance(base_optimizer, torch.optim.Optimizer):
+    cls = type(base_optimizer) if isinstance(base_optimizer, torch.optim.Optimizer) else None
+    if cls is None and not (
+        isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+    ):
         raise TypeError(
-            "base_optimizer must be an optimizer class such as torch.optim.AdamW, with its "
-            f"arguments as keywords; got an instance of {type(base_optimizer).__name__}"
+            "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW) or "
+            f"an optimizer built from one, got {base_optimizer!r}"
         )
-    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+    cls = cls or base_optimizer
+    if issubclass(cls, torch.optim.LBFGS):
         raise TypeError(
-            "base_optimizer must be a subclass of torch.optim.Optimizer (e.g. "
-            f"torch.optim.AdamW), got {base_optimizer!r}"
+            "LBFGS cannot be a base optimizer: it re-evaluates the loss through a closure inside "
+            "its step, which would run at the restored point with the perturbed gradient; use a "
+            "first-order optimizer such as torch.optim.AdamW"
+        )
+    if issubclass(cls, torch.optim.SparseAdam):
+        raise TypeError(
+            "SparseAdam cannot be a base optimizer: it needs sparse gradients, and the "
+            "perturbation is dense; use torch.optim.AdamW with dense gradients "
+            "(nn.Embedding(sparse=False))"
         )
     if not isinstance(ascent_steps, int) or ascent_steps < 1:
         raise ValueError(f"ascent_steps must be an integer >= 1, got {ascent_steps!r}")
@@ -60,8 +77,23 @@ def check_options(
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
 
 
-def check_state_dict(state_dict: Any, method: str) -> None:
-    """A flatlm state dict for ``method``, else a ValueError saying what it is instead."""
+def check_dense(params: list[torch.Tensor]) -> None:
+    """The perturbation is dense: refuse sparse gradients before anything moves."""
+    for i, p in enumerate(params):
+        if p.grad is not None and p.grad.is_sparse:
+            raise TypeError(
+                f"parameter {i} (shape {tuple(p.shape)}) has a sparse gradient: flatlm's methods "
+                "perturb and step dense tensors; build the embedding with nn.Embedding(..., "
+                "sparse=False)"
+            )
+
+
+def check_state_dict(
+    state_dict: Any, method: str, groups: list[dict[str, Any]] | None = None
+) -> None:
+    """A flatlm state dict for ``method`` that fits ``groups`` (the optimizer's own: the same
+    number of groups and parameters, every per-parameter tensor of its parameter's shape), else
+    a ValueError saying what it is instead. Checked before anything is loaded."""
     if not isinstance(state_dict, dict) or not {"base", "method_state"} <= set(state_dict):
         raise ValueError(
             f"not a {method} state dict: expected keys 'base' and 'method_state'"
@@ -74,3 +106,34 @@ def check_state_dict(state_dict: Any, method: str) -> None:
     saved = state_dict.get("flatlm_method")
     if saved is not None and saved != method:
         raise ValueError(f"state dict is for {saved}, cannot load it into {method}")
+    if groups is None:
+        return
+    base, own = state_dict["base"], state_dict["method_state"]
+    if not (isinstance(base, dict) and {"state", "param_groups"} <= set(base)):
+        raise ValueError(f"malformed {method} state dict: 'base' lacks 'state'/'param_groups'")
+    if not isinstance(own, dict) or not isinstance(base["state"], dict):
+        raise ValueError(f"malformed {method} state dict: per-parameter state is not a dict")
+    saved_groups = base["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    try:
+        saved_sizes = [len(g["params"]) for g in saved_groups]
+    except (TypeError, KeyError):
+        raise ValueError(f"malformed {method} state dict: bad 'param_groups'") from None
+    if saved_sizes != sizes:
+        raise ValueError(
+            f"the state dict has parameter groups of sizes {saved_sizes}, this optimizer "
+            f"{sizes}: it was saved for another model or grouping"
+        )
+    params = [p for g in groups for p in g["params"]]
+    for section, name in ((base["state"], "base optimizer"), (own, "method")):
+        for index, entry in section.items():
+            if not (isinstance(index, int) and 0 <= index < len(params)):
+                raise ValueError(f"malformed {method} state dict: {name} state for {index!r}")
+            for key, value in (entry or {}).items():
+                shape = tuple(params[index].shape)
+                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"the state dict's {name} state {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, the parameter {shape}: it was saved for another "
+                        "model"
+                    )
