@@ -83,3 +83,111 @@ def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y), (x - y).abs().max()
+
+
+# --- independent references (plain torch on lists of tensors, written from docs/algorithms.md) ---
+
+
+def flat_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖·‖ of a list of tensors seen as one vector: √(Σ x²), in plain torch."""
+    return torch.sqrt(sum((t * t).sum() for t in tensors))
+
+
+def adam_preconditioner_reference(
+    grad: torch.Tensor,
+    exp_avg_sq: torch.Tensor | None,
+    step: float,
+    *,
+    beta2: float,
+    eps: float,
+    current_moment: bool,
+) -> torch.Tensor:
+    """Adam's P = √v̂ + eps for one parameter, from its stored second moment v at step count t.
+
+    ``current_moment=True`` (ALGORITHMS.md's form, PSAM's default ``moment="current"``): this
+    step's gradient folded in, v' = β₂v + (1 − β₂)g², bias-corrected for step t + 1, with v = 0
+    and t = 0 where AdamW has no state yet (so P = |g| + eps there).
+    ``current_moment=False`` (``moment="previous"``, flatlm's rule before 0.2): v̂ = v / (1 − β₂ᵗ)
+    from the state as AdamW left it after its last step; P = 1 while AdamW has no state.
+    """
+    if current_moment:
+        v = torch.zeros_like(grad) if exp_avg_sq is None else exp_avg_sq
+        v_new = beta2 * v + (1 - beta2) * grad * grad
+        return torch.sqrt(v_new / (1 - beta2 ** (step + 1))) + eps
+    if exp_avg_sq is None:
+        return torch.ones_like(grad)
+    return torch.sqrt(exp_avg_sq / (1 - beta2**step)) + eps
+
+
+class GasamReference:
+    """GA-SAM as flatlm formulates it (docs/algorithms.md), in plain torch, with its own state.
+
+    Per step: the EMA of g² (β, bias-corrected with the step count t) gives s, ŝ = s/RMS(s) (RMS
+    over all elements of all tensors), D = clip((ŝ + ξ)^α, 1/c, c) (``normalize=False``: times
+    clip(RMS(s)^α, 1/c, c)); then K ascent steps: δ ← δ + D²g_k / (K‖n_k‖), g_k the gradient at
+    the current point (g_0 the clean one), n_k = D²g_k (``radius="euclidean"``) or D g_k
+    (``"ellipsoid"``), δ projected radially onto the unit set (‖δ‖ ≤ 1, or ‖δ ⊘ D‖ ≤ 1), the
+    point θ + ρδ; the descent gradient is the one at the last point. ``clean_grad_scale``
+    multiplies the clean gradient the state and D are made from (to model an implementation
+    that forgets a weight).
+    """
+
+    def __init__(
+        self,
+        rho: float,
+        *,
+        alpha: float = -1.0,
+        beta: float = 0.99,
+        normalize: bool = True,
+        ascent_steps: int = 1,
+        xi: float = 1e-12,
+        max_scale: float = 100.0,
+        radius: str = "euclidean",
+        clean_grad_scale: float = 1.0,
+    ):
+        assert radius in ("euclidean", "ellipsoid")
+        self.rho, self.alpha, self.beta, self.normalize = rho, alpha, beta, normalize
+        self.radius = radius
+        self.ascent_steps, self.xi, self.max_scale = ascent_steps, xi, max_scale
+        self.clean_grad_scale = clean_grad_scale
+        self.ema: list[torch.Tensor] | None = None
+        self.t = 0
+        self.clipped = 0  # how many elements of D the clip changed, over all steps (a sanity aid)
+
+    def scale(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """D from the EMA with ``grads`` folded in (and kept: the step is assumed taken)."""
+        beta, c = self.beta, self.max_scale
+        old = self.ema if self.ema is not None else [torch.zeros_like(g) for g in grads]
+        self.ema = [beta * e + (1 - beta) * g * g for e, g in zip(old, grads, strict=True)]
+        self.t += 1
+        s = [torch.sqrt(e / (1 - beta**self.t)) for e in self.ema]
+        rms = torch.sqrt(sum((x * x).sum() for x in s) / sum(x.numel() for x in s))
+        raw = [(x / rms + self.xi) ** self.alpha for x in s]
+        d = [r.clamp(1 / c, c) for r in raw]
+        self.clipped += sum(int((r != di).sum()) for r, di in zip(raw, d, strict=True))
+        if not self.normalize:
+            d = [di * (rms**self.alpha).clamp(1 / c, c) for di in d]
+        return d
+
+    def step(self, theta: list[torch.Tensor], grad_at) -> tuple[list[torch.Tensor], list[list]]:
+        """(descent gradient, [ε after each ascent step]); ``grad_at(point) -> gradients``."""
+        k_steps = self.ascent_steps
+        g = grad_at(theta)
+        d = self.scale([self.clean_grad_scale * gi for gi in g])
+        delta = [torch.zeros_like(t) for t in theta]
+        epsilons = []
+        ellipsoid = self.radius == "ellipsoid"
+        for _ in range(k_steps):
+            u = [di * di * gi for di, gi in zip(d, g, strict=True)]
+            norm = flat_norm([di * gi for di, gi in zip(d, g, strict=True)] if ellipsoid else u)
+            delta = [dl + ui / (k_steps * norm) for dl, ui in zip(delta, u, strict=True)]
+            # the radial projection onto the unit set: ‖δ ⊘ D‖ ≤ 1, or the ball ‖δ‖ ≤ 1
+            size = flat_norm(
+                [dl / di for dl, di in zip(delta, d, strict=True)] if ellipsoid else delta
+            )
+            if size > 1:
+                delta = [dl / size for dl in delta]
+            eps = [self.rho * dl for dl in delta]
+            epsilons.append(eps)
+            g = grad_at([t + e for t, e in zip(theta, eps, strict=True)])
+        return g, epsilons

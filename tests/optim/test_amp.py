@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from flatlm.optim import METHODS, create
-from helpers.optim import assert_bitwise_equal, make_batch, make_mlp, params_of, poisoned_forward
+from helpers.optim import (
+    assert_bitwise_equal,
+    flat_norm,
+    make_batch,
+    make_mlp,
+    params_of,
+    poisoned_forward,
+)
 
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
 
@@ -63,12 +70,26 @@ def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name,
 
 
 # GA-SAM with α < 0 turns weak-gradient coordinates up to max_scale: in bf16 their rounding
-# noise then dominates ε (measured: 0.85 of a step's movement at the default max_scale = 100,
-# 0.06 at max_scale = 3), hence the bf16 recipe in docs/algorithms.md.
-AUTOCAST_METHODS = [m for m in SAM_METHODS if m != "gasam"] + [
-    "gasam:alpha=1",
-    "gasam:alpha=-1,max_scale=3",
-]
+# noise then dominates ε with radius="ellipsoid" (measured, as the per-tensor max error below:
+# 0.85 of a step's movement at max_scale = 100, 0.06 at max_scale = 3), hence the bf16 recipe in
+# docs/algorithms.md; the default Euclidean radius measured 0.18 (0.024 in the global norm).
+AUTOCAST_METHODS = [*SAM_METHODS, "gasam:alpha=1", "gasam:alpha=-1,max_scale=3"]
+
+
+# The error measured is ‖θ_low − θ_f32‖ / ‖θ_f32 − θ_0‖ over all parameters as one vector, after
+# the 3 steps below: how far the low-precision run ended from the float32 one, relative to how
+# far the float32 run moved. Measured on this model and batch (torch 2.13, CPU autocast), with
+# each tolerance set at ≈ 2.5x the dtype's worst case:
+#   bf16: sam 0.008, fsam 0.005, asam 0.032, psam 0.005, pfsam 0.012, gasam 0.024,
+#         gasam:alpha=1 0.083, gasam:alpha=-1,max_scale=3 0.012; worst 0.083            -> 0.2
+#   fp16: sam 0.0008, fsam 0.0004, asam 0.0043, psam 0.0009, pfsam 0.0031, gasam 0.0019,
+#         gasam:alpha=1 0.0006, gasam:alpha=-1,max_scale=3 0.0017; worst 0.0043        -> 0.01
+# Not the per-tensor max|·| (the earlier check, at 0.1 for both): AdamW's first steps are
+# sign-like, so one coordinate whose gradient is near 0 and whose sign the rounding flips moves
+# by 2·lr, the whole movement of that tensor's largest coordinate (per-tensor ratios up to 0.70
+# in bf16, and up to 0.7 in both dtypes on other seeds of this setup, plain AdamW 0.19). In the
+# global norm one such flip weighs ≈ 0.08 (gasam:alpha=1 in bf16 above is one).
+AUTOCAST_TOLERANCE = {torch.bfloat16: 0.2, torch.float16: 0.01}
 
 
 @pytest.mark.parametrize("name", AUTOCAST_METHODS)
@@ -90,6 +111,9 @@ def test_autocast_steps_track_the_float32_steps(name, dtype):
         opt_a.step(forward=low_precision_forward, loss_fn=_loss(y), grad_scaler=scaler)
         opt_b.step(forward=lambda: b(x), loss_fn=_loss(y))
     assert opt_a.skipped_steps == 0
-    for p, q, p0 in zip(a.parameters(), b.parameters(), start, strict=True):
-        moved = (q - p0).abs().max()
-        assert (p - q).abs().max() <= 0.1 * moved + 1e-6
+    error = flat_norm(
+        [p.detach() - q.detach() for p, q in zip(a.parameters(), b.parameters(), strict=True)]
+    )
+    moved = flat_norm([q.detach() - p0 for q, p0 in zip(b.parameters(), start, strict=True)])
+    assert moved > 0.1  # ≈ 3·lr·√59 = 0.23: the float32 run moved, so the ratio is meaningful
+    assert error <= AUTOCAST_TOLERANCE[dtype] * moved, float(error / moved)

@@ -18,15 +18,33 @@ from sharpness_refs import (
 )
 from torch import Tensor
 
+import flatlm.optim
 from flatlm.sharpness import sam_decomposition, sam_epsilon, sam_sharpness
-from flatlm.sharpness._common import flat
 
 # torch.func (the dense references, curvlinops) warns about its own use of torch.jit.script
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
 
 def _cat(ts: list[Tensor]) -> Tensor:
-    return flat(ts)
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _plain_sam_epsilon(grads: list[Tensor], rho: float) -> list[Tensor]:
+    """ρ g/‖g‖ in plain torch (the global L2 norm over all tensors), independent of flatlm."""
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    return [rho * g / norm for g in grads]
+
+
+def test_sam_epsilon_equals_plain_torch() -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(4, 3), (5,)]]
+    for got, want in zip(sam_epsilon(grads, 0.3), _plain_sam_epsilon(grads, 0.3), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    assert float(torch.sqrt(sum((e * e).sum() for e in sam_epsilon(grads, 0.3)))) == (
+        pytest.approx(0.3, rel=1e-14)
+    )
+    zeros = sam_epsilon([torch.zeros(3), torch.zeros(2, 2)], 0.3)  # g = 0: ε = 0, not NaN
+    assert all(torch.equal(e, torch.zeros_like(e)) for e in zeros)
 
 
 def test_paths_add_up_to_sam_gradient_and_match_hand_computation() -> None:
@@ -105,7 +123,8 @@ def test_explicit_eps_and_subset() -> None:
 
 
 class _FakeSamOptimizer:
-    """Duck-typed stand-in for flatlm's SharpnessAwareOptimizer: ε = ρ g/‖g‖ from p.grad."""
+    """Duck-typed stand-in for flatlm's SharpnessAwareOptimizer: ε = ρ g/‖g‖ from p.grad, built
+    in plain torch (not with ``sam_epsilon``, which is under test here)."""
 
     def __init__(self, params: list[torch.nn.Parameter], rho: float) -> None:
         self.param_groups = [{"params": params}]
@@ -115,7 +134,17 @@ class _FakeSamOptimizer:
     def perturbation(self) -> list[Tensor | None]:
         self.calls += 1
         ps = self.param_groups[0]["params"]
-        return sam_epsilon([p.grad for p in ps], self.rho)
+        return _plain_sam_epsilon([p.grad for p in ps], self.rho)
+
+
+class _FakeSignOptimizer(_FakeSamOptimizer):
+    """A direction no rho-based default would produce: ε = ρ sign(g)/√n (n elements)."""
+
+    def perturbation(self) -> list[Tensor | None]:
+        self.calls += 1
+        ps = self.param_groups[0]["params"]
+        n = sum(p.numel() for p in ps)
+        return [self.rho * p.grad.sign() / n**0.5 for p in ps]
 
 
 def test_optimizer_perturbation_is_used_and_grads_restored() -> None:
@@ -130,10 +159,31 @@ def test_optimizer_perturbation_is_used_and_grads_restored() -> None:
     assert_bitwise_equal(model, snap)
     for p, g in zip(model.parameters(), grads_before, strict=True):
         assert p.grad is g and bool((g == 7.0).all())
+    # independent reference: torch.func gradient at θ + ρ g/‖g‖, g the clean dense gradient
+    theta0, f = dense_loss_fn(model, loss_fn, batches)
+    g = torch.func.grad(f)(theta0)
+    theta1 = theta0 + 0.07 * g / g.norm()
+    assert torch.allclose(
+        _cat(via_opt.sam_grad), torch.func.grad(f)(theta1), rtol=1e-10, atol=1e-13
+    )
+    assert torch.allclose(_cat(via_opt.epsilon), theta1 - theta0, rtol=1e-12, atol=1e-15)
     direct = sam_decomposition(model, loss_fn, batches, rho=0.07)
     assert torch.allclose(_cat(via_opt.sam_grad), _cat(direct.sam_grad), rtol=1e-13, atol=1e-15)
     out = sam_sharpness(model, loss_fn, batches, optimizer=opt)
+    assert abs(out["sam_sharpness"] - float(f(theta1) - f(theta0))) < 1e-13
     assert abs(out["sam_sharpness"] - (direct.loss_perturbed - direct.loss)) < 1e-14
+
+
+def test_a_non_sam_optimizer_direction_is_used_verbatim() -> None:
+    model, loss_fn, batches = make_gpt()
+    opt = _FakeSignOptimizer(list(model.parameters()), rho=0.05)
+    dec = sam_decomposition(model, loss_fn, batches, optimizer=opt)
+    theta0, f = dense_loss_fn(model, loss_fn, batches)
+    shift = 0.05 * torch.func.grad(f)(theta0).sign() / theta0.numel() ** 0.5
+    assert torch.equal(_cat(dec.epsilon), shift)
+    assert torch.allclose(_cat(dec.sam_grad), torch.func.grad(f)(theta0 + shift), rtol=1e-10)
+    out = sam_sharpness(model, loss_fn, batches, optimizer=opt)
+    assert abs(out["sam_sharpness"] - float(f(theta0 + shift) - f(theta0))) < 1e-13
 
 
 def test_train_mode_and_params_restored_bitwise() -> None:
@@ -147,15 +197,17 @@ def test_train_mode_and_params_restored_bitwise() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_real_flatlm_sam_optimizer_if_available() -> None:
-    """Integration with flatlm.optim (skipped while it is absent): SAM's ε is ρ g/‖g‖."""
-    optim = pytest.importorskip("flatlm.optim")
-    if not hasattr(getattr(optim, "SAM", None), "perturbation"):
-        pytest.skip("flatlm.optim.SAM has no perturbation() yet")
+def test_real_flatlm_sam_optimizer() -> None:
+    """Integration with flatlm.optim (no skip: a renamed API must fail): SAM's ε is ρ g/‖g‖
+    (ρ = 0.07, not the measuring functions' default 0.05, so the optimizer's ε must be used)."""
     model, loss_fn, batches = make_mlp()
-    opt = optim.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    opt = flatlm.optim.SAM(model.parameters(), torch.optim.AdamW, rho=0.07, lr=1e-3)
     snap = snapshot(model)
     via_opt = sam_sharpness(model, loss_fn, batches, optimizer=opt)
     assert_bitwise_equal(model, snap)
-    direct = sam_sharpness(model, loss_fn, batches, rho=0.05)
-    assert via_opt["sam_sharpness"] == pytest.approx(direct["sam_sharpness"], rel=1e-10)
+    theta0, f = dense_loss_fn(model, loss_fn, batches)
+    g = torch.func.grad(f)(theta0)
+    want = float(f(theta0 + 0.07 * g / g.norm()) - f(theta0))
+    assert via_opt["sam_sharpness"] == pytest.approx(want, rel=1e-10)
+    dec = sam_decomposition(model, loss_fn, batches, optimizer=opt)
+    assert torch.allclose(_cat(dec.epsilon), 0.07 * g / g.norm(), rtol=1e-12, atol=1e-15)
