@@ -174,7 +174,7 @@ def test_preconditioned_eps_with_parameters_at_different_step_counts(name, adam_
         (-1.0, True, 100.0, "ellipsoid"),
         (1.0, True, 100.0, "ellipsoid"),
         (-1.0, False, 100.0, "ellipsoid"),
-        (-1.0, False, 100.0, "euclidean"),
+        (-1.0, True, 3.0, "euclidean"),
         (-1.0, True, 3.0, "ellipsoid"),
     ],
 )

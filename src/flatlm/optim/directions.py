@@ -64,16 +64,13 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
 class Prepared:
     """What a rule derived from one step's clean gradient.
 
-    ``scale``: T of a scaled rule, also the metric of its corruption set ‖ε ⊘ T‖ ≤ ρ (used to
-    project multi-step ascent). ``precond``: P per parameter (None: P = I). ``new_state``: the
-    rule's per-parameter state after this step, by key, aligned with the parameters. ``metric``:
-    M of the set ‖ε ⊘ M‖ ≤ ρ that multi-step ascent projects onto (None: the L2 ball).
+    ``scale``: T of a scaled rule, whose corruption set is ‖ε ⊘ T‖ ≤ ρ. ``precond``: P per parameter (None: P = I). ``new_state``: the
+    rule's per-parameter state after this step, by key, aligned with the parameters.
     """
 
     scale: list[Tensor] | None = None
     precond: list[Tensor | None] | None = None
     new_state: dict[str, list[Tensor]] | None = None
-    metric: list[Tensor] | None = None
 
 
 class Direction:
@@ -121,8 +118,7 @@ class ScaledDirection(Direction):
 
     A subclass says what T is (``scale``); T is fixed for the step from the clean point.
     ``radius = "euclidean"`` keeps the ellipsoid's direction but makes ρ its Euclidean length,
-    ε = ρ T²g / ‖T²g‖, so ρ means what it means for SAM (multi-step ascent then projects onto
-    the L2 ball of radius ρ).
+    ε = ρ T²g / ‖T²g‖, so ρ means what it means for SAM (the set is then the L2 ball).
     """
 
     radius: str = "ellipsoid"
@@ -141,8 +137,7 @@ class ScaledDirection(Direction):
         geometry: BaseGeometry,
     ) -> Prepared:
         scale, new_state = self.scale(params, grads, state)
-        metric = scale if self.radius == "ellipsoid" else None
-        return Prepared(scale=scale, new_state=new_state, metric=metric)
+        return Prepared(scale=scale, new_state=new_state)
 
     def __call__(
         self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
@@ -244,6 +239,11 @@ class GradientStrengthDirection(ScaledDirection):
     def validate(self, geometry: BaseGeometry) -> None:
         if self.radius not in ("euclidean", "ellipsoid"):
             raise ValueError(f"radius must be 'euclidean' or 'ellipsoid', got {self.radius!r}")
+        if not self.normalize and self.radius == "euclidean":
+            raise ValueError(
+                "normalize=False scales D by one global factor, which a Euclidean radius "
+                "normalises away (it would change nothing): use it with radius='ellipsoid'"
+            )
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha!r}")
         if not 0.0 <= self.beta < 1.0:

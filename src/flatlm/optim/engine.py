@@ -51,8 +51,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         rho: perturbation radius ρ ≥ 0.
         direction: the rule that makes ε's direction (see :mod:`flatlm.optim.directions`).
         functional: take J(θ+ε)ᵀ r(θ) at the perturbed point instead of ∇L(θ+ε).
-        ascent_steps: K normalised ascent steps of size ρ/K, each projected back onto the
-            corruption set, the descent gradient taken at the last point.
+        ascent_steps: K normalised ascent steps of size ρ/K (each in the corruption set's own
+            norm, so their sum stays in the set), the descent gradient taken at the last point.
         max_grad_norm: clip the gradient handed to the base optimizer (the perturbed one).
         perturb_every: make a fresh ε only every k-th step (as LookSAM and composer's SAM
             ``interval`` save compute). The steps in between reuse the last ε's direction (its

@@ -130,7 +130,7 @@ class GASAM(SharpnessAwareOptimizer):
     ``radius="euclidean"`` (default): ε = ρ D²g/‖D²g‖, the ellipsoid's direction with Euclidean
     length ρ, so ρ means what it means for SAM and α is compared at a matched radius;
     ``"ellipsoid"``: ε = ρ D²g/‖Dg‖ (ρ bounds ‖ε ⊘ D‖; ‖ε‖ can reach ρ·max_scale).
-    ``ascent_steps=K`` takes K projected steps of size ρ/K. α = 0 is SAM. See
+    ``ascent_steps=K`` takes K ascent steps of size ρ/K. α = 0 is SAM. See
     docs/algorithms.md for α's default and what each sign means.
     """
 

@@ -1,4 +1,4 @@
-"""Moving θ to θ + ε and back: gathering by group, the clean copy, ascent, projection, restore.
+"""Moving θ to θ + ε and back: gathering by group, the clean copy, ascent, exact restore.
 
 θ is always restored from a copy, never by subtracting ε, so the base optimizer steps from
 exactly θ. With ``perturb_every > 1`` the unit direction δ (ε = ρ·δ) of each fresh step is kept
@@ -130,16 +130,14 @@ class Perturbation:
                 factor = 1.0
             torch._foreach_add_(params, gathered.scale_(u, factor))
             return
-        # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of size 1/K in the unit set,
-        # projected back onto it (the ellipsoid ‖δ ⊘ T‖ ≤ 1 of a scaled rule).
+        # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of length 1/K, each measured in
+        # the set's own norm (‖u ⊘ T‖/‖n‖ = 1 for a scaled rule, ‖u‖/‖n‖ = 1 otherwise), so δ
+        # stays in the unit set by the triangle inequality: no projection is needed.
         torch._foreach_mul_(u, inverse_norm(norm) / self.ascent_steps)  # u is scratch here
         if self._delta is None:
             self._delta = [torch.zeros_like(p) for p in params]
         delta = self._delta
         torch._foreach_add_(delta, u)
-        metric = self.prepared.metric
-        size = global_norm(torch._foreach_div(delta, metric) if metric is not None else delta)
-        torch._foreach_mul_(delta, torch.clamp(inverse_norm(size), max=1.0))
         torch._foreach_copy_(params, self._clean_list(params))
         if self.keep_direction:
             torch._foreach_copy_(self.stored(state, params), delta)

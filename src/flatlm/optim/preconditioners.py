@@ -120,7 +120,8 @@ def adam_preconditioner(
 register_preconditioner(torch.optim.Adam, adam_preconditioner)
 register_preconditioner(torch.optim.AdamW, adam_preconditioner)
 register_preconditioner(torch.optim.NAdam, adam_preconditioner)
-register_preconditioner(torch.optim.RAdam, adam_preconditioner)
+# Not RAdam: it divides by nothing while its variance estimate is untrusted (the first steps) and
+# by √v̂ with a rescaled eps after, so Adam's P would not be what it steps with.
 
 
 class BaseGeometry:
