@@ -195,8 +195,8 @@ def hand_written_run(
     ε = ρ u/‖n‖ with (u, n) = (g, g) for sam/fsam; (T²g, Tg), T = |θ| + 0.01 on tensors of
     two or more dimensions and 1 on the others, for asam; (P⁻¹g, P⁻¹g) for psam/pfsam, with
     P = √(v'/(1 − β₂ᵗ⁺¹)) + eps and v' = β₂v + (1 − β₂)g² from this AdamW's state (v = 0, t = 0
-    before it has any); (D²g, D²g) for gasam with its defaults, D = clip((s/RMS(s) + 1e-12)^(−1),
-    1/100, 100), s = √(EMA₀.₉₉(g²)/(1 − 0.99ᵗ)).
+    before it has any); (D²g, D²g) for gasam with its defaults, D = clip((s/RMS(s) + 1e-12)^α,
+    1/100, 100), α = 1, s = √(EMA₀.₉₉(g²)/(1 − 0.99ᵗ)).
     ``loss_of(logits, mb, micro_batches)`` is the Trainer's loss of one micro-batch.
     """
     args = trainer.args
@@ -248,7 +248,7 @@ def hand_written_run(
                 ema = [0.99 * e + 0.01 * gi * gi for e, gi in zip(ema, g, strict=True)]
                 s = [torch.sqrt(e / (1 - 0.99**t)) for e in ema]
                 rms = torch.sqrt(sum((x * x).sum() for x in s) / sum(x.numel() for x in s))
-                d = [((x / rms + 1e-12) ** -1.0).clamp(0.01, 100.0) for x in s]
+                d = [((x / rms + 1e-12) ** 1.0).clamp(0.01, 100.0) for x in s]
                 u = n = [di * di * gi for di, gi in zip(d, g, strict=True)]
             norm = torch.sqrt(sum((ni * ni).sum() for ni in n))
             clean = [p.detach().clone() for p in params]

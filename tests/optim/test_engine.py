@@ -353,3 +353,25 @@ def test_abort_step_undoes_a_first_step():
     opt.abort_step()  # a no-op now
     with pytest.raises(RuntimeError, match="without first_step"):
         opt.second_step()
+
+
+@pytest.mark.parametrize("name", ["sam", "psam", "gasam"])
+def test_a_non_finite_perturbed_loss_with_finite_gradients_still_skips(name):
+    # A term with no gradient (a constant inf) leaves every gradient finite: only the loss
+    # itself says the perturbed point is bad.
+    x, y = make_batch()
+    model = make_mlp()
+    opt = create(name, model.parameters(), rho=0.5, lr=0.01)
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    before, state = params_of(model), _state_tensors(opt)
+    calls = {"n": 0}
+
+    def loss_fn(logits):
+        calls["n"] += 1
+        loss = ce(y)(logits)
+        return loss + float("inf") if calls["n"] == 2 else loss  # the perturbed pass
+
+    with pytest.warns(NonFiniteStepWarning):
+        opt.step(forward=lambda: model(x), loss_fn=loss_fn)
+    assert_bitwise_equal(params_of(model), before)
+    assert_bitwise_equal(_state_tensors(opt), state)

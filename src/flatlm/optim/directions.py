@@ -228,7 +228,7 @@ class GradientStrengthDirection(ScaledDirection):
     shrinks with the overall gradient strength over training (≈ (s + ξ)^α, bounded).
     """
 
-    alpha: float = -1.0
+    alpha: float = 1.0
     beta: float = 0.99
     normalize: bool = True
     xi: float = 1e-12

@@ -130,8 +130,9 @@ class GASAM(SharpnessAwareOptimizer):
     ``radius="euclidean"`` (default): ε = ρ D²g/‖D²g‖, the ellipsoid's direction with Euclidean
     length ρ, so ρ means what it means for SAM and α is compared at a matched radius;
     ``"ellipsoid"``: ε = ρ D²g/‖Dg‖ (ρ bounds ‖ε ⊘ D‖; ‖ε‖ can reach ρ·max_scale).
-    ``ascent_steps=K`` takes K ascent steps of size ρ/K. α = 0 is SAM. See
-    docs/algorithms.md for α's default and what each sign means.
+    ``ascent_steps=K`` takes K ascent steps of size ρ/K. α = 0 is SAM; α = 1 (default) follows
+    the stated principle, strong-gradient coordinates corrupted more; α = −½ is Adam-like.
+    See docs/algorithms.md for how the default was chosen.
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class GASAM(SharpnessAwareOptimizer):
         params: Params,
         base_optimizer: type[torch.optim.Optimizer] = AdamW,
         rho: float = 0.05,
-        alpha: float = -1.0,
+        alpha: float = 1.0,
         beta: float = 0.99,
         normalize: bool = True,
         ascent_steps: int = 1,

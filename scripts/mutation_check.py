@@ -1,0 +1,223 @@
+"""Mutation check of the optimizer tests: plant one small bug at a time, expect named tests to fail.
+
+Each mutation is an exact edit of one source line (or a few) in ``src/flatlm/optim`` and the test
+files that must catch it. For each, the source tree is copied to a temporary folder, the edit is
+applied there (the edit's text must occur exactly once, so a refactor that moves the code makes
+the mutation fail loudly instead of silently testing nothing), and the named tests run against
+the copy. A mutation the tests do not catch "survives": a gap in the tests.
+
+    python scripts/mutation_check.py            # all mutations, about 3-5 min on 2 cores
+    python scripts/mutation_check.py restore    # the mutations whose name contains "restore"
+
+Exit code 0 when every mutation is caught, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OPTIM = "src/flatlm/optim"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files expected to fail
+
+
+MUTATIONS = [
+    Mutation(
+        "functional: r(θ+ε) instead of the clean r(θ)",
+        f"{OPTIM}/passes.py",
+        "        if record.dlogits is not None:\n            vjp(",
+        "        if False:\n            vjp(",
+        ("tests/optim/test_functional.py",),
+    ),
+    Mutation(
+        "restore: θ left perturbed",
+        f"{OPTIM}/perturbation.py",
+        "        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))",
+        "        pass",
+        ("tests/optim/test_engine.py",),
+    ),
+    Mutation(
+        "restore by subtracting ε instead of copying θ back",
+        f"{OPTIM}/perturbation.py",
+        "        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))",
+        "        torch._foreach_sub_(gathered.params, torch._foreach_sub(gathered.params,"
+        " self._clean_list(gathered.params)))",
+        ("tests/optim/test_engine.py",),
+    ),
+    Mutation(
+        "bias corrections dropped",
+        f"{OPTIM}/preconditioners.py",
+        "    return list((1.0 - torch.pow(beta, t)).unbind())",
+        "    return list(torch.ones_like(t).unbind())",
+        ("tests/optim/test_functional.py", "tests/optim/test_references.py"),
+    ),
+    Mutation(
+        "√(v̂ + eps) instead of √v̂ + eps",
+        f"{OPTIM}/preconditioners.py",
+        "        torch._foreach_sqrt_(precond)\n        torch._foreach_add_(precond, eps)",
+        "        torch._foreach_add_(precond, eps)\n        torch._foreach_sqrt_(precond)",
+        ("tests/optim/test_functional.py", "tests/optim/test_references.py"),
+    ),
+    Mutation(
+        "preconditioner: the previous moment where this step's is the default",
+        f"{OPTIM}/directions.py",
+        '        current = grads if self.moment == "current" else None',
+        "        current = None",
+        ("tests/optim/test_preconditioner_fidelity.py", "tests/optim/test_functional.py"),
+    ),
+    Mutation(
+        "scaled rule: g instead of T²g",
+        f"{OPTIM}/directions.py",
+        "        u = torch._foreach_mul(grads, prepared.scale)  # T² g",
+        "        u = grads  # T² g",
+        ("tests/optim/test_gasam.py", "tests/optim/test_asam.py"),
+    ),
+    Mutation(
+        "GA-SAM: the Euclidean radius ignored",
+        f"{OPTIM}/directions.py",
+        '        return (u, grads) if self.radius == "ellipsoid" else (u, u)',
+        "        return u, grads",
+        ("tests/optim/test_gasam.py", "tests/optim/test_references.py"),
+    ),
+    Mutation(
+        "ASAM: every tensor scaled, not only the weights",
+        f"{OPTIM}/directions.py",
+        "        if self.is_weight is None:",
+        "        if True:",
+        ("tests/optim/test_asam.py",),
+    ),
+    Mutation(
+        "no RNG replay for the perturbed pass",
+        f"{OPTIM}/passes.py",
+        "        if record.rng is not None:\n            record.rng.restore()",
+        "        pass",
+        ("tests/optim/test_engine.py",),
+    ),
+    Mutation(
+        "a rule's state (GA-SAM's EMA) saved on a skipped step",
+        f"{OPTIM}/perturbation.py",
+        "        if not taken or prepared is None or prepared.new_state is None:",
+        "        if prepared is None or prepared.new_state is None:",
+        ("tests/optim/test_engine.py", "tests/optim/test_gasam.py"),
+    ),
+    Mutation(
+        "unweighted clean micro-batch losses",
+        f"{OPTIM}/passes.py",
+        '    :func:`check_functional_graph`.\n    """\n    weight = 1.0 / len(micro)',
+        '    :func:`check_functional_graph`.\n    """\n    weight = 1.0',
+        ("tests/optim/test_accumulation.py",),
+    ),
+    Mutation(
+        "ε from the last micro-batch's gradient only",
+        f"{OPTIM}/engine.py",
+        "            clean_overflow = (\n                amp.unscale_clean_(",
+        "            self.zero_grad(set_to_none=True)\n"
+        "            passes.clean_pass(micro[-1:], functional=False, scaler=scaler, rng_devices=None)\n"
+        "            clean_overflow = (\n                amp.unscale_clean_(",
+        ("tests/optim/test_accumulation.py",),
+    ),
+    Mutation(
+        "perturb_every: the stored direction not scaled by the current ρ",
+        f"{OPTIM}/perturbation.py",
+        "directions[start:end], alpha=rho)",
+        "directions[start:end], alpha=1.0)",
+        ("tests/optim/test_perturb_every.py",),
+    ),
+    Mutation(
+        "aux loss: its gradient dropped from the functional pass",
+        f"{OPTIM}/passes.py",
+        "    torch.autograd.backward([logits, aux], [dlogits.to(logits.dtype), torch.ones_like(aux)])",
+        "    logits.backward(dlogits.to(logits.dtype))",
+        ("tests/optim/test_aux_loss.py",),
+    ),
+    Mutation(
+        "clipping the clean gradient instead of the perturbed one (no clipping at the step)",
+        f"{OPTIM}/engine.py",
+        "        if self.max_grad_norm is not None:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
+        "        if False:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
+        ("tests/optim/test_sam.py",),
+    ),
+    Mutation(
+        "the non-finite skip ignores the perturbed pass",
+        f"{OPTIM}/engine.py",
+        "        ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok",
+        "        ok = perturbation.clean_ok",
+        ("tests/optim/test_engine.py",),
+    ),
+]
+
+
+def _apply(root: Path, m: Mutation) -> None:
+    path = root / m.file
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(
+            f"mutation {m.name!r}: its text occurs {count} times in {m.file} (expected once); "
+            "the code moved: update the mutation"
+        )
+    path.write_text(text.replace(m.old, m.new))
+
+
+def run(m: Mutation) -> tuple[bool, float, str]:
+    """(caught, seconds, last line of pytest's output) for one mutation."""
+    with tempfile.TemporaryDirectory(prefix="flatlm-mutant-") as tmp:
+        root = Path(tmp)
+        shutil.copytree(REPO / "src", root / "src")
+        shutil.copytree(REPO / "tests", root / "tests")
+        shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+        _apply(root, m)
+        env = {**os.environ, "PYTHONPATH": str(root / "src")}
+        # The copy, not the installed checkout, must be what the tests import.
+        where = subprocess.run(
+            [sys.executable, "-c", "import flatlm; print(flatlm.__file__)"],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not where.startswith(str(root)):
+            raise SystemExit(f"the tests would import {where}, not the mutant in {root}")
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        return proc.returncode == 1, time.perf_counter() - t0, lines[-1] if lines else ""
+
+
+def main(argv: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not argv or any(a in m.name for a in argv)]
+    survived = []
+    for m in chosen:
+        caught, seconds, last = run(m)
+        status = "caught  " if caught else "SURVIVED"
+        print(f"{status} {seconds:5.1f} s  {m.name}  [{' '.join(m.tests)}]  {last}", flush=True)
+        if not caught:
+            survived.append(m.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
