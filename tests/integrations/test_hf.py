@@ -406,6 +406,9 @@ def test_trainer_equals_engine_step_with_accumulation_and_clipping(tmp_path, met
     assert trainer.args.max_grad_norm == 0.0 and trainer.sam_max_grad_norm == max_grad_norm
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("grad_norm" in entry for entry in logged)
+    # Every method here has ‖ε‖ = ρ (a unit direction, Euclidean radius): the logged norm says so.
+    assert all(entry["perturbation_norm"] == pytest.approx(rho, rel=1e-5) for entry in logged)
+    assert all(entry["skipped_steps"] == 0 for entry in logged)
 
 
 @pytest.mark.parametrize("method", ["sam", "fsam"])

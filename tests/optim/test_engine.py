@@ -375,3 +375,17 @@ def test_a_non_finite_perturbed_loss_with_finite_gradients_still_skips(name):
         opt.step(forward=lambda: model(x), loss_fn=loss_fn)
     assert_bitwise_equal(params_of(model), before)
     assert_bitwise_equal(_state_tensors(opt), state)
+
+
+@pytest.mark.parametrize(("name", "ascent_steps"), [("sam", 1), ("psam", 1), ("gasam", 3)])
+def test_the_perturbation_norm_is_recorded_only_when_asked(name, ascent_steps):
+    x, y = make_batch()
+    model = make_mlp()
+    opt = create(name, model.parameters(), rho=0.3, lr=0.01, ascent_steps=ascent_steps)
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    assert opt.perturbation_norm is None  # off by default: no extra norm per step
+    opt.record_perturbation_norm = True
+    opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    # one ascent step: ‖ε‖ = ρ exactly (Euclidean radius); K steps: at most ρ
+    norm = float(opt.perturbation_norm)
+    assert norm == pytest.approx(0.3, rel=1e-12) if ascent_steps == 1 else 0 < norm <= 0.3 + 1e-12

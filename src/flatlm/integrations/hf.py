@@ -245,6 +245,7 @@ class SharpnessAwareTrainerMixin:
             kwargs.update(self.sam_kwargs)
             sam = create(self.sam_method, groups, **kwargs)
             assert isinstance(sam, SharpnessAwareOptimizer)
+            sam.record_perturbation_norm = True  # logged with the loss
             self._sam_optimizer = sam
             self._sam_step = SharpnessAwareStep(sam, self._sharpness_aware_update)
             self.optimizer = self._sam_step
@@ -395,11 +396,18 @@ class SharpnessAwareTrainerMixin:
     # --- logging ------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The training logs' ``grad_norm`` is the perturbed gradient's (before clipping)."""
+        """The training logs' ``grad_norm`` is the perturbed gradient's (before clipping); they
+        also carry ``perturbation_norm`` (‖ε‖ of the last step) and ``skipped_steps`` (steps
+        skipped for a non-finite loss or gradient, fp16 overflows included)."""
         if self._sam_enabled and self._sam_grad_norm is not None and "loss" in logs:
             if "grad_norm" in logs:
                 logs["clean_grad_norm"] = logs["grad_norm"]
             logs["grad_norm"] = float(self._sam_grad_norm)
+            sam = self._sam_optimizer
+            assert sam is not None
+            if sam.perturbation_norm is not None:
+                logs["perturbation_norm"] = float(sam.perturbation_norm)
+            logs["skipped_steps"] = sam.skipped_steps
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 

@@ -262,6 +262,21 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
+    def perturbation_norm(self) -> Tensor | None:
+        """‖ε‖ of the last fresh perturbation (a 0-dim tensor; reading it as a number syncs).
+
+        Recorded only after ``record_perturbation_norm = True`` (one more norm per step)."""
+        return self._perturbation.last_norm
+
+    @property
+    def record_perturbation_norm(self) -> bool:
+        return self._perturbation.record_norm
+
+    @record_perturbation_norm.setter
+    def record_perturbation_norm(self, value: bool) -> None:
+        self._perturbation.record_norm = bool(value)
+
+    @property
     def skips_on_device(self) -> bool:
         """Whether a non-finite step is skipped on the device, with no host sync at all: a fused
         Adam/AdamW/SGD base and a rule that keeps no state of its own."""

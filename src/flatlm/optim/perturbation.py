@@ -90,6 +90,9 @@ class Perturbation:
         self.clean_ok: Tensor | None = None
         self._delta: list[Tensor] | None = None
         self._prepared_params: list[Tensor] = []
+        # ‖ε‖ of the last fresh perturbation, for logging: one extra norm per step, so opt-in.
+        self.record_norm = False
+        self.last_norm: Tensor | None = None
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -128,7 +131,7 @@ class Perturbation:
                 torch._foreach_mul_(u, factor)
                 torch._foreach_copy_(self.stored(state, params), u)
                 factor = 1.0
-            torch._foreach_add_(params, gathered.scale_(u, factor))
+            self._add(params, gathered.scale_(u, factor))
             return
         # Multi-step: δ (ε = ρ·δ per group) accumulates K steps of length 1/K, each measured in
         # the set's own norm (‖u ⊘ T‖/‖n‖ = 1 for a scaled rule, ‖u‖/‖n‖ = 1 otherwise), so δ
@@ -141,7 +144,13 @@ class Perturbation:
         torch._foreach_copy_(params, self._clean_list(params))
         if self.keep_direction:
             torch._foreach_copy_(self.stored(state, params), delta)
-        torch._foreach_add_(params, gathered.scale_(torch._foreach_mul(delta, 1.0), 1.0))
+        self._add(params, gathered.scale_(torch._foreach_mul(delta, 1.0), 1.0))
+
+    def _add(self, params: list[Tensor], eps: list[Tensor]) -> None:
+        """θ += ε, keeping ‖ε‖ (a tensor, no sync) when ``record_norm`` asks for it."""
+        if self.record_norm:
+            self.last_norm = global_norm(eps)
+        torch._foreach_add_(params, eps)
 
     @torch.no_grad()
     def ascend_stored(self, groups: list[dict[str, Any]], state: State) -> None:
