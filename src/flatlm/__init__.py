@@ -8,5 +8,5 @@ from flatlm import optim
 
 # The one source of the version: pyproject.toml reads it (dynamic = ["version"]), and
 # CHANGELOG.md has a section for it.
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["__version__", "optim"]
