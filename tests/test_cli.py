@@ -94,7 +94,8 @@ def test_compare_in_parallel_then_report(text_file, tmp_path, capsys):
     assert set(results["summary"]) == {"adamw", "fsam"}
     assert f"{results['summary']['fsam']['test_loss']:.4f}" in printed
     assert (out / "val_loss.png").is_file() and (out / "results.md").is_file()
-    assert results["timing"] == {"jobs": 2, "device": "cpu", "shared_device": True}
+    timing = {"jobs": 2, "device": "cpu", "shared_device": True}
+    assert results["timing"].items() >= timing.items()  # and whatever else compare measures
     assert cli.main(["report", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[:4] == printed.splitlines()[:4]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from flatlm.lm.config import RunConfig
 
 Handler = Callable[[argparse.Namespace], int]
+EXIT_ERROR, EXIT_DIVERGED, EXIT_STOPPED = 2, 3, 130  # besides 0; main's docstring says when
 # name -> (help, argument specs, handler); filled by @subcommand in definition order.
 SUBCOMMANDS: dict[str, tuple[str, tuple[tuple[tuple, dict], ...], Handler]] = {}
 # Argument groups several subcommands share; refer to them by name in ``arg`` lists.
@@ -61,6 +63,7 @@ ARG_GROUPS["config"] = (
     arg("--steps", type=int, help="= --set train.steps=N"),
     arg("--device", help="cpu (default) or cuda (bf16 autocast)"),
     arg("--data", help="your own text file or folder instead of the bundled corpus"),
+    arg("--encoding", help="of --data (default utf-8); text not valid in it is refused"),
     arg("--out", help="output folder (default: runs/<preset-or-config-name>...)"),
     arg("--resume", action="store_true", help="continue from the checkpoint(s) in --out"),
     arg("--quiet", action="store_true", help="no progress bar"),
@@ -75,11 +78,23 @@ def _load(args: argparse.Namespace, extra: dict[str, Any]) -> RunConfig:
         "train.steps": args.steps,
         "train.device": args.device,
         "data.corpus": args.data,
+        "data.encoding": args.encoding,
         **extra,
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     overrides |= dict(parse_override(item) for item in args.overrides)  # --set wins
     return load_config(args.preset, args.config, overrides)
+
+
+def _resume_command(args: argparse.Namespace, out: str) -> str:
+    """The command that was run, with ``--resume`` and ``--out``: settings must match to resume,
+    so only the very same command continues the run."""
+    argv = list(args.argv)
+    if args.out is None:
+        argv += ["--out", out]
+    if not args.resume:
+        argv.append("--resume")
+    return shlex.join(["flatlm", *argv])
 
 
 def _run_name(args: argparse.Namespace) -> str:
@@ -101,11 +116,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, {"optim.method": args.method, "train.seed": args.seed})
     out = args.out or f"runs/{_run_name(args)}/{cfg.optim.method}-s{cfg.train.seed}"
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
-    if result["status"] != "completed":
+    if result["status"] == "diverged":
         print(
-            f"stopped at step {result['step']} ({result['status']}); resume with --resume --out {out}"
+            f"flatlm train: {cfg.optim.method} seed {cfg.train.seed} diverged: {result['reason']} "
+            f"(result.json in {out} has status 'diverged')",
+            file=sys.stderr,
         )
-        return 130
+        return EXIT_DIVERGED
+    if result["status"] != "completed":
+        print(f"stopped at step {result['step']} ({result['status']}); resume with:")
+        print(f"  {_resume_command(args, out)}")
+        return EXIT_STOPPED
     print(
         f"{cfg.optim.method} seed {cfg.train.seed}: {result['step']} steps, "
         f"val loss {result['val_loss']:.4f} (ppl {result['val_ppl']:.2f}), "
@@ -148,8 +169,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     print(report["table"], end="")
     if report["missing"]:
-        print(f"interrupted: {len(report['missing'])} runs unfinished; continue with --resume")
-        return 130
+        print(f"interrupted: {len(report['missing'])} runs unfinished; continue with:")
+        print(f"  {_resume_command(args, out)}")
+        return EXIT_STOPPED
     print(f"wrote {out}/results.md, results.json and plots")
     return 0
 
@@ -187,6 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sharpness(args: argparse.Namespace) -> int:
     import json
 
+    from flatlm.lm._io import atomic_write_text
     from flatlm.lm.diagnostics import checkpoint_sharpness, format_sharpness
 
     if args.batches < 1:
@@ -207,7 +230,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     out = (
         Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "sharpness.json"
     )
-    out.write_text(json.dumps(report, indent=1))
+    atomic_write_text(out, json.dumps(report, indent=1))
     print(format_sharpness(report), end="")
     print(f"wrote {out}")
     return 0
@@ -227,22 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (errors in configs, data or checkpoints give 2)."""
+    """Entry point; returns the exit code: 0 done, 2 an error in a config, data, checkpoint or
+    folder (one line on stderr naming it), 3 a run that diverged, 130 stopped by Ctrl-C."""
     from flatlm._extras import MissingExtraError
 
     try:
+        from flatlm.lm._io import FolderError
         from flatlm.lm.checkpoint import CheckpointError
         from flatlm.lm.config import ConfigError
     except MissingExtraError as e:
         print(f"flatlm: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the resume hint
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FolderError, ValueError, OSError) as e:
         print(f"flatlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -65,3 +65,18 @@ def test_value_checks_name_the_key():
 def test_every_builtin_preset_loads(name):
     cfg = load_config(preset=name)
     assert cfg.train.steps > 0
+
+
+def test_method_options_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"'optim\.method_kwargs\.gasam': gasam has no option"):
+        load_config(overrides={"optim.method_kwargs": {"gasam": {"alpah": 1.0}}})
+    with pytest.raises(ConfigError, match=r"name the table \[optim\.method_kwargs\.gasam\]"):
+        load_config(overrides={"optim.method_kwargs": {"GA-SAM": {"alpha": 1.0}}})
+    with pytest.raises(
+        ConfigError, match=r"'compare\.methods\[1\]'.*option 'max_grad_norm' is set"
+    ):
+        load_config(overrides={"compare.methods": ["sam", "fsam:max_grad_norm=2"]})
+    with pytest.raises(ConfigError, match=r"'compare\.seeds' must not repeat"):
+        load_config(overrides={"compare.seeds": [0, 1, 0]})
+    cfg = load_config(overrides={"optim.method_kwargs": {"gasam:alpha=-1": {"beta": 0.5}}})
+    assert cfg.optim.method_kwargs == {"gasam:alpha=-1": {"beta": 0.5}}

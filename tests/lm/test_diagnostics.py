@@ -123,6 +123,7 @@ def test_method_typos_are_config_errors_naming_the_key():
         ({"optim.method": "sam:rho=1.0", "optim.rho": 0.2}, 1.0),
         ({"optim.method": "sam", "optim.rho": 0.2}, 0.2),
         ({"optim.method": "gasam", "optim.method_kwargs": {"gasam": {"rho": 0.3}}}, 0.3),
+        ({"optim.method": "asam"}, 0.5),  # the method's own default (registry.default_rho)
         ({"optim.method": "adamw"}, 0.05),  # SAM's default, for AdamW's decomposition
     ],
 )

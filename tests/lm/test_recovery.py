@@ -82,6 +82,7 @@ def straight_run(corpus_file, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_run_killed_in_a_subprocess_resumes_to_the_same_parameters(
     corpus_file, straight_run, tmp_path, sig

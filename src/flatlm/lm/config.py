@@ -6,8 +6,10 @@ default, because a comparison run with a wrong setting wastes an hour and looks 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -42,6 +44,7 @@ class DataConfig:
     """Which text and how it is tokenised. ``corpus`` is "sotu" (bundled) or a file/folder path."""
 
     corpus: str = "sotu"
+    encoding: str = "utf-8"  # of a user corpus; bytes that are not valid text in it are refused
     tokenizer: str = "bpe"  # "char" or "bpe" (byte-level BPE trained on the training split)
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.1  # user corpora only (split by document order)
@@ -150,6 +153,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got bool {value!r}")
     if not isinstance(value, tp):
@@ -269,49 +274,183 @@ def method_options(cfg: OptimConfig) -> tuple[str, dict[str, Any]]:
     return base, kwargs | in_name
 
 
-def _check_method(key: str, spec: str) -> None:
-    """A method name (with options) that ``flatlm.optim.parse_method`` accepts, else a ConfigError."""
-    from flatlm.optim import parse_method
+def optimizer_kwargs(cfg: OptimConfig, grad_clip: float) -> dict[str, Any]:
+    """Everything ``flatlm.optim.create(cfg.method, params, **kwargs)`` gets in a run: the
+    method's options, the AdamW settings, and clipping (inside the step for SAM-types)."""
+    base, kwargs = method_options(cfg)
+    if base != "adamw":
+        kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
+    betas = (cfg.beta1, cfg.beta2)
+    return kwargs | {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": betas}
 
+
+# Optimizer options the workbench sets from its own keys: a method option may not set them too.
+WORKBENCH_OPTIONS = {
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "betas": "optim.beta1 and optim.beta2",
+    "max_grad_norm": "train.grad_clip",
+}
+
+
+def _check_options(key: str, method: str, options: dict[str, Any]) -> None:
+    """Names and value types (``flatlm.optim.check_options``), and none the workbench sets."""
+    from flatlm.optim.registry import check_options
+
+    for name in options:
+        if name in WORKBENCH_OPTIONS:
+            raise ConfigError(
+                f"config key '{key}': option {name!r} is set by {WORKBENCH_OPTIONS[name]} "
+                "in the workbench; set that instead"
+            )
     try:
-        parse_method(spec)
+        check_options(method, options)
     except ValueError as e:
         raise ConfigError(f"config key '{key}': {e}") from e
 
 
+def _check_method(key: str, spec: str, cfg: RunConfig, table: dict[str, Any] | None = None) -> None:
+    """A method spec (and its ``[optim.method_kwargs]`` table) the optimizer can be built from
+    with this config, else a ConfigError: option names and types first, then the values, by
+    building it on a one-element parameter, so ``compare`` stops at load time, not after the
+    first methods have run."""
+    import torch
+
+    from flatlm.optim import create, parse_method
+
+    try:
+        base, in_name = parse_method(spec)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from e
+    _check_options(key, base, in_name)
+    if table is not None:
+        if ":" not in spec and spec != base:  # method_options looks tables up by these names
+            raise ConfigError(f"config key '{key}': name the table [optim.method_kwargs.{base}]")
+        _check_options(key, base, table)
+    optim = dataclasses.replace(cfg.optim, method=spec)
+    try:
+        create(spec, [torch.zeros(1, requires_grad=True)], **optimizer_kwargs(optim, 0.0))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config key '{key}' ({spec!r}): {e}") from e
+
+
+def _check_device(name: str) -> None:
+    """'cpu', 'cuda' or 'cuda:N', and only a CUDA device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'train.device' must be 'cpu' or 'cuda[:N]', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"config key 'train.device' is {name!r} but torch sees no CUDA device here "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"config key 'train.device' is {name!r} but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
+def _check_model(cfg: ModelConfig) -> None:
+    """A size this architecture has, and dims that fit (what ``build_model`` will need)."""
+    from flatlm.lm.models import resolve_dims
+
+    try:
+        resolve_dims(cfg)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.size': {e}") from e
+
+
+def _check_encoding(name: str) -> None:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ConfigError(f"config key 'data.encoding': unknown text encoding {name!r}") from None
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
-    _check_method("optim.method", cfg.optim.method)
+    for key, table in cfg.optim.method_kwargs.items():  # keyed by method name, options allowed
+        _check_method(f"optim.method_kwargs.{key}", key, cfg, table)
+    _check_method("optim.method", cfg.optim.method, cfg)
     for i, method in enumerate(cfg.compare.methods):
-        _check_method(f"compare.methods[{i}]", method)
-    tc = cfg.train
+        _check_method(f"compare.methods[{i}]", method, cfg)
+    _check_device(cfg.train.device)
+    _check_encoding(cfg.data.encoding)
+    _check_model(cfg.model)
+    m, d, o, tc, cc = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.compare
     checks = [
-        (cfg.model.arch in ("gpt", "lstm"), "model.arch", "must be 'gpt' or 'lstm'"),
-        (cfg.data.tokenizer in ("char", "bpe"), "data.tokenizer", "must be 'char' or 'bpe'"),
-        (cfg.data.vocab_size >= 260, "data.vocab_size", "must be >= 260 (256 bytes + specials)"),
-        (cfg.model.block_size > 0, "model.block_size", "must be > 0"),
-        (0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
-        (cfg.train.steps >= 0, "train.steps", "must be >= 0"),
-        (cfg.train.batch_size > 0, "train.batch_size", "must be > 0"),
-        (cfg.train.eval_batches > 0, "train.eval_batches", "must be > 0"),
-        (cfg.train.test_batches > 0, "train.test_batches", "must be > 0"),
-        (cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
-        (tc.sharpness_every >= 0, "train.sharpness_every", "must be >= 0 (0 = off)"),
-        (tc.sharpness_batches > 0, "train.sharpness_batches", "must be > 0"),
-        (tc.sharpness_iters > 0, "train.sharpness_iters", "must be > 0"),
+        (m.arch in ("gpt", "lstm"), "model.arch", "must be 'gpt' or 'lstm'"),
+        (min(m.n_layer, m.n_head, m.n_embd) >= 0, "model.n_layer", "n_head, n_embd must be >= 0"),
+        (m.block_size > 0, "model.block_size", "must be > 0"),
+        (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+        (d.tokenizer in ("char", "bpe"), "data.tokenizer", "must be 'char' or 'bpe'"),
+        (d.vocab_size >= 260, "data.vocab_size", "must be >= 260 (256 bytes + specials)"),
         (
-            cfg.data.train_tokens == 0 or cfg.data.train_tokens > cfg.model.block_size,
+            d.train_tokens == 0 or d.train_tokens > m.block_size,
             "data.train_tokens",
             "must be 0 (all) or more than model.block_size",
         ),
         (
-            cfg.data.val_fraction > 0
-            and cfg.data.test_fraction > 0
-            and cfg.data.val_fraction + cfg.data.test_fraction < 1,
+            d.val_fraction > 0 and d.test_fraction > 0 and d.val_fraction + d.test_fraction < 1,
             "data.val_fraction",
             "val_fraction and test_fraction must be > 0 and sum to < 1",
         ),
+        (o.lr > 0, "optim.lr", "must be > 0"),
+        (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "beta1 and beta2 must be in [0, 1)"),
+        (o.rho is None or o.rho >= 0, "optim.rho", "must be >= 0 (or none: each method's own)"),
+        (tc.steps > 0, "train.steps", "must be > 0"),
+        (tc.batch_size > 0, "train.batch_size", "must be > 0"),
+        (tc.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (
+            0 <= tc.min_lr_ratio <= 1,
+            "train.min_lr_ratio",
+            "must be in [0, 1] (the LR decays to lr * min_lr_ratio)",
+        ),
+        (tc.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)"),
+        (tc.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)"),
+        (tc.eval_batches > 0, "train.eval_batches", "must be > 0"),
+        (tc.test_batches > 0, "train.test_batches", "must be > 0"),
+        (tc.log_every > 0, "train.log_every", "must be > 0"),
+        (tc.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)"),
+        (tc.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
+        (tc.sharpness_every >= 0, "train.sharpness_every", "must be >= 0 (0 = off)"),
+        (tc.sharpness_batches > 0, "train.sharpness_batches", "must be > 0"),
+        (tc.sharpness_iters > 0, "train.sharpness_iters", "must be > 0"),
+        (cc.jobs > 0, "compare.jobs", "must be > 0"),
+        (len(set(cc.methods)) == len(cc.methods), "compare.methods", "must not repeat a method"),
+        (len(set(cc.seeds)) == len(cc.seeds), "compare.seeds", "must not repeat a seed"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {msg}")
+
+
+# ----------------------------------------------------------------------------- resume
+
+# Settings a resumed run may change: they do not change what it computes (threads, how often it
+# logs and checkpoints), or changing them is the point (more steps: the cosine stretches from
+# the checkpoint on). A run records every such change (``setting_changes`` in result.json).
+RESUME_ALLOWED = ("train.steps", "train.threads", "train.log_every", "train.checkpoint_every")
+
+
+def run_settings(cfg: RunConfig) -> dict[str, Any]:
+    """``"section.key" -> value`` for every setting of a run (``compare.*`` is not one)."""
+    return {
+        f"{section}.{key}": value
+        for section, values in cfg.to_dict().items()
+        if section != "compare"
+        for key, value in values.items()
+    }
+
+
+def setting_changes(before: RunConfig, now: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, value before, value now)`` for every run setting that differs."""
+    a, b = run_settings(before), run_settings(now)
+    return [(key, a.get(key), value) for key, value in b.items() if a.get(key) != value]

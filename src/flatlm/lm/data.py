@@ -8,6 +8,8 @@ larger than RAM only costs disk.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import itertools
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flatlm.lm._io import atomic_write, atomic_write_text
+from flatlm.lm._io import FolderError, atomic_write, atomic_write_text
 from flatlm.lm.config import DataConfig
 
 SOTU_PATH = Path(__file__).resolve().parent.parent / "data" / "sotu.txt.xz"
@@ -125,12 +127,34 @@ def split_documents(
     return out
 
 
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A file's text; bytes that are not valid ``encoding`` and binary content (a NUL
+    character) are a ValueError naming the file and the byte offset, never replaced."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid {encoding} text: {raw[e.start : e.end]!r} at byte offset "
+            f"{e.start}; if it is text in another encoding, pass --encoding NAME "
+            "(e.g. latin-1, utf-16)"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        offset = len(text[:nul].encode(encoding))
+        raise ValueError(
+            f"{path} is binary, not text: a NUL character at byte offset {offset}; "
+            "give --data text files only"
+        )
+    return text
+
+
 def user_splits(
-    path: str | Path, val_fraction: float, test_fraction: float
+    path: str | Path, val_fraction: float, test_fraction: float, encoding: str = "utf-8"
 ) -> dict[str, list[Piece]]:
-    """A file or folder of UTF-8 text, one document per file, split by document order."""
+    """A file or folder of text in ``encoding``, one document per file, split by document order."""
     files = _user_files(Path(path))
-    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    docs = [read_text(f, encoding) for f in files]
     docs = [d.replace("\r\n", "\n").strip() for d in docs]
     return split_documents([d for d in docs if d], val_fraction, test_fraction)
 
@@ -146,6 +170,9 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
         files = _user_files(root)
         root = root if root.is_dir() else root.parent
         h.update(f"{cfg.val_fraction}/{cfg.test_fraction}".encode())
+        encoding = codecs.lookup(cfg.encoding).name
+        if encoding != "utf-8":  # the same bytes are other text (UTF-8 keeps the older keys)
+            h.update(f"encoding={encoding}".encode())
     for f in files:
         h.update(str(f.relative_to(root)).encode())
         with open(f, "rb") as fh:
@@ -157,7 +184,7 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
 def load_splits(cfg: DataConfig) -> dict[str, list[Piece]]:
     if cfg.corpus == "sotu":
         return sotu_splits()
-    return user_splits(cfg.corpus, cfg.val_fraction, cfg.test_fraction)
+    return user_splits(cfg.corpus, cfg.val_fraction, cfg.test_fraction, cfg.encoding)
 
 
 # ----------------------------------------------------------------------------- tokenisers
@@ -286,19 +313,22 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
     directory = Path(cache_dir or cache_root()) / fp / spec
     meta_path = directory / "meta.json"
     if not meta_path.is_file():  # meta.json is written last: its presence means complete
-        directory.mkdir(parents=True, exist_ok=True)
         splits = load_splits(cfg)
         train_texts = (p.text for p in splits["train"])
-        if cfg.tokenizer == "char":
-            tok: Tokenizer = CharTokenizer.train(train_texts)
-        else:
-            tok = BPETokenizer.train(train_texts, cfg.vocab_size)
-        tok.save(directory / "tokenizer.json")
-        dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-        sizes = {s: _write_tokens(directory / f"{s}.bin", tok, splits[s], dtype) for s in SPLITS}
-        meta = {"dtype": np.dtype(dtype).name, "tokens": sizes, "vocab_size": tok.vocab_size}
-        meta |= {"corpus": cfg.corpus, "fingerprint": fp}
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+        with _cache_errors(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            if cfg.tokenizer == "char":
+                tok: Tokenizer = CharTokenizer.train(train_texts)
+            else:
+                tok = BPETokenizer.train(train_texts, cfg.vocab_size)
+            tok.save(directory / "tokenizer.json")
+            dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+            sizes = {
+                s: _write_tokens(directory / f"{s}.bin", tok, splits[s], dtype) for s in SPLITS
+            }
+            meta = {"dtype": np.dtype(dtype).name, "tokens": sizes, "vocab_size": tok.vocab_size}
+            meta |= {"corpus": cfg.corpus, "fingerprint": fp}
+            atomic_write_text(meta_path, json.dumps(meta, indent=1))
     meta = json.loads(meta_path.read_text())
     tok = load_tokenizer(directory / "tokenizer.json")
     arrays = {}
@@ -310,6 +340,18 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
             else np.zeros(0, dtype=meta["dtype"])
         )
     return Corpus(tok, arrays, fp, directory)
+
+
+@contextlib.contextmanager
+def _cache_errors(directory: Path) -> Iterator[None]:
+    """An unwritable cache (read-only, or a file where a folder should be) as one clear error."""
+    try:
+        yield
+    except OSError as e:
+        raise FolderError(
+            f"cannot write the token cache in {directory}: {e.strerror or e}; set FLATLM_CACHE "
+            "to a writable folder"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- batches

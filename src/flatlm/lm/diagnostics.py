@@ -28,7 +28,6 @@ from flatlm.lm.evaluate import Batches, evaluate, fixed_batches, lm_loss
 
 # The cheap subset logged during training (split="sharpness" rows in metrics.jsonl/.csv).
 LOGGED = ("hessian.lambda_max", "sam.logit_functional_ratio")
-DEFAULT_RHO = 0.05  # SAM's default radius, for the decomposition when optim.rho is unset
 
 
 @contextlib.contextmanager
@@ -53,9 +52,15 @@ def double_backward_attention() -> contextlib.AbstractContextManager:
 
 
 def run_rho(cfg: RunConfig) -> float:
-    """The ρ the run's method was built with (``sam:rho=1`` included), or SAM's default for the
-    SAM decomposition of an AdamW run."""
-    return float(method_options(cfg.optim)[1].get("rho", DEFAULT_RHO))
+    """The ρ the run's method was built with: options in the name, then ``method_kwargs``, then
+    ``optim.rho``, then the method's default (ASAM's differs); SAM's default for the SAM
+    decomposition of an AdamW run."""
+    from flatlm.optim import default_rho
+
+    rho = method_options(cfg.optim)[1].get("rho")
+    if rho is None:
+        rho = default_rho(cfg.optim.method)
+    return float(default_rho("sam") if rho is None else rho)
 
 
 class SharpnessLogger:

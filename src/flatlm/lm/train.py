@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,16 +25,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from flatlm.lm._io import atomic_write_text
+from flatlm.lm._io import atomic_write_text, own_folder
 from flatlm.lm._process import stop_on_signals, torch_threads
 from flatlm.lm.checkpoint import RunState, resume_run, save_checkpoint
-from flatlm.lm.config import (
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    config_from_dict,
-    method_options,
-)
+from flatlm.lm.config import OptimConfig, RunConfig, TrainConfig, config_from_dict, optimizer_kwargs
 from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
@@ -42,6 +36,9 @@ from flatlm.lm.models import build_model, count_params
 
 CSV_FIELDS = ("step", "split", "loss", "ppl", "lr", "elapsed_s")
 SHARPNESS_FIELDS = ("hessian.lambda_max", "sam.logit_functional_ratio")  # split="sharpness" rows
+# The files a run writes atomically: temp files of a killed write of these are removed when the
+# folder is next owned.
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "result.json")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -63,14 +60,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, grad_clip: float) -> torc
     """``flatlm.optim.create`` with the config's hyper-parameters (clipping inside for SAM-types)."""
     from flatlm.optim import create
 
-    base, kwargs = method_options(cfg)
-    if base != "adamw":
-        kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
     groups = param_groups(model, cfg.weight_decay)
-    betas = (cfg.beta1, cfg.beta2)
-    return create(
-        cfg.method, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, **kwargs
-    )
+    return create(cfg.method, groups, **optimizer_kwargs(cfg, grad_clip))
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -197,7 +188,10 @@ def train(
     """Train per ``cfg`` into ``out_dir``; returns (and writes ``result.json``) the final numbers.
 
     ``stop_after`` ends the run after that step with a checkpoint, exactly as Ctrl-C would
-    (used by the resume tests). The result's ``status`` is "completed", "interrupted" or "stopped".
+    (used by the resume tests). The result's ``status`` is "completed", "diverged" (finished,
+    but its numbers are not finite or most steps were skipped), "interrupted" or "stopped", and
+    its ``reason`` says why in words ("" when completed). The folder is this process's until
+    the call returns: another process training into it gets a ``FolderError``.
     """
     with torch_threads(cfg.train.threads):
         return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after)
@@ -211,19 +205,36 @@ def _train(
     corpus: Corpus | None,
     stop_after: int | None,
 ) -> dict[str, Any]:
-    tc, block = cfg.train, cfg.model.block_size
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world, device = _distributed_setup(torch.device(tc.device))
+    where = _distributed_setup(torch.device(cfg.train.device))
     resume_from = out / "checkpoint.pt"  # every rank resumes from rank 0's
-    if rank > 0:  # only rank 0 writes: the others log and checkpoint into a throwaway folder
-        out = Path(tempfile.mkdtemp(prefix=f"flatlm-rank{rank}-"))
+    if where.rank > 0:  # only rank 0 writes: the others log and checkpoint into a throwaway folder
+        out = Path(tempfile.mkdtemp(prefix=f"flatlm-rank{where.rank}-"))
+    with own_folder(out, RUN_FILES):
+        return _run(cfg, out, resume_from if resume else None, quiet, corpus, stop_after, where)
+
+
+def _run(
+    cfg: RunConfig,
+    out: Path,
+    resume_from: Path | None,
+    quiet: bool,
+    corpus: Corpus | None,
+    stop_after: int | None,
+    where: Placement,
+) -> dict[str, Any]:
+    tc, block = cfg.train, cfg.model.block_size
+    rank, world, device = where
     corpus = corpus or prepare_corpus(cfg.data)
     train_data = train_split(corpus, cfg.data)  # data.train_tokens: the last N tokens only
     run, forward_model = _init_run(cfg, corpus.vocab_size, device, world)
     val_batches = fixed_batches(
         corpus.splits["val"], tc.eval_batches, tc.batch_size, block, "val", device
     )
-    records = resume_run(run, resume_from, cfg, corpus) if resume else []
+    records = resume_run(run, resume_from, cfg, corpus) if resume_from else []
+    _say_setting_changes(run)
+    # From here on this run changes the folder. result.json describes the last run that ended
+    # here: there is none while one runs.
+    (out / "result.json").unlink(missing_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
     log = MetricsLog(out, records)
     ckpt_path = out / "checkpoint.pt"
@@ -234,7 +245,7 @@ def _train(
     if run.step == 0:
         sharpness.log(run.model, run.step, log, run.train_time)
     wall0 = time.perf_counter()
-    status = "completed"
+    status, reason = "completed", ""
     run.model.train()
     with stop_on_signals() as stop, _progress_bar(cfg, run.step, quiet) as bar:
         while run.step < tc.steps:
@@ -260,8 +271,11 @@ def _train(
                 val = _validate(run, val_batches, log)
                 bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
             sharpness.log(run.model, run.step, log, run.train_time)
-            if stop.is_set() or run.step == stop_after:
-                status = "interrupted" if stop.is_set() else "stopped"
+            if stop.is_set():
+                status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"
+                break
+            if run.step == stop_after:
+                status, reason = "stopped", f"stop_after={stop_after}"
                 break
             if tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0:
                 _checkpoint(ckpt_path, run, cfg, corpus, log)
@@ -269,10 +283,36 @@ def _train(
 
     result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
     if status == "completed":
-        result |= _final_figures(cfg, run, corpus, train_data, val_batches, log, sharpness)
+        result |= _final_losses(cfg, run, corpus, train_data, val_batches, log)
+        reason = _divergence(result)
+        if reason:
+            status = "diverged"
+        else:  # the Lanczos products of a diverged model would be noise, or raise
+            result |= sharpness.final(run.model)
+    result |= {"status": status, "reason": reason}
     log.close()
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def _say_setting_changes(run: RunState) -> None:
+    """Tell what a resume changed (result.json records it as ``setting_changes``)."""
+    now = [c for c in run.setting_changes if c["step"] == run.step]
+    if now:
+        changes = ", ".join(f"{c['key']} {c['was']!r} -> {c['now']!r}" for c in now)
+        print(f"resuming at step {run.step} with changed settings: {changes}", file=sys.stderr)
+
+
+def _divergence(result: dict[str, Any]) -> str:
+    """Why a finished run's numbers cannot stand for the method ("" when they can)."""
+    reasons = []
+    bad = [k for k in ("val_loss", "test_loss", "train_loss") if not math.isfinite(result[k])]
+    if bad:
+        reasons.append(f"non-finite final {', '.join(bad)}")
+    skipped, steps = result["skipped_steps"], result["step"]
+    if 2 * skipped > steps:
+        reasons.append(f"{skipped} of {steps} steps skipped for a non-finite loss or gradient")
+    return "; ".join(reasons)
 
 
 def _init_run(
@@ -306,19 +346,19 @@ def _result(
         "time_per_step_s": run.train_time / max(run.step, 1),
         "wall_time_s": wall_time,
         "skipped_steps": int(getattr(run.opt, "skipped_steps", 0)),
+        "setting_changes": run.setting_changes,
     }
 
 
-def _final_figures(
+def _final_losses(
     cfg: RunConfig,
     run: RunState,
     corpus: Corpus,
     train_data: np.ndarray,
     val_batches: Batches,
     log: MetricsLog,
-    sharpness: SharpnessLogger,
 ) -> dict[str, Any]:
-    """A completed run's final validation and test losses, regime figures and final sharpness."""
+    """A completed run's final validation and test losses and its regime figures."""
     tc, block = cfg.train, cfg.model.block_size
     val = [r for r in log.records if r["split"] == "val" and r["step"] == run.step]
     val_loss = val[-1]["loss"] if val else _validate(run, val_batches, log)
@@ -334,19 +374,26 @@ def _final_figures(
         "val_ppl": math.exp(min(val_loss, 50)),
         "test_ppl": math.exp(min(test_loss, 50)),
     }
-    regime = regime_figures(run.model, cfg, train_data, run.step, run.device)
-    return figures | regime | sharpness.final(run.model)
+    return figures | regime_figures(run.model, cfg, train_data, run.step, run.device)
 
 
 # ----------------------------------------------------------------------------- distributed
 
 
-def _distributed_setup(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): under ``torchrun`` (WORLD_SIZE > 1) joins the process group
-    (NCCL on CUDA, gloo on CPU) and puts each rank on its own GPU."""
+class Placement(NamedTuple):
+    """Where this process trains: its rank, the number of processes, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _distributed_setup(device: torch.device) -> Placement:
+    """Under ``torchrun`` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA, gloo on CPU)
+    and puts each rank on its own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, device
+        return Placement(0, 1, device)
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -354,7 +401,7 @@ def _distributed_setup(device: torch.device) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return Placement(dist.get_rank(), dist.get_world_size(), device)
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
