@@ -191,3 +191,15 @@ class GasamReference:
             epsilons.append(eps)
             g = grad_at([t + e for t, e in zip(theta, eps, strict=True)])
         return g, epsilons
+
+
+def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Copies of every tensor of a flatlm optimizer's state dict (base and method state)."""
+    sd = opt.state_dict()
+    return [
+        t.clone()
+        for section in (sd["base"]["state"], sd["method_state"])
+        for s in section.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    ]

@@ -9,18 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlm.optim import SAM, FunctionalSAM, create
-from helpers.optim import assert_bitwise_equal, ce, make_batch, make_mlp, params_of
-
-
-def _state(opt) -> list[torch.Tensor]:
-    sd = opt.state_dict()
-    return [
-        t.clone()
-        for section in (sd["base"]["state"], sd["method_state"])
-        for s in section.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    ]
+from helpers.optim import (
+    assert_bitwise_equal,
+    ce,
+    make_batch,
+    make_mlp,
+    params_of,
+    state_tensors,
+)
 
 
 def _trained(name: str = "sam"):
@@ -35,7 +31,7 @@ def _trained(name: str = "sam"):
 def test_the_classic_protocols_without_a_clean_backward_say_so(call):
     model, opt, x, y = _trained()
     opt.zero_grad(set_to_none=True)  # the user forgot loss.backward()
-    before, state = params_of(model), _state(opt)
+    before, state = params_of(model), state_tensors(opt)
 
     def closure():
         loss = ce(y)(model(x))
@@ -45,7 +41,7 @@ def test_the_classic_protocols_without_a_clean_backward_say_so(call):
     with pytest.raises(RuntimeError, match=r"no gradient on any parameter.*step\(forward="):
         opt.step(closure) if call == "closure" else opt.first_step()
     assert_bitwise_equal(params_of(model), before)
-    assert_bitwise_equal(_state(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
 
 
 def test_sparse_gradients_are_refused_before_anything_moves():
@@ -77,10 +73,10 @@ def test_a_state_dict_from_a_model_of_other_shapes_is_refused_at_load():
     x, y = make_batch()
     opt = create("sam", model.parameters(), rho=0.2, lr=0.01)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
-    before, state = params_of(model), _state(opt)
+    before, state = params_of(model), state_tensors(opt)
     with pytest.raises(ValueError, match=r"has shape .* saved for another model"):
         opt.load_state_dict(opt_small.state_dict())
-    assert_bitwise_equal(_state(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # and it still works
     assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
 
@@ -111,10 +107,10 @@ def test_a_malformed_state_dict_is_a_clear_error(mangle, match):
     _, opt, _, _ = _trained("gasam")
     sd = opt.state_dict()
     mangle(sd)
-    state = _state(opt)
+    state = state_tensors(opt)
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(sd)
-    assert_bitwise_equal(_state(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
 
 
 def test_an_optimizer_already_built_can_be_wrapped_with_its_state():

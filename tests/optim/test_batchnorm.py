@@ -66,7 +66,9 @@ def test_step_with_update_stats_once_leaves_the_clean_pass_statistics(method, mo
     with torch.no_grad():
         conv_at_theta = model.conv(x)  # before the step: θ
     opt = create(method, model.parameters(), rho=0.5, lr=0.01)
-    opt.step(forward=update_stats_once(model, lambda: model(x)), loss_fn=lambda z: F.cross_entropy(z, y))
+    opt.step(
+        forward=update_stats_once(model, lambda: model(x)), loss_fn=lambda z: F.cross_entropy(z, y)
+    )
     mean, var, count = hand_running_stats([conv_at_theta], momentum)
     got_mean, got_var, got_count = stats_of(model)
     torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=1e-14)
@@ -115,7 +117,9 @@ def test_the_step_itself_is_unchanged_and_equals_one_plain_forward(method):
         ref_mean, ref_var, _ = stats_of(forward_only)
     first = SmallCNN().double()
     opt = create(method, first.parameters(), rho=0.5, lr=0.01)
-    opt.step(forward=update_stats_once(first, lambda: first(x)), loss_fn=lambda z: F.cross_entropy(z, y))
+    opt.step(
+        forward=update_stats_once(first, lambda: first(x)), loss_fn=lambda z: F.cross_entropy(z, y)
+    )
     got_mean, got_var, _ = stats_of(first)
     assert torch.equal(got_mean, ref_mean) and torch.equal(got_var, ref_var)
 
@@ -145,7 +149,9 @@ def test_ascent_steps_and_perturb_every():
     x, y = batch()
     model = SmallCNN().double()
     opt = create("gasam:ascent_steps=3", model.parameters(), rho=0.5, lr=0.01)
-    opt.step(forward=update_stats_once(model, lambda: model(x)), loss_fn=lambda z: F.cross_entropy(z, y))
+    opt.step(
+        forward=update_stats_once(model, lambda: model(x)), loss_fn=lambda z: F.cross_entropy(z, y)
+    )
     assert int(model.bn.num_batches_tracked) == 1
     for method, counts in [("sam", [1, 2, 3]), ("fsam", [1, 2, 3])]:
         model = SmallCNN().double()

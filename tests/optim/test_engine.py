@@ -30,6 +30,7 @@ from helpers.optim import (
     make_mlp,
     params_of,
     poisoned_forward,
+    state_tensors,
 )
 
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
@@ -64,17 +65,6 @@ def test_restore_is_bitwise_for_any_radius_and_scale(rho, scale, seed):
     assert torch.equal(theta.detach(), before)  # lr = 0
 
 
-def _state_tensors(opt):
-    sd = opt.state_dict()
-    return [
-        t.clone()
-        for section in (sd["base"]["state"], sd["method_state"])
-        for s in section.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    ]
-
-
 @pytest.mark.parametrize("name", SAM_METHODS)
 @pytest.mark.parametrize("bad_call", [0, 1])
 def test_a_non_finite_pass_skips_the_step_and_changes_nothing(name, bad_call):
@@ -83,13 +73,13 @@ def test_a_non_finite_pass_skips_the_step_and_changes_nothing(name, bad_call):
     opt = create(name, model.parameters(), rho=0.1, lr=0.01)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # base state exists now
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
-    params, state = params_of(model), _state_tensors(opt)
+    params, state = params_of(model), state_tensors(opt)
 
     with pytest.warns(NonFiniteStepWarning, match="skipped"):
         opt.step(forward=poisoned_forward(model, x, bad_call), loss_fn=ce(y))
 
     assert_bitwise_equal(params_of(model), params)
-    assert_bitwise_equal(_state_tensors(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
     assert opt.skipped_steps == 1
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # and training goes on
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -102,10 +92,10 @@ def test_fused_adamw_skips_on_device_without_a_host_read():
     opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=0.01, fused=True)
     assert opt.skips_on_device
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
-    params, state = params_of(model), _state_tensors(opt)
+    params, state = params_of(model), state_tensors(opt)
     opt.step(forward=poisoned_forward(model, x, 1), loss_fn=ce(y))  # no warning: no host read
     assert_bitwise_equal(params_of(model), params)
-    assert_bitwise_equal(_state_tensors(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
     assert opt.skipped_steps == 1
     # a good step afterwards equals the unfused optimizer's second step
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
@@ -324,7 +314,7 @@ def test_an_error_in_the_perturbed_pass_leaves_theta_exactly_clean(name):
     model = make_mlp()
     opt = create(name, model.parameters(), rho=0.5, lr=0.01)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
-    before, state = params_of(model), _state_tensors(opt)
+    before, state = params_of(model), state_tensors(opt)
     calls = {"n": 0}
 
     def forward():
@@ -336,7 +326,7 @@ def test_an_error_in_the_perturbed_pass_leaves_theta_exactly_clean(name):
     with pytest.raises(MemoryError):
         opt.step(forward=forward, loss_fn=ce(y))
     assert_bitwise_equal(params_of(model), before)
-    assert_bitwise_equal(_state_tensors(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # and the next step is normal
 
 
@@ -363,7 +353,7 @@ def test_a_non_finite_perturbed_loss_with_finite_gradients_still_skips(name):
     model = make_mlp()
     opt = create(name, model.parameters(), rho=0.5, lr=0.01)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
-    before, state = params_of(model), _state_tensors(opt)
+    before, state = params_of(model), state_tensors(opt)
     calls = {"n": 0}
 
     def loss_fn(logits):
@@ -374,7 +364,7 @@ def test_a_non_finite_perturbed_loss_with_finite_gradients_still_skips(name):
     with pytest.warns(NonFiniteStepWarning):
         opt.step(forward=lambda: model(x), loss_fn=loss_fn)
     assert_bitwise_equal(params_of(model), before)
-    assert_bitwise_equal(_state_tensors(opt), state)
+    assert_bitwise_equal(state_tensors(opt), state)
 
 
 @pytest.mark.parametrize(("name", "ascent_steps"), [("sam", 1), ("psam", 1), ("gasam", 3)])
