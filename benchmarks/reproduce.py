@@ -259,7 +259,14 @@ def _run_phase(
         flush=True,
     )
     report = compare(
-        part.cfg, folder, specs, seeds, jobs=jobs, quiet=args.quiet or jobs > 1, resume=args.resume
+        part.cfg,
+        folder,
+        specs,
+        seeds,
+        jobs=jobs,
+        quiet=args.quiet or jobs > 1,
+        resume=args.resume,
+        probe=False,  # this script reports its own step times
     )
     after = _completed(folder, specs, seeds)
     reused = sum(after.get(p) == t for p, t in before.items())

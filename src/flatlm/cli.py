@@ -172,7 +172,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"interrupted: {len(report['missing'])} runs unfinished; continue with:")
         print(f"  {_resume_command(args, out)}")
         return EXIT_STOPPED
-    print(f"wrote {out}/results.md, results.json and plots")
+    print("wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
 
 
@@ -186,6 +186,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = write_report(args.dir)
     print(report["table"], end="")
+    print("wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
 
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +74,98 @@ def test_compare_resume_skips_finished_runs(tiny_cfg, tmp_path):
 def test_report_on_a_non_comparison_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a comparison folder"):
         write_report(tmp_path)
+
+
+def test_a_diverged_run_is_an_outcome_the_sweep_goes_on_and_resume_keeps_it(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    import flatlm.lm.compare as compare_mod
+
+    real_train = compare_mod.train
+
+    def train(cfg, out, **kwargs):  # sam "diverges" (the status flatlm train writes then)
+        result = real_train(cfg, out, **kwargs)
+        if cfg.optim.method == "sam":
+            result |= {"status": "diverged", "reason": "non-finite validation loss"}
+            (Path(out) / "result.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(compare_mod, "train", train)
+    cfg = tiny_cfg(train__steps=2)
+    report = compare(cfg, tmp_path, ["adamw", "sam"], [0], quiet=True)
+    assert (tmp_path / "runs/adamw-s0/result.json").is_file()  # sam ran first; the sweep went on
+    assert report["missing"] == []  # nothing for --resume to continue
+    assert "| runs/sam-s0 | diverged | 2/2 | non-finite validation loss |" in report["table"]
+    monkeypatch.setattr(compare_mod, "train", real_train)
+    sam = tmp_path / "runs/sam-s0/result.json"
+    before = sam.stat().st_mtime_ns
+    report = compare(cfg, tmp_path, ["adamw", "sam"], [0], quiet=True, resume=True)
+    assert sam.stat().st_mtime_ns == before and report["missing"] == []
+
+
+STEPS = 100  # sam, the slower, is signalled at its first checkpoint (step 5)
+
+
+def _compare_cli(out: Path, corpus: Path, *extra: str) -> list[str]:
+    sets = {
+        "model.size": "micro",
+        "model.block_size": "16",
+        "data.tokenizer": "char",
+        "data.corpus": str(corpus),
+        "train.batch_size": "4",
+        "train.eval_every": "0",
+        "train.eval_batches": "1",
+        "train.test_batches": "1",
+        "train.threads": "1",
+        "train.checkpoint_every": "5",
+    }
+    args = [sys.executable, "-m", "flatlm.cli", "compare", "--steps", str(STEPS), "--jobs", "2"]
+    args += ["--methods", "adamw", "sam", "--seeds", "0", "--out", str(out)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return [*args, *extra]
+
+
+@pytest.mark.slow
+def test_sigint_to_the_whole_process_group_is_one_clean_interrupt(corpus_file, tmp_path):
+    """`timeout -s INT` and schedulers signal the parent and every worker at once (the parent
+    even twice): one clean stop, checkpoints written, exit code 130, and --resume finishes."""
+    out = tmp_path / "cmp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _compare_cli(out, corpus_file),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under `timeout`
+    )
+    runs = [out / "runs/adamw-s0", out / "runs/sam-s0"]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((r / "checkpoint.pt").is_file() for r in runs):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)  # timeout: first to its child,
+    os.killpg(proc.pid, signal.SIGINT)  # then to the whole group
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "continue with" in stdout + stderr
+    statuses = []
+    for run in runs:
+        assert (run / "checkpoint.pt").is_file()
+        result = json.loads((run / "result.json").read_text())
+        statuses.append(result["status"])
+        assert result["status"] in ("interrupted", "completed")
+        assert result["status"] == "completed" or 0 < result["step"] < STEPS
+    assert "interrupted" in statuses
+
+    resume = _compare_cli(out, corpus_file, "--resume", "--set", "train.checkpoint_every=0")
+    done = subprocess.run(resume, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for run in runs:
+        result = json.loads((run / "result.json").read_text())
+        assert result["status"] == "completed" and result["step"] == STEPS
+    assert "[1/2] " in done.stderr and "[2/2] " in done.stderr  # one line per finished run
+    assert "ms/step alone" in (out / "results.md").read_text()  # the probe's column
+    probe = json.loads((out / "step_time_probe.json").read_text())
+    assert set(probe["ms_per_step"]) == {"adamw", "sam"}

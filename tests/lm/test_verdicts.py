@@ -106,3 +106,59 @@ def test_real_runs_adamw_against_itself(tiny_cfg, tmp_path):
             r["tokens_seen"] == 2 * 4 * 16 and r["epochs"] == r["tokens_seen"] / r["train_tokens"]
         )
         assert r["train_loss"] > 0 and "final_sharpness" not in r
+
+
+def test_runs_that_did_not_complete_are_listed_never_counted_as_completed(tmp_path):
+    """Diverged, interrupted and result-less runs: outside every mean, interval and verdict,
+    and said so in rows of their own; a method with no completed run still gets a row."""
+    val = VAL | {"gasam": [6.0, 6.1, 6.2]}
+    _fake_comparison(tmp_path, val=val)
+
+    def set_status(run, status, reason, step=10):
+        path = tmp_path / "runs" / run / "result.json"
+        result = json.loads(path.read_text())
+        result |= {"status": status, "reason": reason, "step": step}
+        if status == "diverged":
+            result["val_loss"] = float("nan")
+        path.write_text(json.dumps(result))
+
+    set_status("sam-s2", "diverged", "non-finite validation loss")
+    set_status("fsam-s1", "interrupted", "SIGINT or SIGTERM during step 4", step=4)
+    for seed in (0, 1, 2):
+        set_status(f"gasam-s{seed}", "diverged", "most steps skipped")
+    started = tmp_path / "runs" / "psam-s0"  # killed before it wrote result.json
+    started.mkdir()
+    (started / "config.json").write_text(
+        json.dumps({"optim": {"method": "psam"}, "train": {"seed": 0, "steps": 10}})
+    )
+
+    report = write_report(tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    sam = results["summary"]["sam"]
+    assert sam["seeds"] == [0, 1] and sam["incomplete"] == {"diverged": 1}
+    assert sam["val_loss"] == pytest.approx(statistics.fmean(VAL["sam"][:2]))  # no NaN
+    assert results["deltas_vs_adamw"]["sam"]["val"]["n"] == 2
+    assert "gasam" not in results["summary"] and "gasam" not in results["deltas_vs_adamw"]
+    incomplete = {r["run"]: r for r in results["incomplete"]}
+    assert set(incomplete) == {
+        "runs/sam-s2", "runs/fsam-s1", "runs/gasam-s0", "runs/gasam-s1", "runs/gasam-s2",
+        "runs/psam-s0",
+    }  # fmt: skip
+    assert incomplete["runs/psam-s0"]["status"] == "no result"
+
+    table = report["table"]
+    lines = table.splitlines()
+    assert any(x.startswith("| sam | 2 (+1 diverged) | ") for x in lines)  # summary row
+    assert any(x.startswith("| fsam | 2 (+1 interrupted) | ") for x in lines)
+    assert any(x.startswith("| gasam | 0 (+3 diverged) | – |") for x in lines)
+    assert "| runs/sam-s2 | diverged | 10/10 | non-finite validation loss |" in table
+    assert "| runs/fsam-s1 | interrupted | 4/10 | SIGINT or SIGTERM during step 4 |" in table
+    assert "| runs/psam-s0 | no result | 0/10 | no result.json" in table
+    assert "6 runs did not complete" in table and "completed seeds only" in table
+    sam_verdict = next(x for x in lines if x.startswith("| sam | 2 | "))
+    assert sam_verdict.endswith("(completed seeds only; 1 diverged excluded) |")
+    assert any(
+        x.startswith("| gasam | 0 | ") and x.endswith("no verdict: no completed run (3 diverged) |")
+        for x in lines
+    )
+    assert (tmp_path / "val_loss_by_seed.png").read_bytes()[:8] == PNG_MAGIC

@@ -1,10 +1,25 @@
 """Run one config under several methods and seeds (the sweep behind ``flatlm compare``).
 
 Every (method, seed) trains into ``runs/<method>-s<seed>/`` of the comparison folder
-(:func:`flatlm.lm.report.run_dir`), one at a time or in a pool of spawned processes; Ctrl-C lets
-running runs checkpoint and starts no new ones. With ``resume`` a finished run is reused and an
-interrupted one continued, but only if it was made with the same settings. The report
+(:func:`flatlm.lm.report.run_dir`), one at a time in this process or ``jobs`` at a time in
+spawned worker processes. With ``resume`` a finished run is reused and an interrupted one
+continued, but only if it was made with the same settings. The report
 (:func:`flatlm.lm.report.write_report`) is written at the end.
+
+Progress goes to stderr (nothing with ``quiet``): a header saying what runs where and with how
+many torch threads, one line per finished run, and on a terminal a live bar (runs done, the
+running runs' steps, an ETA) under ``jobs > 1``.
+
+Interrupts: the first SIGINT/SIGTERM, whether it reaches only this process or every process of
+the group at once (Ctrl-C, ``timeout -s INT``, a scheduler), sets one stop flag shared with the
+workers: running runs finish their step, write a checkpoint and return "interrupted", no new run
+starts, and the comparison returns with those runs under ``missing`` (``--resume`` continues
+them). An interrupt more than ``SAME_INTERRUPT_S`` after the first aborts: the workers are
+killed (their last periodic checkpoints stay) and the comparison returns ``aborted``.
+
+Under ``jobs > 1`` the runs' step times include contention, so after the sweep each method is
+also timed alone for a few steps (:func:`probe_step_times`, ``step_time_probe.json``): the
+report's cost column.
 """
 
 from __future__ import annotations
@@ -13,44 +28,88 @@ import copy
 import json
 import multiprocessing as mp
 import os
-import signal
+import pickle
+import statistics
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from flatlm.lm._process import stop_on_signals
-from flatlm.lm.config import RunConfig, config_from_dict
+from flatlm.lm._process import (
+    Flag,
+    SharedFlag,
+    default_threads,
+    join_sweep,
+    sigint_ignored,
+    stop_on_signals,
+    torch_threads,
+)
+from flatlm.lm.config import (
+    RESUME_ALLOWED,
+    RunConfig,
+    check_device_present,
+    config_from_dict,
+    setting_changes,
+)
 from flatlm.lm.data import prepare_corpus
-from flatlm.lm.report import run_dir, write_report
+from flatlm.lm.report import PROBE_FILE, run_dir, write_report
 from flatlm.lm.train import train
 
-_STOP: Any = None  # in workers: the parent's "stop" event (set on Ctrl-C)
+# A run's result.json status that --resume continues; any other status is a finished outcome
+# ("completed", "diverged", ...), reused as it is.
+UNFINISHED = frozenset({"interrupted", "stopped", "not started"})
+POLL_S = 0.5  # how often the parent looks at the running runs' metrics files
+PROBE_STEPS, PROBE_ROUNDS, PROBE_BUDGET_S = 8, 3, 60.0
 
 
-def _init_worker(stop: Any) -> None:
-    """Workers ignore Ctrl-C between runs; during a run ``train`` handles it (checkpoint, return)."""
-    global _STOP
-    _STOP = stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@dataclass
+class Task:
+    """One (method, seed) run of the sweep, as handed to a worker (picklable)."""
+
+    cfg: dict[str, Any]
+    out: str
+    quiet: bool
+    resume: bool
+    method: str
+    seed: int
+    steps: int
+    prior_step: int = 0  # steps done before this sweep (a resumed or reused run)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} s{self.seed}"
 
 
-def _run(task: tuple[dict[str, Any], str, bool, bool]) -> dict[str, Any]:
-    """Worker: one training run (module-level so ``spawn`` processes can pickle it)."""
-    cfg_dict, out, quiet, resume = task
-    if _STOP is not None and _STOP.is_set():
+def _finished(result: dict[str, Any]) -> bool:
+    """A run that ended for good (completed, diverged, ...), not one --resume would continue."""
+    status = result.get("status")
+    return status is not None and status not in UNFINISHED
+
+
+def _run(task: Task, stop: Flag | None = None) -> dict[str, Any]:
+    """One training run, or the finished run already there under ``resume``."""
+    if stop is not None and stop.is_set():
         return {"status": "not started"}
-    cfg = config_from_dict(cfg_dict)
-    out_path = Path(out)
-    if resume:
-        _check_same_run(out_path, cfg_dict)
-    result = _result(out_path) if resume else {}
-    if result.get("status") == "completed" and result["steps"] == cfg.train.steps:
-        return result
-    resume = resume and (out_path / "checkpoint.pt").is_file()
-    return train(cfg, out_path, resume=resume, quiet=quiet)
+    cfg = config_from_dict(task.cfg)
+    out = Path(task.out)
+    resume = False
+    if task.resume:
+        _check_same_run(out, task.cfg)
+        result = _result(out)
+        if _finished(result) and result.get("steps") == cfg.train.steps:
+            return result | {"reused": True}
+        # either file: a kill between the checkpoint's two renames leaves only the previous one
+        resume = any((out / name).is_file() for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+    return train(cfg, out, resume=resume, quiet=task.quiet)
 
 
-# Settings that do not change what a run computes: a resumed comparison may differ in these.
-_RESUME_FREE = {("train", "threads"), ("train", "log_every"), ("train", "checkpoint_every")}
+# Settings that do not change what a run computes: a resumed comparison may differ in these
+# (not in train.steps, which a single run may extend: finished runs are reused as they are).
+_RESUME_FREE = set(RESUME_ALLOWED) - {"train.steps"}
 
 
 def _check_same_run(out: Path, wanted: dict[str, Any]) -> None:
@@ -59,19 +118,41 @@ def _check_same_run(out: Path, wanted: dict[str, Any]) -> None:
     path = out / "config.json"
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    # Through the config class, so a key added since the folder was made compares at its default.
+    before, now = config_from_dict(json.loads(path.read_text())), config_from_dict(wanted)
     diffs = [
-        f"{section}.{key} = {saved.get(section, {}).get(key)!r} there, {value!r} now"
-        for section, values in wanted.items()
-        if section != "compare"
-        for key, value in values.items()
-        if (section, key) not in _RESUME_FREE and saved.get(section, {}).get(key) != value
+        f"{key} = {was!r} there, {value!r} now"
+        for key, was, value in setting_changes(before, now)
+        if key not in _RESUME_FREE
     ]
     if diffs:
         raise ValueError(
             f"cannot resume {out}: it was run with other settings ({'; '.join(diffs)}); "
             "use another --out, or drop --resume to start the comparison afresh"
         )
+
+
+def _result(run: Path) -> dict[str, Any]:
+    """A run dir's ``result.json`` ({} before the run has ended once)."""
+    path = run / "result.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_step(run: Path) -> int:
+    """The step of the last record in a run's ``metrics.jsonl`` (0 if none yet). The file is
+    rewritten atomically at every validation and checkpoint, so this lags by at most
+    ``train.eval_every`` steps."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return int(json.loads(next(x for x in reversed(lines) if x.strip()))["step"])
+    except (OSError, ValueError, KeyError, StopIteration):
+        return 0
+
+
+# ----------------------------------------------------------------------------- the sweep
 
 
 def compare(
@@ -83,62 +164,478 @@ def compare(
     jobs: int = 1,
     quiet: bool = False,
     resume: bool = False,
+    probe: bool = True,
+    stream: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Train every (method, seed) with otherwise identical settings; returns the summary."""
+    """Train every (method, seed) with otherwise identical settings; returns the report
+    (``summary``, ``table``, ``plots``, ``files``) plus ``missing`` (the run folders --resume
+    would continue) and ``aborted`` (a second interrupt killed the runs).
+
+    ``probe`` (with ``jobs > 1``) times each method alone after the sweep for the report's
+    ms/step; ``stream`` receives the progress (default stderr; nothing with ``quiet``)."""
+    check_device_present(cfg.train.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_corpus(cfg.data)  # tokenise once here, so parallel workers only read the cache
     # Under torchrun every rank runs this loop, one distributed run at a time; rank 0 writes.
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         jobs = 1
     jobs = max(1, min(jobs, len(methods) * len(seeds)))
+    threads, thread_note = _threads(cfg, jobs)
+    tasks = _tasks(cfg, out, methods, seeds, threads, quiet=quiet or jobs > 1, resume=resume)
+    progress = SweepProgress(tasks, jobs, enabled=not quiet and main_rank, stream=stream)
+    progress.say(
+        f"flatlm compare: {len(tasks)} runs ({len(methods)} methods x {len(seeds)} seeds) into "
+        f"{out}, {jobs} at a time; {thread_note}"
+    )
+    stop: Flag = SharedFlag(mp.get_context("spawn")) if jobs > 1 else threading.Event()
+    aborted = False
+    try:
+        with stop_on_signals(stop):
+            prepare_corpus(cfg.data)  # tokenise once here, so parallel workers only read the cache
+            # jobs > 1: the runs shared the cores (or the GPU), which the report says.
+            meta = {"methods": methods, "seeds": seeds, "jobs": jobs, "device": cfg.train.device}
+            meta["threads"] = threads
+            if main_rank:
+                (out / "compare.json").write_text(
+                    json.dumps(meta | {"config": cfg.to_dict()}, indent=1)
+                )
+                (out / PROBE_FILE).unlink(missing_ok=True)  # an earlier sweep's; redone below
+            if not stop.is_set():
+                progress.begin()
+                if jobs == 1:
+                    _run_here(tasks, stop, progress)
+                else:
+                    _run_workers(tasks, jobs, stop, progress)
+            progress.end(stop)
+            if probe and jobs > 1 and main_rank and not stop.is_set():
+                progress.say(
+                    f"timing each method alone for the report ({PROBE_STEPS} steps x "
+                    f"{PROBE_ROUNDS} rounds, one at a time, {threads} thread(s))"
+                )
+                try:
+                    timing = probe_step_times(cfg, methods, threads=threads, stop=stop)
+                    (out / PROBE_FILE).write_text(json.dumps(timing, indent=1))
+                except Exception as e:  # the runs are done: a failed probe must not lose them
+                    (out / PROBE_FILE).unlink(missing_ok=True)
+                    progress.say(
+                        f"timing probe failed ({type(e).__name__}: {e}); the report "
+                        "shows the runs' own, contended step times"
+                    )
+    except KeyboardInterrupt:  # a second interrupt: the workers were killed
+        aborted = True
+        progress.say("aborted: runs in progress were killed; their last checkpoints remain")
+    finally:
+        progress.close()
+    if not main_rank:  # rank 0 writes the runs' results and the report
+        return {"summary": {}, "table": "", "plots": [], "files": [], "missing": []}
+    missing = [t.out for t in tasks if not _finished(_result(Path(t.out)))]
+    if aborted or len(missing) == len(tasks):
+        empty = {"summary": {}, "table": "", "plots": [], "files": []}
+        return empty | {"missing": missing, "aborted": aborted}
+    return write_report(out) | {"missing": missing, "aborted": False}
+
+
+def _threads(cfg: RunConfig, jobs: int) -> tuple[int, str]:
+    """Each run's torch threads, and the sentence that says where the number came from."""
+    if cfg.train.threads > 0:
+        n = cfg.train.threads
+        return n, f"{n} torch thread{'s' if n > 1 else ''} per run (train.threads={n})"
+    return default_threads(jobs)
+
+
+def _tasks(
+    cfg: RunConfig,
+    out: Path,
+    methods: list[str],
+    seeds: list[int],
+    threads: int,
+    *,
+    quiet: bool,
+    resume: bool,
+) -> list[Task]:
     tasks = []
     for method in methods:
         for seed in seeds:
             c = copy.deepcopy(cfg)
-            c.optim.method, c.train.seed = method, seed
-            if c.train.threads == 0:  # share the cores instead of oversubscribing them
-                c.train.threads = max(1, (os.cpu_count() or 1) // jobs)
-            tasks.append((c.to_dict(), str(run_dir(out, method, seed)), quiet or jobs > 1, resume))
+            c.optim.method, c.train.seed, c.train.threads = method, seed, threads
+            folder = run_dir(out, method, seed)
+            prior = 0
+            if resume:
+                prior = max(int(_result(folder).get("step") or 0), _last_step(folder))
+                prior = min(prior, c.train.steps)
+            task = Task(c.to_dict(), str(folder), quiet, resume, method, seed, c.train.steps, prior)
+            tasks.append(task)
     # Longest first (sharpness-aware steps cost two passes): better packing across workers.
-    tasks.sort(key=lambda t: t[0]["optim"]["method"] == "adamw")
-    # jobs > 1: the runs shared the cores (or the GPU), which the report says beside step times.
-    meta = {"methods": methods, "seeds": seeds, "jobs": jobs, "device": cfg.train.device}
-    if main_rank:
-        (out / "compare.json").write_text(json.dumps(meta | {"config": cfg.to_dict()}, indent=1))
-    if jobs == 1:
-        for t in tasks:
-            if _run(t)["status"] != "completed":  # Ctrl-C: train checkpointed; stop here
-                break
-    else:
-        _run_pool(tasks, jobs)
-    if not main_rank:  # rank 0 writes the runs' results and the report
-        return {"summary": {}, "table": "", "plots": [], "missing": []}
-    missing = [t[1] for t in tasks if _result(Path(t[1])).get("status") != "completed"]
-    if len(missing) == len(tasks):
-        return {"summary": {}, "table": "", "plots": [], "missing": missing}
-    return write_report(out) | {"missing": missing}
+    tasks.sort(key=lambda t: t.method == "adamw")
+    return tasks
 
 
-def _result(run: Path) -> dict[str, Any]:
-    """A run dir's ``result.json`` ({} before the run has ended once)."""
-    path = run / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _run_here(tasks: list[Task], stop: Flag, progress: SweepProgress) -> None:
+    """``jobs == 1``: the runs one after another in this process (the training loop shares
+    ``stop``: see :func:`flatlm.lm._process.stop_on_signals`)."""
+    for task in tasks:
+        if stop.is_set():
+            break
+        progress.running(task)
+        progress.finished(task, _run(task, stop))
 
 
-def _run_pool(tasks: list[tuple[dict[str, Any], str, bool, bool]], jobs: int) -> None:
-    """Runs in ``jobs`` spawned processes; the first Ctrl-C lets running runs checkpoint and
-    starts no new ones, a second one terminates the workers."""
-    ctx = mp.get_context("spawn")
-    with stop_on_signals(ctx.Event()) as stop:
-        pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(stop,))
+# ----------------------------------------------------------------------------- workers
+
+
+def _worker(conn: Any, stop: Flag) -> None:
+    """A worker process: runs the tasks its connection sends until it sends None."""
+    join_sweep(stop)  # signals only set the shared flag; the parent decides to abort
+    while True:
         try:
-            for _ in pool.imap_unordered(_run, tasks):
-                pass
-            pool.close()  # let workers exit on their own (no leaked semaphores)
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            conn.send(("done", _run(task, stop)))
+        except Exception as e:
+            conn.send(("error", _picklable(e)))
+
+
+def _picklable(e: Exception) -> Exception:
+    """The worker's exception, with its traceback as a note, or a RuntimeError naming it."""
+    e.add_note("in the worker process:\n" + "".join(traceback.format_exception(e)))
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    task: Task | None = None
+
+
+def _run_workers(tasks: list[Task], jobs: int, stop: Flag, progress: SweepProgress) -> None:
+    """The runs in ``jobs`` spawned processes, each sent one task at a time. A worker that
+    dies takes only its run with it ("failed"); an exception in a run stops the sweep (the other
+    runs checkpoint) and is raised here; KeyboardInterrupt (a second interrupt) kills them."""
+    ctx = mp.get_context("spawn")
+    workers: list[_Worker] = []
+    queue = list(tasks)
+    error: BaseException | None = None
+    try:
+        with sigint_ignored():  # workers start ignoring SIGINT until join_sweep
+            for _ in range(jobs):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(there, stop), daemon=True)
+                proc.start()
+                there.close()
+                workers.append(_Worker(proc, here))
+        for w in workers:
+            _dispatch(w, queue, stop, progress)
+        while busy := [w for w in workers if w.task is not None]:
+            ready = wait_for([w.conn for w in busy] + [w.proc.sentinel for w in busy], POLL_S)
+            progress.notice_stop(stop)
+            for w in busy:
+                task = w.task
+                assert task is not None
+                if w.conn in ready or w.proc.sentinel in ready:
+                    try:
+                        kind, payload = w.conn.recv()
+                    except (EOFError, OSError):  # the process died in the middle of the run
+                        w.proc.join(5)
+                        reason = f"its worker process died (exit code {w.proc.exitcode})"
+                        progress.finished(task, {"status": "failed", "reason": reason})
+                        w.task = None
+                        continue
+                    if kind == "error":
+                        error = error or payload
+                        stop.set()
+                        progress.finished(task, {"status": "failed", "reason": str(payload)})
+                    else:
+                        progress.finished(task, payload)
+                    _dispatch(w, queue, stop, progress)
+            progress.poll(stop)
+    except BaseException:
+        for w in workers:
+            if w.proc.is_alive():
+                w.proc.kill()
+        raise
+    finally:
+        for w in workers:
+            w.proc.join(60)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+    if error is not None:
+        raise error
+
+
+def _dispatch(w: _Worker, queue: list[Task], stop: Flag, progress: SweepProgress) -> None:
+    """Send the worker its next task, or None (exit) when none is left or the sweep stops."""
+    w.task = queue.pop(0) if queue and not stop.is_set() else None
+    try:
+        w.conn.send(w.task)
+    except (BrokenPipeError, OSError):  # the process is gone: its run goes back in the queue
+        if w.task is not None:
+            queue.insert(0, w.task)
+        w.task = None
+        return
+    if w.task is not None:
+        progress.running(w.task)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _cost(method: str) -> int:
+    """Relative cost of a step, for the ETA: sharpness-aware steps make two passes."""
+    return 1 if method.split(":")[0] == "adamw" else 2
+
+
+def _duration(s: float) -> str:
+    s = round(s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class SweepProgress:
+    """What ``flatlm compare`` prints while it runs (to ``stream``, default stderr).
+
+    Always (unless disabled): the header and one line per finished run (method, seed, losses,
+    wall time, the ETA of the rest). On a terminal with ``jobs > 1`` also a live bar: runs done
+    of all, each running run's step (from its ``metrics.jsonl``, see :func:`_last_step`) and
+    the ETA. With ``jobs == 1`` the training loop's own bar shows the steps instead.
+    """
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        jobs: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+    ) -> None:
+        self.tasks, self.jobs, self.enabled = tasks, jobs, enabled
+        self.stream = stream or sys.stderr
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.live = enabled and jobs > 1 and (isatty() if live is None else live)
+        self.steps: dict[str, int] = {}  # running run folder -> last step seen
+        self.done: dict[str, dict[str, Any]] = {}
+        self.skipped_units = 0  # reused runs: no work in this sweep
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        self.stopping = False
+
+    # -- output
+
+    def say(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+        if self.live:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=max(1, self.total_units()),
+                desc=f"0/{len(self.tasks)} runs",
+                unit="starting",
+                file=self.stream,
+                bar_format="{desc} |{bar:16}| {unit}",  # unit: the running runs and the ETA
+                dynamic_ncols=True,
+                leave=False,
+            )
+            self._refresh()
+
+    def end(self, stop: Flag) -> None:
+        self.poll(stop)
+        if self.enabled and stop.is_set():
+            not_started = len(self.tasks) - len(self.done) - len(self.steps)
+            if not_started > 0:
+                runs = "run" if not_started == 1 else "runs"
+                self.say(f"{not_started} {runs} not started; continue with --resume")
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # -- events
+
+    def running(self, task: Task) -> None:
+        self.steps[task.out] = task.prior_step
+
+    def finished(self, task: Task, result: dict[str, Any]) -> None:
+        self.steps.pop(task.out, None)
+        status = result.get("status")
+        if status == "not started":
+            return
+        self.done[task.out] = result
+        if result.get("reused"):
+            self.skipped_units += self._units(task)
+        self.say(self._line(task, result))
+        self._refresh()
+
+    def notice_stop(self, stop: Flag) -> None:
+        """Say once, while runs are running, that the sweep is stopping."""
+        if stop.is_set() and not self.stopping:
+            self.stopping = True
+            if self.steps:
+                self.say(
+                    "stopping: running runs finish their step and write a checkpoint, no new "
+                    "run starts (interrupt again to abort)"
+                )
+
+    def poll(self, stop: Flag) -> None:
+        """Read the running runs' last steps into the bar."""
+        self.notice_stop(stop)
+        if self.bar is None:
+            return
+        for out in self.steps:
+            self.steps[out] = max(self.steps[out], _last_step(Path(out)))
+        self._refresh()
+
+    # -- figures
+
+    def _units(self, task: Task) -> int:
+        return (task.steps - task.prior_step) * _cost(task.method)
+
+    def total_units(self) -> int:
+        return sum(self._units(t) for t in self.tasks) - self.skipped_units
+
+    def done_units(self) -> int:
+        units = 0
+        for t in self.tasks:
+            if t.out in self.done and not self.done[t.out].get("reused"):
+                step = int(self.done[t.out].get("step") or t.steps)
+                units += (step - t.prior_step) * _cost(t.method)
+            elif t.out in self.steps:
+                units += max(0, self.steps[t.out] - t.prior_step) * _cost(t.method)
+        return units
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far (step cost weighted by method), None before any."""
+        done, total = self.done_units(), self.total_units()
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.t0) * max(0, total - done) / done
+
+    def _line(self, task: Task, result: dict[str, Any]) -> str:
+        head = f"[{len(self.done)}/{len(self.tasks)}] {task.name}"
+        status = result.get("status")
+        step = f"step {result.get('step', '?')}/{task.steps}"
+        if result.get("reused"):
+            return f"{head}: reused ({status} before, val loss {_fmt(result.get('val_loss'))})"
+        if status == "completed":
+            text = (
+                f"{head}: val loss {_fmt(result.get('val_loss'))}, test loss "
+                f"{_fmt(result.get('test_loss'))}, {_duration(result.get('wall_time_s', 0))}"
+            )
+        elif status in UNFINISHED:
+            return f"{head}: {status} at {step}, checkpoint written"
+        else:
+            reason = result.get("reason") or "no reason given"
+            text = f"{head}: {status} at {step} ({reason}); not counted as a completed run"
+        eta = self.eta()
+        left = len(self.tasks) - len(self.done)
+        if left and eta is not None and not self.stopping:
+            text += f"; ETA {_duration(eta)} for the {left} left"
+        return text
+
+    def _refresh(self) -> None:
+        if self.bar is None:
+            return
+        self.bar.total = max(1, self.total_units())
+        self.bar.n = min(self.done_units(), self.bar.total)
+        self.bar.set_description_str(f"{len(self.done)}/{len(self.tasks)} runs", refresh=False)
+        names = {t.out: t for t in self.tasks}
+        running = ", ".join(f"{names[o].name} {s}/{names[o].steps}" for o, s in self.steps.items())
+        eta = self.eta()
+        elapsed = _duration(time.perf_counter() - self.t0)
+        tail = f"{elapsed} elapsed" + (f", ETA {_duration(eta)}" if eta is not None else "")
+        self.bar.unit = f"{running} | {tail}" if running else tail
+        self.bar.refresh()
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, int | float) else "-"
+
+
+# ----------------------------------------------------------------------------- timing probe
+
+
+def probe_step_times(
+    cfg: RunConfig,
+    methods: list[str],
+    *,
+    threads: int = 1,
+    steps: int = PROBE_STEPS,
+    rounds: int = PROBE_ROUNDS,
+    budget_s: float = PROBE_BUDGET_S,
+    stop: Flag | None = None,
+) -> dict[str, Any]:
+    """Each method's time per training step measured alone, in this process: ``steps`` steps
+    (after one warm-up step) per method per round, the methods interleaved round by round
+    (so a change in background load hits them all), the median over rounds. Rounds after the
+    first stop once ``budget_s`` is spent. Same config, batch and threads as the runs."""
+    import torch
+
+    from flatlm.lm.data import get_batch, train_split
+    from flatlm.lm.models import build_model
+    from flatlm.lm.train import make_optimizer, train_step
+
+    corpus = prepare_corpus(cfg.data)
+    data = train_split(corpus, cfg.data)
+    tc, device = cfg.train, torch.device(cfg.train.device)
+    gen = torch.Generator().manual_seed(0)
+    batches = [get_batch(data, tc.batch_size, cfg.model.block_size, gen) for _ in range(steps + 1)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    t_start = time.perf_counter()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
+        for r in range(rounds):
+            if r and (time.perf_counter() - t_start > budget_s or (stop and stop.is_set())):
+                break
+            for method in methods if r % 2 == 0 else methods[::-1]:
+                c = copy.deepcopy(cfg)
+                c.optim.method = method
+                torch.manual_seed(0)
+                model = build_model(c.model, corpus.vocab_size).to(device)
+                opt = make_optimizer(model, c.optim, tc.grad_clip)
+                model.train()
+                train_step(model, opt, *batches[0], tc.grad_clip)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                for x, y in batches[1:]:
+                    train_step(model, opt, x, y, tc.grad_clip)
+                sync()
+                samples[method].append((time.perf_counter() - t0) / steps)
+    ms = {m: 1000 * statistics.median(s) for m, s in samples.items()}
+    return {
+        "what": "time per training step of each method measured alone after the sweep",
+        "steps": steps,
+        "rounds": len(next(iter(samples.values()))),
+        "threads": threads,
+        "device": tc.device,
+        "ms_per_step": ms,
+        "samples_ms": {m: [1000 * x for x in s] for m, s in samples.items()},
+    }

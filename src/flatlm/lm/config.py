@@ -334,8 +334,8 @@ def _check_method(key: str, spec: str, cfg: RunConfig, table: dict[str, Any] | N
         raise ConfigError(f"config key '{key}' ({spec!r}): {e}") from e
 
 
-def _check_device(name: str) -> None:
-    """'cpu', 'cuda' or 'cuda:N', and only a CUDA device this machine has."""
+def _check_device(name: str) -> Any:
+    """'cpu', 'cuda' or 'cuda:N' (a config may name a GPU it will run on elsewhere)."""
     import torch
 
     try:
@@ -344,6 +344,14 @@ def _check_device(name: str) -> None:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'train.device' must be 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
+
+
+def check_device_present(name: str) -> None:
+    """Before training: the config's device exists on this machine."""
+    import torch
+
+    device = _check_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"config key 'train.device' is {name!r} but torch sees no CUDA device here "

@@ -16,6 +16,7 @@ import json
 import lzma
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,13 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
         train_texts = (p.text for p in splits["train"])
         with _cache_errors(directory):
             directory.mkdir(parents=True, exist_ok=True)
+            what = "characters" if cfg.tokenizer == "char" else f"a {cfg.vocab_size}-token BPE"
+            print(  # once the data and the cache are known good: errors stay one line
+                f"tokenising {cfg.corpus} once: training {what} on the training split and "
+                f"writing the token cache under {directory} (seconds to a minute; reused after)",
+                file=sys.stderr,
+                flush=True,
+            )
             if cfg.tokenizer == "char":
                 tok: Tokenizer = CharTokenizer.train(train_texts)
             else:

@@ -22,29 +22,60 @@ def _pyplot() -> Any:
     return plt
 
 
+def _mean_band(
+    ax: Any, curves: list[list[list[float]]], label: str, color: str, marker: str | None
+) -> None:
+    """Mean over seeds with a ± 1 sample-std band (ddof=1, as in the tables; none for one
+    seed), on the steps every curve has."""
+    n = min(len(c) for c in curves)
+    steps = np.array([s for s, _ in curves[0][:n]])
+    losses = np.array([[v for _, v in c[:n]] for c in curves], dtype=float)
+    mean = losses.mean(0)
+    std = losses.std(0, ddof=1) if len(losses) > 1 else np.zeros_like(mean)
+    ax.plot(steps, mean, color=color, marker=marker, ms=4, label=label)
+    ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
 def plot_curves(runs: list[dict[str, Any]], methods: list[str], out: Path) -> list[Path]:
-    """``val_loss.png`` (mean ± std per method) and ``val_loss_by_seed.png`` (a panel per method)."""
+    """``val_loss.png``: validation loss (a marker per evaluation) and training loss (every
+    ``log_every`` steps), mean over each method's completed seeds with a ± 1 std band; and
+    ``val_loss_by_seed.png``: a panel per method, a line per seed, dashed for a run that did not
+    complete (its status in the legend)."""
     plt = _pyplot()
+    done = [r for r in runs if r.get("status") == "completed"]
     methods = [m for m in methods if any(r["method"] == m and r["val_curve"] for r in runs)]
     if not methods:
         return []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
-        curves = [r["val_curve"] for r in runs if r["method"] == method and r["val_curve"]]
-        n = min(len(c) for c in curves)
-        steps = np.array([s for s, _ in curves[0][:n]])
-        losses = np.array([[v for _, v in c[:n]] for c in curves])
-        # the sample std (ddof=1), as in the tables; one seed draws no band
-        mean = losses.mean(0)
-        std = losses.std(0, ddof=1) if len(losses) > 1 else np.zeros_like(mean)
-        ax.plot(steps, mean, label=f"{method} (n={len(curves)})")
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="Validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (ax, ax_train) = plt.subplots(1, 2, figsize=(12, 4.5))
+    n_seeds = set()
+    for i, method in enumerate(methods):
+        color = f"C{i % 10}"
+        curves = [r["val_curve"] for r in done if r["method"] == method and r["val_curve"]]
+        if curves:
+            n_seeds.add(len(curves))
+            _mean_band(ax, curves, f"{method} (n={len(curves)})", color, "o")
+        train = [r.get("train_curve") for r in done if r["method"] == method]
+        train = [c for c in train if c]
+        if train:
+            _mean_band(ax_train, train, f"{method} (n={len(train)})", color, None)
+    band = "shaded: ± 1 sample std over seeds" if max(n_seeds, default=1) > 1 else "one seed"
+    ax.set(
+        xlabel="step",
+        ylabel="validation loss (nats/token)",
+        title=f"Validation loss, mean over completed seeds\n(a dot per evaluation; {band})",
+    )
+    ax_train.set(
+        xlabel="step",
+        ylabel="training loss (nats/token, one batch)",
+        title=f"Training loss on each logged step's batch\n(mean over completed seeds; {band})",
+    )
+    for a in (ax, ax_train):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=8)
     fig.tight_layout()
     paths = [out / "val_loss.png"]
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
     cols = min(3, len(methods))
@@ -54,7 +85,9 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], out: Path) -> li
         for r in sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"]):
             if r["val_curve"]:
                 s, v = zip(*r["val_curve"], strict=True)
-                ax.plot(s, v, label=f"seed {r['seed']}")
+                ok = r.get("status") == "completed"
+                label = f"seed {r['seed']}" + ("" if ok else f" ({r.get('status')})")
+                ax.plot(s, v, ls="-" if ok else "--", marker=".", label=label)
         ax.set_title(method)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -107,8 +140,10 @@ def plot_deltas(deltas: dict[str, dict[str, Any]], out: Path, baseline: str) -> 
 
 
 def plot_sharpness(runs: list[dict[str, Any]], methods: list[str], out: Path) -> list[Path]:
-    """``sharpness.png``: λ_max(H) and the logit/functional ratio over training, mean per method."""
+    """``sharpness.png``: λ_max(H) and the logit/functional ratio over training, mean over each
+    method's completed runs."""
     plt = _pyplot()
+    runs = [r for r in runs if r.get("status") == "completed"]
     methods = [
         m for m in methods if any(r["method"] == m and r.get("sharpness_curve") for r in runs)
     ]

@@ -7,6 +7,12 @@ so ``flatlm report DIR`` works on any finished (or partly finished) comparison.
 
 The verdicts come from :mod:`flatlm.lm.stats`: each method minus AdamW paired by seed, with a 95%
 interval, and the regime (epochs, train-validation gap) the comparison ran in.
+
+Only completed runs enter the means, intervals, verdicts and mean curves. Every other run
+(diverged, interrupted, failed, or one that never wrote ``result.json``) is listed in its own
+table with its status, step and reason, counted beside its method's seeds ("2 (+1 diverged)"),
+drawn dashed in the per-seed plot, and kept under ``incomplete`` in ``results.json``: a method
+whose seeds diverged is never shown as if it had completed them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from flatlm.lm.plots import plot_curves, plot_deltas, plot_sharpness
 
 RUNS = "runs"
 BASELINE = "adamw"  # every verdict is "this method vs AdamW at the same seeds"
+PROBE_FILE = "step_time_probe.json"  # flatlm.lm.compare.probe_step_times, under --jobs N > 1
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -39,25 +46,79 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def collect_runs(out: Path) -> list[dict[str, Any]]:
-    """Each run dir's ``result.json`` plus its validation curve from ``metrics.jsonl``."""
+    """Each run dir's ``result.json`` plus its validation and training curves from
+    ``metrics.jsonl``; a run dir without ``result.json`` (still running, or killed before its
+    end) as status "no result"."""
     runs = []
-    for result_path in sorted((out / RUNS).glob("*/result.json")):
-        result = json.loads(result_path.read_text())
-        metrics = result_path.parent / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    for folder in sorted(p for p in (out / RUNS).glob("*") if p.is_dir()):
+        result_path = folder / "result.json"
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+        elif (folder / "config.json").is_file():
+            cfg = json.loads((folder / "config.json").read_text())
+            result = {
+                "method": cfg.get("optim", {}).get("method", folder.name),
+                "seed": cfg.get("train", {}).get("seed"),
+                "status": "no result",
+                "steps": cfg.get("train", {}).get("steps"),
+                "reason": "no result.json: still running, or stopped before it wrote one",
+            }
+        else:
+            continue
+        records = _records(folder / "metrics.jsonl")
+        if result["status"] == "no result":
+            result["step"] = max((r["step"] for r in records), default=0)
         result["val_curve"] = [[r["step"], r["loss"]] for r in records if r["split"] == "val"]
+        result["train_curve"] = [[r["step"], r["loss"]] for r in records if r["split"] == "train"]
         result["sharpness_curve"] = [
             [r["step"], r.get("hessian.lambda_max"), r.get("sam.logit_functional_ratio")]
             for r in records
             if r["split"] == "sharpness"
         ]
-        result["run_dir"] = str(result_path.parent.relative_to(out))
+        result["run_dir"] = str(folder.relative_to(out))
         runs.append(result)
     return runs
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def incomplete_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every run whose status is not "completed": what it is, how far it got, and why."""
+    return [
+        {
+            "run": r.get("run_dir", f"{r['method']}-s{r['seed']}"),
+            "method": r["method"],
+            "seed": r.get("seed"),
+            "status": r.get("status") or "unknown",
+            "step": r.get("step"),
+            "steps": r.get("steps"),
+            "reason": r.get("reason") or "",
+        }
+        for r in runs
+        if r.get("status") != "completed"
+    ]
+
+
+def _status_counts(incomplete: list[dict[str, Any]], method: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in incomplete:
+        if r["method"] == method:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def _seeds_cell(n: int, counts: dict[str, int]) -> str:
+    """ "3", or "2 (+1 diverged)" when runs of the method did not complete."""
+    extra = ", ".join(f"+{k} {status}" for status, k in counts.items())
+    return f"{n} ({extra})" if extra else str(n)
+
+
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Mean ± std over seeds per method; time per step relative to AdamW's."""
+    """Mean ± std over each method's completed runs; time per step relative to AdamW's."""
     summary: dict[str, dict[str, Any]] = {}
     for method in methods:
         done = [r for r in runs if r["method"] == method and r["status"] == "completed"]
@@ -137,26 +198,76 @@ def regime(summary: dict[str, dict[str, Any]], baseline: str = BASELINE) -> dict
 # ----------------------------------------------------------------------------- markdown
 
 
-def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Mean ± std per method; the final top Hessian eigenvalue when the runs computed it."""
+def markdown_table(
+    summary: dict[str, dict[str, Any]],
+    incomplete: list[dict[str, Any]] | None = None,
+    timing: dict[str, Any] | None = None,
+) -> str:
+    """Mean ± std per method over its completed runs; the final top Hessian eigenvalue when the
+    runs computed it. Step times: measured alone (the probe) when ``timing`` has it, else the
+    runs' own, headed as contended when runs shared the device."""
+    incomplete = incomplete or []
+    timing = timing or {}
     lam = any(r.get("lambda_max") is not None for r in summary.values())
-    head = (
-        "| method | seeds | val loss | val ppl | test loss | test ppl | ms/step | vs AdamW "
-        "| train time (s) | skipped |" + (" λ_max(H) |" if lam else "") + "\n"
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if lam else "") + "\n"
-    )
-    lines = []
+    probe = (timing.get("probe") or {}).get("ms_per_step") or {}
+    jobs = timing.get("jobs") or 1
+    if probe:
+        time_cols = ["ms/step alone", "vs AdamW alone", f"ms/step in sweep ({jobs} jobs)"]
+    elif jobs > 1:
+        time_cols = [f"ms/step ({jobs} jobs sharing)", "vs AdamW (contended)"]
+    else:
+        time_cols = ["ms/step", "vs AdamW"]
+    cols = ["method", "seeds", "val loss", "val ppl", "test loss", "test ppl", *time_cols]
+    cols += ["train time (s)", "skipped"] + (["λ_max(H)"] if lam else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    base_probe = probe.get(BASELINE)
     for method, r in summary.items():
-        rel = f"{r['time_vs_adamw']:.2f}x" if r["time_vs_adamw"] else "-"
-        lines.append(
-            f"| {method} | {len(r['seeds'])} "
-            f"| {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f} "
-            f"| {r['test_loss']:.4f} ± {r['test_loss_std']:.4f} "
-            f"| {r['test_ppl']:.2f} ± {r['test_ppl_std']:.2f} "
-            f"| {1000 * r['time_per_step_s']:.1f} | {rel} | {r['train_time_s']:.1f} "
-            f"| {r['skipped_steps']} |" + (f" {_num(r.get('lambda_max'), '.4g')} |" if lam else "")
-        )
-    return head + "\n".join(lines) + "\n"
+        seeds = _seeds_cell(len(r["seeds"]), _status_counts(incomplete, method))
+        sweep = f"{1000 * r['time_per_step_s']:.1f}"
+        if probe:
+            ms = probe.get(method)
+            rel = f"{ms / base_probe:.2f}x" if ms and base_probe else "-"
+            times = [_num(ms, ".1f"), rel, sweep]
+        else:
+            times = [sweep, f"{r['time_vs_adamw']:.2f}x" if r["time_vs_adamw"] else "-"]
+        cells = [
+            method,
+            seeds,
+            f"{r['val_loss']:.4f} ± {r['val_loss_std']:.4f}",
+            f"{r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f}",
+            f"{r['test_loss']:.4f} ± {r['test_loss_std']:.4f}",
+            f"{r['test_ppl']:.2f} ± {r['test_ppl_std']:.2f}",
+            *times,
+            f"{r['train_time_s']:.1f}",
+            str(r["skipped_steps"]),
+        ] + ([_num(r.get("lambda_max"), ".4g")] if lam else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    for method in dict.fromkeys(r["method"] for r in incomplete):
+        if method not in summary:  # no completed run at all: a row that says so
+            seeds = _seeds_cell(0, _status_counts(incomplete, method))
+            lines.append("| " + " | ".join([method, seeds] + ["–"] * (len(cols) - 2)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def incomplete_table(incomplete: list[dict[str, Any]]) -> str:
+    """The runs that did not complete, and how the tables treat them ("" when there are none)."""
+    if not incomplete:
+        return ""
+    lines = [
+        f"**{len(incomplete)} run{'s' if len(incomplete) > 1 else ''} did not complete** and "
+        "are in none of the means, intervals, verdicts or mean curves above (they are counted "
+        "beside their method's seeds, and drawn dashed per seed): each method's figures rest on "
+        "its completed seeds only. Diverged or failed runs are outcomes, kept by `--resume`; "
+        "interrupted ones continue with `flatlm compare --resume`.",
+        "",
+        "| run | status | step | reason |",
+        "|---|---|---|---|",
+    ]
+    for r in incomplete:
+        step = f"{r['step'] if r['step'] is not None else '?'}/{r['steps'] or '?'}"
+        reason = (r["reason"] or "-").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['run']} | {r['status']} | {step} | {reason} |")
+    return "\n".join(lines) + "\n"
 
 
 def _num(x: float | None, fmt: str = ".4f") -> str:
@@ -169,8 +280,15 @@ def _ci(d: dict[str, Any], low: str = "t_low", high: str = "t_high") -> str:
     return f"[{d[low]:+.4f}, {d[high]:+.4f}]"
 
 
-def verdict_table(deltas: dict[str, dict[str, Any]], baseline: str = BASELINE) -> str:
-    """Δ = method − AdamW per seed, mean and 95% interval, and the verdict; says so with 1 seed."""
+def verdict_table(
+    deltas: dict[str, dict[str, Any]],
+    baseline: str = BASELINE,
+    incomplete: list[dict[str, Any]] | None = None,
+) -> str:
+    """Δ = method − AdamW per seed, mean and 95% interval, and the verdict; says so with 1 seed.
+    A method with runs that did not complete says so beside its verdict (which covers only its
+    completed seeds); one with no completed run gets a row without numbers."""
+    incomplete = incomplete or []
     if not deltas:
         return f"No verdicts: the comparison has no completed {baseline} runs to pair with.\n"
     n_max = max(d["val"]["n"] for d in deltas.values())
@@ -197,8 +315,20 @@ def verdict_table(deltas: dict[str, dict[str, Any]], baseline: str = BASELINE) -
         for split in ("val", "test"):
             cells += [f"{d[split]['mean']:+.4f}", _ci(d[split])]
             cells += [_ci(d[split], "bootstrap_low", "bootstrap_high")] if boot else []
-        cells.append("baseline" if method == baseline else d["verdict"])
+        verdict = "baseline" if method == baseline else d["verdict"]
+        counts = _status_counts(incomplete, method)
+        if counts:
+            what = ", ".join(f"{k} {status}" for status, k in counts.items())
+            verdict += f" (completed seeds only; {what} excluded)"
+        cells.append(verdict)
         lines.append("| " + " | ".join(cells) + " |")
+    for method in dict.fromkeys(r["method"] for r in incomplete):
+        if method not in deltas and method != baseline:
+            what = ", ".join(f"{k} {s}" for s, k in _status_counts(incomplete, method).items())
+            cells = (
+                [method, "0"] + ["–"] * (len(cols) - 3) + [f"no verdict: no completed run ({what})"]
+            )
+            lines.append("| " + " | ".join(cells) + " |")
     return intro + "\n".join(lines) + "\n"
 
 
@@ -216,16 +346,27 @@ def regime_table(summary: dict[str, dict[str, Any]], reg: dict[str, Any]) -> str
     return "\n".join(lines) + f"\n\n**Regime:** {reg['sentence']}\n"
 
 
-def timing_note(meta: dict[str, Any]) -> str:
-    """Whether the step times were measured alone or with runs sharing the device."""
+def timing_note(meta: dict[str, Any], probe: dict[str, Any] | None = None) -> str:
+    """Where the step times come from: runs alone, or runs sharing the device (then also the
+    probe that timed each method alone, if there is one)."""
     jobs, device = meta.get("jobs"), meta.get("device", "cpu")
     if jobs is None:
         return ""
+    if jobs > 1 and probe:
+        return (
+            f"Timing: {jobs} runs shared the {device} device at a time (`--jobs {jobs}`), so the "
+            f"runs' own step times (ms/step in sweep) include contention and are no cost measure. "
+            f"ms/step alone and vs AdamW alone come from a probe after the sweep: each method "
+            f"timed alone for {probe.get('steps')} steps after a warm-up step, "
+            f"{probe.get('rounds')} rounds interleaving the methods, the median, with "
+            f"{probe.get('threads')} torch thread(s) on {probe.get('device', device)} "
+            f"(`{PROBE_FILE}`).\n"
+        )
     if jobs > 1:
         return (
             f"Timing: {jobs} runs shared the {device} device at a time (`--jobs {jobs}`), so "
-            "ms/step includes contention and the ratios are noisy; rerun one method with "
-            "`--jobs 1` for clean step times.\n"
+            "ms/step includes contention and the ratios are noisy (no probe timed the methods "
+            "alone); rerun one method with `--jobs 1` for clean step times.\n"
         )
     return f"Timing: one run at a time on {device} (`--jobs 1`).\n"
 
@@ -234,42 +375,59 @@ def timing_note(meta: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: str | Path) -> dict[str, Any]:
-    """(Re)build ``results.md``, ``results.json`` and the plots from the run dirs in ``out_dir``."""
+    """(Re)build ``results.md``, ``results.json`` and the plots from the run dirs in ``out_dir``;
+    returns the ``summary``, the ``table`` text, the ``plots`` and every file written
+    (``files``)."""
     out = Path(out_dir)
     if not (out / RUNS).is_dir():
         raise FileNotFoundError(f"{out} is not a comparison folder (no '{RUNS}/' inside)")
     runs = collect_runs(out)
-    if not runs:
+    if not any(r["status"] != "no result" for r in runs):
         raise FileNotFoundError(f"no finished runs (runs/*/result.json) in {out}")
     meta_path = out / "compare.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    probe_path = out / PROBE_FILE
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
     known = meta.get("methods") or []
     methods = known + sorted({r["method"] for r in runs} - set(known))
     summary = summarize(runs, methods)
+    incomplete = incomplete_runs(runs)
+    for method, row in summary.items():
+        row["incomplete"] = _status_counts(incomplete, method)
     deltas = paired_deltas(runs, list(summary))
     reg = regime(summary)
+    timing = {"jobs": meta.get("jobs"), "device": meta.get("device")}
+    timing["shared_device"] = (meta.get("jobs") or 1) > 1
+    timing["threads"] = meta.get("threads")
+    timing["probe"] = probe
+    note = timing_note(meta, probe)
     table = (
-        markdown_table(summary)
+        markdown_table(summary, incomplete, timing)
+        + ("\n" + incomplete_table(incomplete) if incomplete else "")
         + "\n"
-        + verdict_table(deltas)
+        + verdict_table(deltas, BASELINE, incomplete)
         + "\n"
         + regime_table(summary, reg)
-        + ("\n" + timing_note(meta) if timing_note(meta) else "")
+        + ("\n" + note if note else "")
     )
     plots = plot_curves(runs, methods, out) + plot_deltas(deltas, out, BASELINE)
     plots += plot_sharpness(runs, methods, out)
-    seeds = sorted({r["seed"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
     text = (
-        f"# flatlm comparison\n\nMean ± std over seeds {seeds}; losses are nats/token on the fixed "
-        "validation/test windows; time per step is training time only (no evaluation).\n\n"
-        + table
-        + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+        f"# flatlm comparison\n\nMean ± std over seeds {seeds} (completed runs only); losses are "
+        "nats/token on the fixed validation/test windows; time per step is training time only "
+        "(no evaluation).\n\n" + table + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     )
     (out / "results.md").write_text(text)
     results = {"summary": summary, "deltas_vs_adamw": deltas, "regime": reg}
-    results |= {"runs": runs, "seeds": seeds, "methods": methods}
-    results["timing"] = {"jobs": meta.get("jobs"), "device": meta.get("device")}
-    results["timing"]["shared_device"] = (meta.get("jobs") or 1) > 1
+    results |= {"incomplete": incomplete, "runs": runs, "seeds": seeds, "methods": methods}
+    results["timing"] = timing
     results["config"] = meta.get("config")
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    return {"summary": summary, "table": table, "plots": [str(p) for p in plots]}
+    files = [out / "results.md", out / "results.json", *plots]
+    return {
+        "summary": summary,
+        "table": table,
+        "plots": [str(p) for p in plots],
+        "files": [str(p) for p in files],
+    }

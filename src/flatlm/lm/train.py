@@ -26,9 +26,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from flatlm.lm._io import atomic_write_text, own_folder
-from flatlm.lm._process import stop_on_signals, torch_threads
+from flatlm.lm._process import default_threads, stop_on_signals, torch_threads
 from flatlm.lm.checkpoint import RunState, resume_run, save_checkpoint
-from flatlm.lm.config import OptimConfig, RunConfig, TrainConfig, config_from_dict, optimizer_kwargs
+from flatlm.lm.config import (
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    check_device_present,
+    config_from_dict,
+    optimizer_kwargs,
+)
 from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
@@ -193,7 +200,13 @@ def train(
     its ``reason`` says why in words ("" when completed). The folder is this process's until
     the call returns: another process training into it gets a ``FolderError``.
     """
-    with torch_threads(cfg.train.threads):
+    check_device_present(cfg.train.device)
+    threads = cfg.train.threads
+    if threads == 0:  # torch's default oversubscribes a busy machine: take this process's share
+        threads, why = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if not quiet and int(os.environ.get("RANK", "0")) == 0:
+            print(f"flatlm train: {why}", file=sys.stderr, flush=True)
+    with torch_threads(threads):
         return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after)
 
 

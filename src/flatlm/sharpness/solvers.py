@@ -47,14 +47,17 @@ class TraceEstimate:
 
 
 @contextmanager
-def _progress(op: CurvatureOperator, enabled: bool, desc: str) -> Iterator[None]:
-    """A tqdm bar over the products of ``op`` (long solves on real models take minutes)."""
+def _progress(
+    op: CurvatureOperator, enabled: bool, desc: str, total: int | None = None
+) -> Iterator[None]:
+    """A tqdm bar over the products of ``op`` (long solves on real models take minutes), with
+    ``total`` products where the solver knows it in advance."""
     if not enabled:
         yield
         return
     tqdm = require("tqdm.auto", "sharpness", feature="progress=True").tqdm
 
-    bar = tqdm(desc=desc, unit="mv")
+    bar = tqdm(desc=desc, unit="mv", total=total)
     old = op.progress
     op.progress = bar.update
     try:
@@ -103,7 +106,7 @@ def top_eigen(
     if k < 1:
         raise ValueError("k must be >= 1")
     start = op.num_matvecs
-    with _progress(op, progress, f"eigsh[{op.name}]"):
+    with _progress(op, progress, f"eigsh[{op.name}] (ARPACK, to its tolerance: no fixed total)"):
         if k >= op.dim - 1:
             vals_t, vecs_t = torch.linalg.eigh(_dense(op))
             vals, vecs = vals_t.cpu().numpy(), vecs_t.cpu().numpy()
@@ -152,7 +155,7 @@ def lanczos(
     beta = torch.zeros(m, dtype=torch.float64)
     start = op.num_matvecs
     used = m
-    with _progress(op, progress, f"lanczos[{op.name}]"):
+    with _progress(op, progress, f"lanczos[{op.name}]", total=m):
         for j in range(m):
             Q[:, j] = q
             w = op.matvec(q.to(op.dtype)).double().cpu()
@@ -200,7 +203,7 @@ def exact_trace(op: CurvatureOperator, *, block: int = 64, progress: bool = Fals
     """Exact trace from the ``dim`` products ``e_iᵀ A e_i`` (when ``dim`` is small)."""
     total = 0.0
     start = op.num_matvecs
-    with _progress(op, progress, f"trace[{op.name}]"):
+    with _progress(op, progress, f"trace[{op.name}]", total=op.dim):
         for i in range(0, op.dim, block):
             j = min(op.dim, i + block)
             E = torch.zeros(op.dim, j - i, dtype=torch.float64)
@@ -229,7 +232,7 @@ def hutchinson_trace(
     gen = torch.Generator().manual_seed(seed)
     V = _probes(op.dim, num_samples, gen, distribution)
     start = op.num_matvecs
-    with _progress(op, progress, f"hutchinson[{op.name}]"):
+    with _progress(op, progress, f"hutchinson[{op.name}]", total=num_samples):
         AV = _apply(op, V, block)
     samples = (V * AV).sum(0)
     se = float(samples.std(unbiased=True) / math.sqrt(num_samples)) if num_samples > 1 else math.inf
@@ -258,7 +261,7 @@ def hutchpp_trace(
     S = _probes(op.dim, s, gen, distribution)
     G = _probes(op.dim, n_g, gen, distribution)
     start = op.num_matvecs
-    with _progress(op, progress, f"hutch++[{op.name}]"):
+    with _progress(op, progress, f"hutch++[{op.name}]", total=num_matvecs):
         Q, _ = torch.linalg.qr(_apply(op, S, block))
         AQ = _apply(op, Q, block)
         G_perp = G - Q @ (Q.T @ G)
