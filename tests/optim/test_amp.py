@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from flatlm.optim import METHODS, create
 from helpers.optim import (
     assert_bitwise_equal,
+    ce,
     flat_norm,
     make_batch,
     make_mlp,
@@ -117,3 +118,19 @@ def test_autocast_steps_track_the_float32_steps(name, dtype):
     moved = flat_norm([q.detach() - p0 for q, p0 in zip(b.parameters(), start, strict=True)])
     assert moved > 0.1  # ≈ 3·lr·√59 = 0.23: the float32 run moved, so the ratio is meaningful
     assert error <= AUTOCAST_TOLERANCE[dtype] * moved, float(error / moved)
+
+
+@pytest.mark.parametrize("name", ["sam", "fsam"])
+def test_a_step_inside_autocast_perturbs_the_low_precision_weights_too(name):
+    # autocast caches its low-precision copies of the weights; θ moves in place, so without
+    # clearing the cache the perturbed pass would run at the old (clean) weights.
+    x, y = make_batch(dtype=torch.float32)
+    a, b = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
+    opt_a = create(name, a.parameters(), rho=0.5, lr=0.05)
+    opt_b = create(name, b.parameters(), rho=0.5, lr=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cache on (the default)
+        opt_a.step(forward=lambda: a(x), loss_fn=ce(y))
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        opt_b.step(forward=lambda: b(x), loss_fn=ce(y))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -35,6 +35,12 @@ def inverse_norm(norm: Tensor) -> Tensor:
     return 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
+def _forget_autocast_copies() -> None:
+    """θ moved in place: under ``torch.autocast`` (cache on, its default) the low-precision
+    copies of the weights made at the old θ would be reused by the next pass."""
+    torch.clear_autocast_cache()
+
+
 def _has_grad(p: Tensor) -> bool:
     return p.grad is not None
 
@@ -151,6 +157,7 @@ class Perturbation:
         if self.record_norm:
             self.last_norm = global_norm(eps)
         torch._foreach_add_(params, eps)
+        _forget_autocast_copies()
 
     @torch.no_grad()
     def ascend_stored(self, groups: list[dict[str, Any]], state: State) -> None:
@@ -167,6 +174,7 @@ class Perturbation:
         for start, end, rho in gathered.slices:
             if end > start:
                 torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
+        _forget_autocast_copies()
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -175,6 +183,7 @@ class Perturbation:
         assert gathered is not None
         torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
         self.active = None
+        _forget_autocast_copies()
 
     def abort(self) -> None:
         """Undo a started step (θ back, nothing kept); a no-op when none is under way."""
