@@ -7,7 +7,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from flatlm.lm.compare import compare
 from flatlm.lm.report import write_report
+from helpers.scripts import tiny_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,23 +107,8 @@ STEPS = 100  # sam, the slower, is signalled at its first checkpoint (step 5)
 
 
 def _compare_cli(out: Path, corpus: Path, *extra: str) -> list[str]:
-    sets = {
-        "model.size": "micro",
-        "model.block_size": "16",
-        "data.tokenizer": "char",
-        "data.corpus": str(corpus),
-        "train.batch_size": "4",
-        "train.eval_every": "0",
-        "train.eval_batches": "1",
-        "train.test_batches": "1",
-        "train.threads": "1",
-        "train.checkpoint_every": "5",
-    }
-    args = [sys.executable, "-m", "flatlm.cli", "compare", "--steps", str(STEPS), "--jobs", "2"]
-    args += ["--methods", "adamw", "sam", "--seeds", "0", "--out", str(out)]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    return [*args, *extra]
+    args = ["--steps", str(STEPS), "--jobs", "2", "--methods", "adamw", "sam", "--seeds", "0"]
+    return [*tiny_cli("compare", corpus, *args, "--out", str(out)), *extra]
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from flatlm.lm.checkpoint import CheckpointError, load_checkpoint, previous_checkpoint
 from flatlm.lm.train import train
+from helpers.scripts import tiny_cli
 
 
 def _params(run: Path) -> dict[str, torch.Tensor]:
@@ -54,23 +54,8 @@ STEPS = 200
 
 
 def _cli(out: Path, corpus: Path, *extra: str) -> list[str]:
-    sets = {
-        "model.size": "micro",
-        "model.block_size": "16",
-        "data.tokenizer": "char",
-        "data.corpus": str(corpus),
-        "train.batch_size": "4",
-        "train.eval_every": "0",
-        "train.eval_batches": "1",
-        "train.test_batches": "1",
-        "train.threads": "1",
-        "train.checkpoint_every": "5",
-        "optim.method": "sam",
-    }
-    args = [sys.executable, "-m", "flatlm.cli", "train", "--quiet", "--steps", str(STEPS)]
-    for k, v in sets.items():
-        args += ["--set", f"{k}={v}"]
-    return [*args, "--out", str(out), *extra]
+    argv = tiny_cli("train", corpus, "--quiet", "--steps", str(STEPS), optim__method="sam")
+    return [*argv, "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
