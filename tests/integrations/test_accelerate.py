@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 import flatlm.optim
 from flatlm.integrations.accelerate import AcceleratedStep
+from helpers.optim import OverflowHook
 
 ROOT = Path(__file__).resolve().parents[2]
 OPT = {"lr": 0.01, "weight_decay": 0.1, "rho": 0.2}
@@ -157,19 +158,10 @@ def test_grad_scaler_equals_the_engine_with_its_scaler(method):
     assert not opt.step_was_skipped
 
 
-class _Overflow:
-    def __init__(self, calls: set[int]):
-        self.calls, self.count = calls, 0
-
-    def __call__(self, module, args, output):
-        self.count += 1
-        return output * float("inf") if self.count in self.calls else None
-
-
 def test_grad_scaler_overflow_skips_the_update_and_the_scheduler():
     net = make_net(torch.float32)
     before = copy.deepcopy(net)
-    overflow = _Overflow({3})  # update 1: clean passes 1-2, perturbed 3-4
+    overflow = OverflowHook({3})  # update 1: clean passes 1-2, perturbed 3-4
     net.fc2.register_forward_hook(overflow)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     with warnings.catch_warnings():

@@ -34,6 +34,7 @@ from transformers import (
 
 import flatlm.optim
 from flatlm.integrations.hf import SharpnessAwareStep, SharpnessAwareTrainer
+from helpers.optim import OverflowHook
 
 transformers.logging.set_verbosity_error()
 
@@ -647,17 +648,6 @@ def test_grad_scaler_gives_the_unscaled_update(tmp_path, method):
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-6, atol=1e-7)
 
 
-class _Overflow:
-    """A forward hook that makes the given forward calls (1-based) non-finite."""
-
-    def __init__(self, calls: set[int]):
-        self.calls, self.count = calls, 0
-
-    def __call__(self, module, args, output):
-        self.count += 1
-        return output * float("inf") if self.count in self.calls else None
-
-
 @pytest.mark.parametrize("method", ["sam", "fsam"])
 def test_grad_scaler_overflow_in_second_pass_skips_the_step(tmp_path, method):
     model = tiny_gpt2()
@@ -669,7 +659,7 @@ def test_grad_scaler_overflow_in_second_pass_skips_the_step(tmp_path, method):
         sam_method=method,
     )
     scaler = _with_scaler(trainer, 2.0**10)
-    overflow = _Overflow({3})  # calls 1-2: clean pass, 3-4: second pass
+    overflow = OverflowHook({3})  # calls 1-2: clean pass, 3-4: second pass
     model.transformer.ln_f.register_forward_hook(overflow)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an fp16 overflow is routine: no warning
@@ -694,7 +684,7 @@ def test_grad_scaler_overflow_in_clean_pass_drops_that_update(tmp_path):
         sam_method="sam",
     )
     scaler = _with_scaler(trainer, 2.0**10)
-    overflow = _Overflow({1})
+    overflow = OverflowHook({1})
     model.transformer.ln_f.register_forward_hook(overflow)
     trainer.train()
     # Update 1: 2 clean forwards, skipped by GradScaler before our step; update 2: 2 + 2.

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 import flatlm.optim
 from flatlm.integrations.lightning import SharpnessAwareMixin, sharpness_aware_step
+from helpers.optim import OverflowHook
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam"]
@@ -304,21 +305,10 @@ def test_fp16_grad_scaler_equals_the_engine_with_its_scaler(method):
     assert plugin.scaler.get_scale() == scaler.get_scale() == 2.0**10
 
 
-class _Overflow:
-    """A forward hook that makes the given forward calls (1-based) infinite."""
-
-    def __init__(self, calls: set[int]):
-        self.calls, self.count = calls, 0
-
-    def __call__(self, module, args, output):
-        self.count += 1
-        return output * float("inf") if self.count in self.calls else None
-
-
 def test_fp16_overflow_in_the_perturbed_pass_skips_the_step_and_backs_off():
     net = make_net(torch.float32)
     before = copy.deepcopy(net)
-    overflow = _Overflow({2})  # call 1: the clean pass, call 2: the perturbed one
+    overflow = OverflowHook({2})  # call 1: the clean pass, call 2: the perturbed one
     net.fc2.register_forward_hook(overflow)
     module = LitNet(net, "sam", data=dataset(4, torch.float32))
     plugin = _fp16_plugin(2.0**10)
