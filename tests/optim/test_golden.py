@@ -2,10 +2,19 @@
 
 Each case trains a small MLP with dropout for a few steps (new data every step, a ρ schedule)
 and hashes the returned losses, the parameters and every tensor of ``state_dict()``. A change
-that alters any bit of any of them fails here. When a change of behaviour is deliberate (a new
-default, a fixed bug), regenerate the file and say so in the commit:
+that alters any bit of any of them fails here.
+
+The last bits of float32 arithmetic differ between CPU kinds (vector widths and library kernels
+differ), so the file keeps each case's hashes per machine kind it was recorded on, plus the
+losses and parameters themselves. A machine's kind is the hash of a fixed computation made
+without flatlm (:func:`machine_kind`): on a recorded kind the hashes must match exactly; on any
+other the values must agree to float32 rounding (``assert_close``), which still catches any
+change of behaviour. When a change of behaviour is deliberate (a new default, a fixed bug),
+regenerate the file (it then holds this machine kind's bits only) and say so in the commit; to
+add this machine kind's bits to unchanged records (the values must agree), use --add-machine:
 
     PYTHONPATH=tests python tests/optim/test_golden.py --regenerate
+    PYTHONPATH=tests python tests/optim/test_golden.py --add-machine
 """
 
 from __future__ import annotations
@@ -98,7 +107,9 @@ def _state_tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def run_case(name: str) -> dict[str, str]:
+def run_case(name: str) -> dict[str, Any]:
+    """The case's hashes (``losses``, ``params``, ``state``) and its ``values``: the losses and
+    the parameters as floats, for the comparison on machines whose bits were never recorded."""
     spec, kwargs, protocol = CASES[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-exactness must not depend on the machine's core count
@@ -118,10 +129,15 @@ def run_case(name: str) -> dict[str, str]:
                 group["rho"] = 0.1 * (1 + step) / STEPS + 0.02  # a ρ schedule
             x, y = _batch(step)
             losses.append(_one_step(opt, model, x, y, protocol, scaler).detach().reshape(()))
+        params = list(model.parameters())
         return {
             "losses": _hash(losses),
-            "params": _hash(list(model.parameters())),
+            "params": _hash(params),
             "state": _hash(_state_tensors(opt.state_dict())),
+            "values": {
+                "losses": [float(v) for v in losses],
+                "params": [float(v) for p in params for v in p.detach().reshape(-1)],
+            },
         }
     finally:
         torch.set_num_threads(threads)
@@ -159,23 +175,113 @@ def _one_step(opt, model, x, y, protocol: str, scaler) -> torch.Tensor:
     return clean
 
 
-def _load() -> dict[str, dict[str, str]]:
+HASHES = ("losses", "params", "state")
+ROUNDING = 1e-4  # tolerance on other machine kinds (a change of behaviour moves values by ≫ 1e-3)
+
+
+def machine_kind() -> str:
+    """A fingerprint of how this machine rounds the arithmetic the cases use (tanh, dropout,
+    matmul, cross-entropy, AdamW, foreach norms, powers and divisions), computed without flatlm:
+    machines with equal fingerprints give equal bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = TinyMLP(d_hidden=9, dropout=0.2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+        out: list[torch.Tensor] = []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            grads = [p.grad for p in model.parameters()]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            scaled = torch._foreach_div(grads, norm)
+            torch._foreach_addcmul_(scaled, grads, grads, value=0.3)
+            torch._foreach_abs_(scaled)
+            torch._foreach_sqrt_(scaled)
+            torch._foreach_pow_(scaled, -0.5)
+            out += [loss.detach(), norm, *scaled, 1.0 - torch.pow(0.99, torch.tensor(step + 1.0))]
+            opt.step()
+        return _hash([*out, *model.parameters()])[:16]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load() -> dict[str, Any]:
     return json.loads(GOLDEN.read_text())
 
 
+def _bits(result: dict[str, Any]) -> dict[str, str]:
+    return {k: result[k] for k in HASHES}
+
+
+@pytest.fixture(scope="module")
+def this_machine() -> str:
+    return machine_kind()
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_trajectory_is_bit_for_bit_the_recorded_one(name):
+def test_trajectory_is_bit_for_bit_the_recorded_one(name, this_machine):
     golden = _load()
-    assert name in golden, f"no golden record for {name}: regenerate (see module docstring)"
-    assert run_case(name) == golden[name]
+    assert name in golden["values"], f"no golden record for {name}: regenerate (see docstring)"
+    result = run_case(name)
+    recorded = golden["machines"].get(this_machine)
+    if recorded is not None and name in recorded:
+        assert _bits(result) == recorded[name]  # a recorded machine kind: bit for bit
+        return
+    # Another CPU kind: the same trajectory up to float32 rounding, which GA-SAM's D (up to
+    # max_scale = 100) amplifies to ~2e-5 in 6 steps (measured with ATEN_CPU_CAPABILITY=default).
+    for key in ("losses", "params"):
+        torch.testing.assert_close(
+            torch.tensor(result["values"][key]),
+            torch.tensor(golden["values"][name][key]),
+            rtol=ROUNDING,
+            atol=ROUNDING,
+            msg=lambda m, key=key: f"{name}: {key} differ from the record beyond rounding: {m}",
+        )
 
 
 def test_every_record_has_a_case():
-    assert set(_load()) == set(CASES)
+    golden = _load()
+    assert set(golden["values"]) == set(CASES)
+    assert all(set(cases) <= set(CASES) for cases in golden["machines"].values())
+
+
+def _write(golden: dict[str, Any]) -> None:
+    GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--regenerate"]:
-        raise SystemExit("usage: PYTHONPATH=tests python tests/optim/test_golden.py --regenerate")
-    GOLDEN.write_text(json.dumps({n: run_case(n) for n in sorted(CASES)}, indent=1) + "\n")
-    print(f"wrote {GOLDEN} ({len(CASES)} cases)")
+    mode = sys.argv[1:]
+    kind = machine_kind()
+    results = {n: run_case(n) for n in sorted(CASES)}
+    if mode == ["--regenerate"]:
+        _write(
+            {
+                "machines": {kind: {n: _bits(r) for n, r in results.items()}},
+                "values": {n: r["values"] for n, r in results.items()},
+            }
+        )
+        print(f"wrote {GOLDEN} ({len(CASES)} cases, machine kind {kind} only)")
+    elif mode == ["--add-machine"]:
+        golden = _load()
+        for n, r in results.items():
+            if n in golden["values"]:
+                for key in ("losses", "params"):
+                    torch.testing.assert_close(
+                        torch.tensor(r["values"][key]),
+                        torch.tensor(golden["values"][n][key]),
+                        rtol=ROUNDING,
+                        atol=ROUNDING,
+                    )
+            else:
+                golden["values"][n] = r["values"]
+            golden["machines"].setdefault(kind, {})[n] = _bits(r)
+        _write(golden)
+        print(f"added machine kind {kind} to {GOLDEN} ({len(CASES)} cases)")
+    else:
+        raise SystemExit(
+            "usage: PYTHONPATH=tests python tests/optim/test_golden.py --regenerate|--add-machine"
+        )
