@@ -37,6 +37,8 @@ OPTIONAL = (
     "pytorch_optimizer",
     "pytorch_lightning",
     "lightning",
+    "tensorboard",
+    "wandb",
 )
 
 
@@ -97,7 +99,17 @@ def test_core_dependencies_are_torch_alone() -> None:
 
 def test_extras_are_as_documented() -> None:
     extras = _pyproject_extras()
-    assert set(extras) == {"lm", "sharpness", "hf", "lightning", "bench", "dev", "all"}
+    assert set(extras) == {
+        "lm",
+        "sharpness",
+        "hf",
+        "lightning",
+        "tensorboard",
+        "wandb",
+        "bench",
+        "dev",
+        "all",
+    }
     assert _documented_extras() == extras
     meta = importlib.metadata.metadata("flatlm")
     assert set(meta.get_all("Provides-Extra") or []) == set(extras)
@@ -143,7 +155,12 @@ _CHILD = textwrap.dedent(
         "stepped": not torch.equal(before, model.weight.detach()),
         "leaked": sorted(m for m in BLOCKED if sys.modules.get(m) is not None),
     }
-    for module in ("flatlm.sharpness", "flatlm.integrations.hf"):
+    for module in (
+        "flatlm.sharpness",
+        "flatlm.integrations.hf",
+        "flatlm.integrations.accelerate",
+        "flatlm.integrations.lightning",
+    ):
         try:
             __import__(module)
             out[module] = None
@@ -173,9 +190,30 @@ def test_optimizers_need_torch_alone(bare_core: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "extra"), [("flatlm.sharpness", "sharpness"), ("flatlm.integrations.hf", "hf")]
+    ("module", "extra"),
+    [
+        ("flatlm.sharpness", "sharpness"),
+        ("flatlm.integrations.hf", "hf"),
+        ("flatlm.integrations.accelerate", "hf"),  # accelerate comes with [hf]
+        ("flatlm.integrations.lightning", "lightning"),
+    ],
 )
 def test_an_extra_module_names_its_extra(bare_core: dict, module: str, extra: str) -> None:
     message = bare_core[module]
     assert message is not None, f"{module} imported without its extra"
     assert f"pip install 'flatlm[{extra}]'" in message
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_names_its_extra(tracker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workbench imports without the trackers' packages (they are imported when a run
+    names them); naming one that is missing names the extra of the same name."""
+    pytest.importorskip("numpy")  # the workbench's own extra, [lm]
+    from flatlm.lm.config import ConfigError, load_config
+    from flatlm.lm.trackers import check_trackers
+
+    monkeypatch.setitem(sys.modules, tracker, None)  # as if not installed
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'flatlm[{tracker}]'")):
+        check_trackers(["jsonl", tracker])
+    with pytest.raises(ConfigError, match=re.escape(f"pip install 'flatlm[{tracker}]'")):
+        load_config(overrides={"train.log": ["jsonl", tracker]})

@@ -2,8 +2,9 @@
 
 Modules: ``config`` (run configuration), ``data`` (corpora, splits, tokenisers, memmaps),
 ``models`` (GPT, LSTM), ``evaluate`` (the LM loss on fixed windows), ``checkpoint`` (save,
-load, resume), ``train`` (one run), ``diagnostics`` (sharpness of runs and checkpoints),
-``compare`` (methods x seeds), ``report`` (tables and verdicts), ``plots``, ``stats``.
+load, resume), ``train`` (one run), ``trackers`` (where its records go), ``diagnostics``
+(sharpness of runs and checkpoints), ``compare`` (methods x seeds), ``report`` (tables and
+verdicts), ``plots``, ``stats``.
 Nothing is re-exported here, so ``flatlm.lm.train`` stays the module, not the function.
 """
 

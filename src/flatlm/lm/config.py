@@ -91,6 +91,15 @@ class TrainConfig:
     sharpness_batches: int = 1  # fixed training batches (of batch_size windows) it uses
     sharpness_iters: int = 10  # Lanczos products per estimate (a lower bound on lambda_max)
     sharpness_final: bool = False  # once at the end of the run, into result.json
+    # Where the metric records go (flatlm.lm.trackers): "jsonl" (required: flatlm report and
+    # compare read metrics.jsonl), "csv", "tensorboard" and "wandb" (each its own extra).
+    log: list[str] = field(default_factory=lambda: ["jsonl", "csv"])
+    wandb_project: str = "flatlm"
+    wandb_mode: str = (
+        "offline"  # "offline" (no account; `wandb sync` uploads), "online", "disabled"
+    )
+    # torch.compile the model in place (flatlm.optim.compile.compile_model; docs/compile.md).
+    compile: bool = False
 
 
 @dataclass
@@ -381,6 +390,35 @@ def _check_encoding(name: str) -> None:
         raise ConfigError(f"config key 'data.encoding': unknown text encoding {name!r}") from None
 
 
+def _check_trackers(tc: TrainConfig) -> None:
+    """Known tracker names, "jsonl" among them, no repeats, and each one's package installed
+    (a missing one names the extra that installs it)."""
+    from flatlm.lm.trackers import TRACKERS, WANDB_MODES, missing_package
+
+    known = ", ".join(repr(n) for n in TRACKERS)
+    for i, name in enumerate(tc.log):
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"config key 'train.log[{i}]': unknown tracker {name!r} (known: {known})"
+            )
+    if "jsonl" not in tc.log:
+        raise ConfigError(
+            "config key 'train.log' must include 'jsonl': metrics.jsonl is the run's record, "
+            f"which flatlm report and compare read (got {tc.log!r})"
+        )
+    if len(set(tc.log)) != len(tc.log):
+        raise ConfigError(f"config key 'train.log' must not repeat a tracker (got {tc.log!r})")
+    for name in tc.log:
+        error = missing_package(name)
+        if error is not None:
+            raise ConfigError(f"config key 'train.log' names {name!r}, but {error}")
+    if tc.wandb_mode not in WANDB_MODES:
+        modes = ", ".join(repr(m) for m in WANDB_MODES)
+        raise ConfigError(
+            f"config key 'train.wandb_mode' must be one of {modes}, got {tc.wandb_mode!r}"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     for key, table in cfg.optim.method_kwargs.items():  # keyed by method name, options allowed
@@ -391,6 +429,7 @@ def validate(cfg: RunConfig) -> None:
     _check_device(cfg.train.device)
     _check_encoding(cfg.data.encoding)
     _check_model(cfg.model)
+    _check_trackers(cfg.train)
     m, d, o, tc, cc = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.compare
     checks = [
         (m.arch in ("gpt", "lstm"), "model.arch", "must be 'gpt' or 'lstm'"),
@@ -443,9 +482,19 @@ def validate(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- resume
 
 # Settings a resumed run may change: they do not change what it computes (threads, how often it
-# logs and checkpoints), or changing them is the point (more steps: the cosine stretches from
-# the checkpoint on). A run records every such change (``setting_changes`` in result.json).
-RESUME_ALLOWED = ("train.steps", "train.threads", "train.log_every", "train.checkpoint_every")
+# logs and checkpoints, where the records go), or changing them is the point (more steps: the
+# cosine stretches from the checkpoint on). A run records every such change
+# (``setting_changes`` in result.json). ``train.compile`` is not one: under Inductor, dropout
+# draws other masks than eager PyTorch (docs/compile.md).
+RESUME_ALLOWED = (
+    "train.steps",
+    "train.threads",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.log",
+    "train.wandb_project",
+    "train.wandb_mode",
+)
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:

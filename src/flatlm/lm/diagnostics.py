@@ -51,6 +51,18 @@ def double_backward_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """A model compiled with ``train.compile`` runs its forward eagerly inside: every
+    Hessian-vector product is a double backward, which compiled graphs (AOTAutograd) do not
+    support. Nothing is compiled or recompiled for it."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        return set_stance("force_eager")
+    from torch._dynamo import config  # torch < 2.6 has no stances
+
+    return config.patch(disable=True)
+
+
 def run_rho(cfg: RunConfig) -> float:
     """The ρ the run's method was built with: options in the name, then ``method_kwargs``, then
     ``optim.rho``, then the method's default (ASAM's differs); SAM's default for the SAM
@@ -82,7 +94,7 @@ class SharpnessLogger:
         """The logged figures now, plus the clean loss on the fixed batches (``loss``)."""
         from flatlm.sharpness import quick_sharpness
 
-        with rng_preserved(self.device), double_backward_attention():
+        with rng_preserved(self.device), double_backward_attention(), eager():
             figs = quick_sharpness(
                 model, lm_loss, self.batches, lanczos_iters=iters or self.iters, rho=self.rho
             )

@@ -7,15 +7,14 @@ from a checkpoint continues bit for bit on CPU (:mod:`flatlm.lm.checkpoint`).
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ from flatlm.lm._io import atomic_write_text, own_folder
 from flatlm.lm._process import default_threads, stop_on_signals, torch_threads
 from flatlm.lm.checkpoint import RunState, resume_run, save_checkpoint
 from flatlm.lm.config import (
+    ConfigError,
     OptimConfig,
     RunConfig,
     TrainConfig,
@@ -40,12 +40,18 @@ from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
 from flatlm.lm.models import build_model, count_params
+from flatlm.lm.trackers import WANDB_ID_FILE, Tracker, check_trackers, make_trackers
 
-CSV_FIELDS = ("step", "split", "loss", "ppl", "lr", "elapsed_s")
-SHARPNESS_FIELDS = ("hessian.lambda_max", "sam.logit_functional_ratio")  # split="sharpness" rows
 # The files a run writes atomically: temp files of a killed write of these are removed when the
 # folder is next owned.
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "result.json")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "checkpoint.pt",
+    "result.json",
+    WANDB_ID_FILE,
+)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -115,43 +121,33 @@ def train_step(
 
 
 class MetricsLog:
-    """All records in memory (they go in the checkpoint), mirrored to JSONL, CSV, TensorBoard."""
+    """All records in memory (they go in the checkpoint), mirrored to the trackers of
+    ``train.log`` (:mod:`flatlm.lm.trackers`)."""
 
-    def __init__(self, out: Path, records: list[dict[str, Any]] | None = None):
-        self.out, self.records = out, list(records or [])
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+    def __init__(self, trackers: list[Tracker], records: list[dict[str, Any]] | None = None):
+        self.trackers, self.records = trackers, list(records or [])
 
     def add(self, **record: Any) -> None:
         self.records.append(record)
-        if self.tb is not None:
-            for key in ("loss", *SHARPNESS_FIELDS):
-                if record.get(key) is not None:
-                    self.tb.add_scalar(f"{key}/{record['split']}", record[key], record["step"])
+        for tracker in self.trackers:
+            tracker.add(record)
 
     def flush(self) -> None:
-        """Rewrite both files from memory: after a resume they hold exactly the resumed history."""
-        atomic_write_text(
-            self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
-        )
-        buf = io.StringIO()
-        extra = [f for f in SHARPNESS_FIELDS if any(f in r for r in self.records)]
-        writer = csv.DictWriter(buf, fieldnames=(*CSV_FIELDS, *extra), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.records)
-        atomic_write_text(self.out / "metrics.csv", buf.getvalue())
-        if self.tb is not None:
-            self.tb.flush()
+        """The files are rewritten from memory: after a resume they hold exactly the resumed
+        history."""
+        for tracker in self.trackers:
+            tracker.flush()
 
-    def close(self) -> None:
-        self.flush()
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, ok: bool = True) -> None:
+        """A last flush and close; after an error (``ok=False``) the files stay as last flushed,
+        the streaming trackers are closed (a W&B run marked failed), and an error in closing
+        them does not hide the run's own."""
+        for tracker in self.trackers:
+            if ok:
+                tracker.close()
+                continue
+            with contextlib.suppress(Exception):
+                tracker.close(ok=False)
 
 
 def _validate(run: RunState, batches: Batches, log: MetricsLog) -> float:
@@ -201,6 +197,7 @@ def train(
     the call returns: another process training into it gets a ``FolderError``.
     """
     check_device_present(cfg.train.device)
+    check_trackers(cfg.train.log)  # a missing package names its extra before anything runs
     threads = cfg.train.threads
     if threads == 0:  # torch's default oversubscribes a busy machine: take this process's share
         threads, why = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -249,63 +246,98 @@ def _run(
     # here: there is none while one runs.
     (out / "result.json").unlink(missing_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    log = MetricsLog(out, records)
     ckpt_path = out / "checkpoint.pt"
-
-    if run.step == 0 and tc.eval_every > 0:
-        _validate(run, val_batches, log)
-    sharpness = SharpnessLogger(cfg, train_data, device)  # never touches the training RNG
-    if run.step == 0:
-        sharpness.log(run.model, run.step, log, run.train_time)
-    wall0 = time.perf_counter()
-    status, reason = "completed", ""
-    run.model.train()
-    with stop_on_signals() as stop, _progress_bar(cfg, run.step, quiet) as bar:
-        while run.step < tc.steps:
-            # Every rank draws the same global batch and takes its share: one sampler state.
-            x, y = get_batch(train_data, tc.batch_size * world, block, run.sampler)
-            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
-            t0 = time.perf_counter()
-            loss = train_step(forward_model, run.opt, x, y, tc.grad_clip)
-            lr = run.opt.param_groups[0]["lr"]
-            run.sched.step()
-            if device.type == "cuda":  # honest step times: wait for the queued kernels
-                torch.cuda.synchronize(device)
-            run.train_time += time.perf_counter() - t0
-            run.step += 1
-            bar.update(1)
-            if run.step % tc.log_every == 0 or run.step == tc.steps:
-                loss_value = loss.item()  # the only host read of the loss: on log steps
-                log.add(
-                    step=run.step, split="train", loss=loss_value, lr=lr, elapsed_s=run.train_time
-                )
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-            if tc.eval_every > 0 and (run.step % tc.eval_every == 0 or run.step == tc.steps):
-                val = _validate(run, val_batches, log)
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
+    with _tracked(cfg, out, run, records, resumed=resume_from is not None, rank=rank) as log:
+        if run.step == 0 and tc.eval_every > 0:
+            _validate(run, val_batches, log)
+        sharpness = SharpnessLogger(cfg, train_data, device)  # never touches the training RNG
+        if run.step == 0:
             sharpness.log(run.model, run.step, log, run.train_time)
-            if stop.is_set():
-                status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"
-                break
-            if run.step == stop_after:
-                status, reason = "stopped", f"stop_after={stop_after}"
-                break
-            if tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0:
-                _checkpoint(ckpt_path, run, cfg, corpus, log)
-    _checkpoint(ckpt_path, run, cfg, corpus, log)
+        wall0 = time.perf_counter()
+        status, reason = "completed", ""
+        run.model.train()
+        with stop_on_signals() as stop, _progress_bar(cfg, run.step, quiet) as bar:
+            while run.step < tc.steps:
+                # Every rank draws the same global batch and takes its share: one sampler state.
+                x, y = get_batch(train_data, tc.batch_size * world, block, run.sampler)
+                x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+                t0 = time.perf_counter()
+                loss = train_step(forward_model, run.opt, x, y, tc.grad_clip)
+                lr = run.opt.param_groups[0]["lr"]
+                run.sched.step()
+                if device.type == "cuda":  # honest step times: wait for the queued kernels
+                    torch.cuda.synchronize(device)
+                run.train_time += time.perf_counter() - t0
+                run.step += 1
+                bar.update(1)
+                if run.step % tc.log_every == 0 or run.step == tc.steps:
+                    loss_value = loss.item()  # the only host read of the loss: on log steps
+                    log.add(
+                        step=run.step,
+                        split="train",
+                        loss=loss_value,
+                        lr=lr,
+                        elapsed_s=run.train_time,
+                    )
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                if tc.eval_every > 0 and (run.step % tc.eval_every == 0 or run.step == tc.steps):
+                    val = _validate(run, val_batches, log)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
+                sharpness.log(run.model, run.step, log, run.train_time)
+                if stop.is_set():
+                    status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"
+                    break
+                if run.step == stop_after:
+                    status, reason = "stopped", f"stop_after={stop_after}"
+                    break
+                if tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0:
+                    _checkpoint(ckpt_path, run, cfg, corpus, log)
+        _checkpoint(ckpt_path, run, cfg, corpus, log)
 
-    result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
-    if status == "completed":
-        result |= _final_losses(cfg, run, corpus, train_data, val_batches, log)
-        reason = _divergence(result)
-        if reason:
-            status = "diverged"
-        else:  # the Lanczos products of a diverged model would be noise, or raise
-            result |= sharpness.final(run.model)
-    result |= {"status": status, "reason": reason}
-    log.close()
+        result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
+        if status == "completed":
+            result |= _final_losses(cfg, run, corpus, train_data, val_batches, log)
+            reason = _divergence(result)
+            if reason:
+                status = "diverged"
+            else:  # the Lanczos products of a diverged model would be noise, or raise
+                result |= sharpness.final(run.model)
+        result |= {"status": status, "reason": reason}
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+@contextlib.contextmanager
+def _tracked(
+    cfg: RunConfig,
+    out: Path,
+    run: RunState,
+    records: list[dict[str, Any]],
+    resumed: bool,
+    rank: int,
+) -> Iterator[MetricsLog]:
+    """The run's MetricsLog over the trackers of ``train.log``, closed when the block ends; after
+    an error only the streaming trackers are closed (a W&B run marked failed, TensorBoard's
+    writer thread ended), the files stay as last flushed."""
+    tc = cfg.train
+    trackers = make_trackers(
+        tc.log,
+        out,
+        records,
+        config=cfg.to_dict(),
+        start_step=run.step,
+        resume=resumed,
+        rank=rank,
+        wandb_project=tc.wandb_project,
+        wandb_mode=tc.wandb_mode,
+    )
+    log = MetricsLog(trackers, records)
+    try:
+        yield log
+    except BaseException:
+        log.close(ok=False)
+        raise
+    log.close()
 
 
 def _say_setting_changes(run: RunState) -> None:
@@ -334,6 +366,8 @@ def _init_run(
     """The run at step 0, and the module the training passes go through."""
     torch.manual_seed(cfg.train.seed)  # the same init for every method with this seed
     model = build_model(cfg.model, vocab_size).to(device)
+    if cfg.train.compile:
+        _compile(model)
     opt = make_optimizer(model, cfg.optim, cfg.train.grad_clip)
     # Under torchrun the passes go through DDP (gradients all-reduced: ε from the global
     # gradient); evaluation and checkpoints use the plain module.
@@ -341,6 +375,21 @@ def _init_run(
     sampler = torch.Generator().manual_seed(cfg.train.seed)
     run = RunState(model, opt, LambdaLR(opt, lr_lambda(cfg.train)), sampler, device)
     return run, forward_model
+
+
+def _compile(model: nn.Module) -> None:
+    """``train.compile``: the model's forward compiled in place (docs/compile.md), before the
+    optimizer and DDP see it. In place, so checkpoints keep the plain module's state_dict keys
+    (no ``_orig_mod.`` prefix) and load into an uncompiled model. Inductor compiles at the
+    first forward; evaluation (eval mode, no grad) compiles one more graph at its first call.
+    The sharpness diagnostics run the forward eagerly (double backward, which compiled graphs
+    do not support: :func:`flatlm.lm.diagnostics.eager`)."""
+    from flatlm.optim.compile import compile_model
+
+    try:
+        compile_model(model)
+    except RuntimeError as e:  # no C++ compiler for Inductor on CPU: one line, naming the key
+        raise ConfigError(f"config key 'train.compile' is true but {e}") from e
 
 
 def _result(
