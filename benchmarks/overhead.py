@@ -1,11 +1,13 @@
 """Step time and memory of every flatlm method against plain AdamW on a GPT-style model.
 
-Every sharpness-aware step costs two forward–backward passes, so its floor is about twice an
-AdamW step; the goal is ``ratio = t_method / (2 · t_adamw) ≤ 1.05``. Methods are interleaved
-(each repetition times every method once, in a shuffled order) and medians reported, so drift
-in machine load hits all of them alike.
+A two-pass sharpness-aware step costs two forward–backward passes, so its floor is about twice
+an AdamW step (goal: ``t_method / (2 · t_adamw) ≤ 1.05``); the one-pass methods (``msam``: one
+forward–backward; ``mfsam``/``mpfsam``: a no-grad forward plus one forward–backward) and
+``perturb_every=k`` aim lower. ``× AdamW`` is every method's cost relative to AdamW, the x-axis
+of the cost–quality charts. Methods are interleaved (each repetition times every method once, in
+a shuffled order) and medians reported, so drift in machine load hits all of them alike.
 
-    python benchmarks/overhead.py                       # CPU, sizes micro and tiny
+    python benchmarks/overhead.py       # CPU, sizes micro and tiny, every method + perturb_every
     python benchmarks/overhead.py --sizes small --device cuda --batch 32 --seq 256
     python benchmarks/overhead.py --methods sam sam:perturb_every=2 sam:perturb_every=4
 
@@ -34,6 +36,8 @@ from flatlm.lm.models import GPT, GPT_SIZES
 from flatlm.optim import METHODS, SharpnessAwareOptimizer, create, parse_method
 
 PTO = "pto-sam"  # pytorch_optimizer's SAM over the same AdamW
+#: Every method, then SAM with a fresh ε every k-th step only.
+DEFAULT_METHODS = [*METHODS, *(f"sam:perturb_every={k}" for k in (2, 4, 8))]
 RHO = 0.05  # SAM's default, used for flatlm's SAM and pytorch_optimizer's alike
 
 
@@ -184,6 +188,7 @@ def bench_size(size: str, args, device: torch.device) -> list[dict]:
                     - statistics.quantiles(run["times"], n=4)[0]
                 ),
                 "ratio_to_2x_adamw": (t / (2 * base)) if base and name != "adamw" else None,
+                "x_adamw": (t / base) if base else None,
                 # flatlm's SAM over this one: < 1 means flatlm is faster
                 "sam_over_this": (sam_time / t) if sam_time and name == PTO else None,
                 "extra_bytes": extra,
@@ -200,8 +205,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        help="method names or specs, e.g. sam sam:perturb_every=2 (default: all methods)",
+        default=DEFAULT_METHODS,
+        help="method names or specs, e.g. sam sam:perturb_every=2 (default: every method and "
+        "sam:perturb_every=2/4/8)",
     )
     parser.add_argument(
         "--no-pytorch-optimizer",
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"({args.repeats} interleaved blocks of {args.steps} steps, medians)"
     )
     print(
-        f"{'size':<6} {'params':>8} {'method':<20} {'step ms':>9} {'IQR':>7} "
+        f"{'size':<6} {'params':>8} {'method':<20} {'step ms':>9} {'IQR':>7} {'× AdamW':>8} "
         f"{'/(2·AdamW)':>10} {'extra mem':>10} {'× params':>8} {'dlogits':>9}"
     )
     rows = []
@@ -257,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in bench_size(size, args, device):
             rows.append(r)
             ratio = "" if r["ratio_to_2x_adamw"] is None else f"{r['ratio_to_2x_adamw']:.3f}"
+            times = "" if r["x_adamw"] is None else f"{r['x_adamw']:.3f}"
             vs = (
                 ""
                 if r["sam_over_this"] is None
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             print(
                 f"{r['size']:<6} {r['params'] / 1e6:>7.2f}M {r['method']:<20} {r['step_ms']:>9.2f} "
-                f"{r['iqr_ms']:>7.2f} {ratio:>10} {r['extra_bytes'] / 2**20:>8.2f}Mi "
+                f"{r['iqr_ms']:>7.2f} {times:>8} {ratio:>10} {r['extra_bytes'] / 2**20:>8.2f}Mi "
                 f"{r['extra_param_copies']:>8.2f} {r['transient_dlogits_bytes'] / 2**20:>7.1f}Mi"
                 + vs
             )

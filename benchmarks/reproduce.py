@@ -43,14 +43,18 @@ from typing import Any
 from flatlm.lm.compare import compare
 from flatlm.lm.config import RunConfig, load_config, parse_override
 from flatlm.lm.models import GPT_SIZES
-from flatlm.lm.plots import plot_curves
+from flatlm.lm.plots import plot_cost_quality, plot_curves
 from flatlm.lm.report import (
     BASELINE,
+    PROBE_FILE,
     collect_runs,
+    cost_quality,
+    cost_quality_table,
     final_lambda_max,
     paired_deltas,
     regime,
     run_dir,
+    step_costs,
     summarize,
 )
 from flatlm.optim import parse_method
@@ -354,6 +358,16 @@ def summarize_part(
             "verdict_test": d["test"]["verdict"] if d else None,
             "verdict_val_and_test": d["verdict"] if d else None,
         }
+    # Cost–quality: step times from the probe that timed the final specs alone (compare writes
+    # it after the last phase's sweep when runs shared the machine), else the runs' own.
+    probe_path = folder / PROBE_FILE
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    costs, cost_source = step_costs(summary, probe)
+    label = {spec: method for method, spec in zip(part.methods, specs, strict=True)}
+    points = cost_quality(
+        {label[s]: d for s, d in deltas.items() if s in label},
+        {label[s]: c for s, c in costs.items() if s in label},
+    )
     first = next(iter(runs), {})
     return {
         "title": part.title,
@@ -370,6 +384,7 @@ def summarize_part(
         "tuning": dict(choice),
         "methods": rows,
         "regime": regime(summary),
+        "cost_quality": {"points": points, "cost_source": cost_source},
         "val_curve_runs": runs,  # popped before report.json; the curves plot needs them
         "config": part.cfg.to_dict(),
     }
@@ -519,6 +534,9 @@ def write_report(
             f"ρ tuning, validation loss at seed {p['tuning_seed']}:\n",
             tuning_table(p),
         ]
+        cq = p.get("cost_quality")
+        if cq and len(cq["points"]) > 1:
+            md.append(cost_quality_table(cq["points"], cq["cost_source"]))
         md += [f"![{Path(x).stem}]({x})\n" for x in plots.get(p["folder"], [])]
     md += ["## Across parts\n"]
     md += [f"![{Path(x).stem}]({x})\n" for x in plots.get("all", [])]
@@ -563,6 +581,11 @@ def make_plots(out: Path, results: Mapping[str, Mapping[str, Any]]) -> dict[str,
         folder.mkdir(parents=True, exist_ok=True)
         specs = [r["spec"] for r in p["methods"].values()]
         paths = plot_curves(p["val_curve_runs"], specs, folder)
+        cq = p.get("cost_quality")
+        if cq:
+            paths += plot_cost_quality(
+                cq["points"], folder / "cost_quality.png", BASELINE, f"{p['title']}: cost and gain"
+            )
         plots[name] = [str(x.relative_to(out)) for x in paths]
     if not results:
         return plots

@@ -6,6 +6,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlm.optim import METHODS
+
+#: Every sharpness-aware method by short name.
+SAM_METHODS = [m for m in METHODS if m != "adamw"]
+#: The one-pass methods: ε along the base optimizer's momentum, no clean backward.
+MOMENTUM_METHODS = ["msam", "mfsam", "mpfsam"]
+#: The methods that make ε from a clean gradient (two gradient passes a step).
+GRADIENT_METHODS = [m for m in SAM_METHODS if m not in MOMENTUM_METHODS]
+
+
+def forward_calls(name: str) -> int:
+    """forward() calls per step: msam runs only the perturbed pass."""
+    return 1 if name == "msam" else 2
+
+
+#: (method, forward call to poison) for every pass a method runs.
+POISON_CASES = [(n, call) for n in SAM_METHODS for call in range(forward_calls(n))]
+#: (method, perturb_every) for the values each method accepts.
+PERTURB_EVERY_CASES = [
+    (n, k) for n in SAM_METHODS for k in (1, 2) if k == 1 or n in GRADIENT_METHODS
+]
+
 
 class TinyMLP(nn.Module):
     """Two layers with a tanh: J depends on θ, so Functional-SAM differs from SAM here."""

@@ -131,7 +131,7 @@ def assert_same(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(p, q), (name, float((p - q).abs().max()))
 
 
-@pytest.mark.parametrize("method", ["sam", "fsam", "psam", "gasam"])
+@pytest.mark.parametrize("method", ["sam", "fsam", "psam", "gasam", "msam", "mpfsam"])
 def test_accumulating_loop_equals_the_engine_with_micro_batches(method):
     """5 batches, gradient_accumulation_steps=2: updates over batches (1, 2), (3, 4) and (5),
     the last cut short by the end of the dataloader; with dropout, an LR schedule stepped by

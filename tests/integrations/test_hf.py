@@ -589,6 +589,9 @@ def test_arguments_are_checked_and_not_mutated(tmp_path):
         SharpnessAwareTrainer(model=tiny_gpt2(), args=args, sam_method="gasam:ascent_steps=2")
     with pytest.raises(ValueError, match="perturb_every"):
         SharpnessAwareTrainer(model=tiny_gpt2(), args=args, sam_method="sam:perturb_every=2")
+    for one_pass in ("msam", "mfsam", "mpfsam"):
+        with pytest.raises(ValueError, match="AcceleratedStep"):
+            SharpnessAwareTrainer(model=tiny_gpt2(), args=args, sam_method=one_pass)
     with pytest.raises(ValueError, match="AdamW"):
         SharpnessAwareTrainer(model=tiny_gpt2(), args=make_args(tmp_path, optim="sgd"))
     with pytest.raises(ValueError, match="adamw"):

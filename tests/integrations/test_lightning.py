@@ -31,7 +31,7 @@ from flatlm.integrations.lightning import SharpnessAwareMixin, sharpness_aware_s
 from helpers.optim import OverflowHook
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam"]
+METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam", "msam", "mfsam"]
 OPT = {"lr": 0.01, "weight_decay": 0.1, "rho": 0.2}
 QUIET = {
     "accelerator": "cpu",
@@ -403,13 +403,11 @@ def test_a_flatlm_optimizer_under_automatic_optimization_never_steps(plugins):
     assert_same(module.net, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the engine to recognise Lightning's closure (requested change in engine.py)",
-)
-def test_automatic_optimization_error_points_to_the_integration():
-    with pytest.raises(RuntimeError, match=r"docs/lightning\.md"):
-        fit(AutomaticNet(), max_steps=2)
+@pytest.mark.parametrize("plugins", [None, "fp16"])
+def test_automatic_optimization_error_points_to_the_integration(plugins):
+    extra = {"plugins": [_fp16_plugin(2.0**10)]} if plugins else {}
+    with pytest.raises((RuntimeError, TypeError), match=r"docs/lightning\.md"):
+        fit(AutomaticNet(), max_steps=2, **extra)
 
 
 def test_bad_arguments():

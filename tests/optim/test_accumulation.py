@@ -6,14 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatlm.optim import METHODS, create
-from helpers.optim import GasamReference, make_batch, make_mlp, params_of
-
-SAM_METHODS = [m for m in METHODS if m != "adamw"]
+from flatlm.optim import create
+from helpers.optim import PERTURB_EVERY_CASES, GasamReference, make_batch, make_mlp, params_of
 
 
-@pytest.mark.parametrize("perturb_every", [1, 2])
-@pytest.mark.parametrize("name", SAM_METHODS)
+@pytest.mark.parametrize(("name", "perturb_every"), PERTURB_EVERY_CASES)
 def test_micro_batches_equal_the_concatenated_batch(name, perturb_every):
     # With perturb_every=2 the second step reuses the first's direction (one pass, or for the
     # functional methods a no-grad clean forward per micro-batch plus one pass).

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatlm.optim import METHODS, create
+from flatlm.optim import create
 from helpers.optim import (
+    PERTURB_EVERY_CASES,
+    POISON_CASES,
+    SAM_METHODS,
     assert_bitwise_equal,
     ce,
     flat_norm,
@@ -19,15 +22,12 @@ from helpers.optim import (
     poisoned_forward,
 )
 
-SAM_METHODS = [m for m in METHODS if m != "adamw"]
-
 
 def _loss(y):
     return lambda z: F.cross_entropy(z.float(), y)
 
 
-@pytest.mark.parametrize("perturb_every", [1, 2])
-@pytest.mark.parametrize("name", SAM_METHODS)
+@pytest.mark.parametrize(("name", "perturb_every"), PERTURB_EVERY_CASES)
 def test_a_power_of_two_loss_scale_changes_nothing(name, perturb_every):
     # Scaling by 2^k and unscaling is exact, so GradScaler steps equal unscaled ones.
     batches = [make_batch(seed=s, dtype=torch.float32) for s in range(3)]
@@ -43,8 +43,7 @@ def test_a_power_of_two_loss_scale_changes_nothing(name, perturb_every):
     assert scaler.get_scale() == 2.0**17  # grown once per step: update() was called each time
 
 
-@pytest.mark.parametrize("name", SAM_METHODS)
-@pytest.mark.parametrize("bad_call", [0, 1])
+@pytest.mark.parametrize(("name", "bad_call"), POISON_CASES)
 def test_an_overflow_in_either_pass_skips_the_step_and_backs_off_the_scale(name, bad_call):
     x, y = make_batch(dtype=torch.float32)
     model = make_mlp(dtype=torch.float32)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vjp
 
-from flatlm.optim import METHODS, NonFiniteStepWarning, create
+from flatlm.optim import NonFiniteStepWarning, create
 from helpers.optim import (
+    GRADIENT_METHODS,
     SpyAdamW,
     SpySGD,
     assert_bitwise_equal,
@@ -21,7 +22,7 @@ from helpers.optim import (
     params_of,
 )
 
-SAM_METHODS = [m for m in METHODS if m != "adamw"]
+SAM_METHODS = GRADIENT_METHODS  # the momentum methods refuse perturb_every (test_momentum.py)
 FUNCTIONAL = {"fsam", "pfsam"}
 PRECONDITIONED = {"psam", "pfsam"}
 

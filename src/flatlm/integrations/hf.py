@@ -41,7 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, amp, passes
 from flatlm.optim.directions import global_norm
-from flatlm.optim.registry import check_options, create, parse_method
+from flatlm.optim.registry import check_options, create, method_info, parse_method
 
 __all__ = ["SharpnessAwareStep", "SharpnessAwareTrainer", "SharpnessAwareTrainerMixin"]
 
@@ -198,6 +198,13 @@ class SharpnessAwareTrainerMixin:
             )
         check_options(self.sam_method, self.sam_kwargs, where="in sam_kwargs")
         merged = {**self.sam_kwargs, **options}
+        if not method_info(self.sam_method).clean_backward:
+            raise ValueError(
+                f"{self.sam_method} perturbs along the momentum before the step's only forward and "
+                "backward, but the Trainer runs its forward and backward at the clean point "
+                "before the optimizer sees the step. Use flatlm's step(forward=, loss_fn=) loop "
+                "or flatlm.integrations.accelerate.AcceleratedStep for it (docs/hf.md)"
+            )
         if int(merged.get("perturb_every", 1)) > 1:
             raise ValueError(
                 "perturb_every > 1 skips the clean backward, which the Trainer has already run "

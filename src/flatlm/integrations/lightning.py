@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from flatlm._extras import MissingExtraError
 from flatlm.integrations import unwrap_optimizer
 from flatlm.optim import SharpnessAwareOptimizer
+from flatlm.optim.validation import LIGHTNING_AUTOMATIC_OPTIMIZATION
 
 try:
     import pytorch_lightning  # noqa: F401  (or the unified package, lightning.pytorch)
@@ -62,14 +63,8 @@ except ImportError as e:  # pragma: no cover - exercised in tests/test_packaging
 
 __all__ = ["AUTOMATIC_OPTIMIZATION_ERROR", "SharpnessAwareMixin", "sharpness_aware_step"]
 
-AUTOMATIC_OPTIMIZATION_ERROR = (
-    "a sharpness-aware optimizer cannot run under Lightning's automatic optimization: Lightning "
-    "hands it a closure that runs training_step and the backward, so it can neither run the "
-    "two passes itself nor see the clean pass's dlogits, and the step would be wrong. Use manual "
-    "optimization: set self.automatic_optimization = False (SharpnessAwareMixin does) and call "
-    "flatlm.integrations.lightning.sharpness_aware_step(self, forward=..., loss_fn=...) in "
-    "training_step; see docs/lightning.md"
-)
+# Defined in the core, which raises it when Lightning's closure reaches the engine.
+AUTOMATIC_OPTIMIZATION_ERROR = LIGHTNING_AUTOMATIC_OPTIMIZATION
 
 # Strategies whose parameters are whole on every process: the perturbation's global norms are
 # then right. Sharded ones (FSDP, DeepSpeed, model parallel) and XLA's are refused.

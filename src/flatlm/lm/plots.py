@@ -175,3 +175,42 @@ def plot_sharpness(runs: list[dict[str, Any]], methods: list[str], out: Path) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def plot_cost_quality(
+    points: list[dict[str, Any]], path: Path, baseline: str, title: str = ""
+) -> list[Path]:
+    """The cost–quality chart: x = step time relative to the baseline, y = Δ test loss vs the
+    baseline with its 95% t-interval, one point per method, the Pareto front drawn (the points
+    no other point beats on both cost and Δ). ``points`` from
+    :func:`flatlm.lm.report.cost_quality`."""
+    plt = _pyplot()
+    drawn = [p for p in points if p["cost"] is not None]
+    if len(drawn) < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for p in drawn:
+        color = "C3" if p["pareto"] else "C0"
+        if p["low"] is not None:
+            err = [[p["delta"] - p["low"]], [p["high"] - p["delta"]]]
+            ax.errorbar(p["cost"], p["delta"], yerr=err, fmt="o", color=color, capsize=4)
+        else:
+            ax.plot(p["cost"], p["delta"], "o", color=color)
+        ax.annotate(p["method"], (p["cost"], p["delta"]), xytext=(5, 4), fontsize=8,
+                    textcoords="offset points")  # fmt: skip
+    front = sorted((p for p in drawn if p["pareto"]), key=lambda p: p["cost"])
+    if len(front) > 1:
+        ax.step([p["cost"] for p in front], [p["delta"] for p in front], where="post",
+                color="C3", lw=1, alpha=0.7, label="Pareto front (mean Δ)")  # fmt: skip
+        ax.legend(fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(
+        xlabel=f"step time relative to {baseline}",
+        ylabel=f"Δ test loss vs {baseline} (nats/token)",
+        title=title or f"cost and gain vs {baseline} (95% t-interval over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlm.lm import stats
-from flatlm.lm.plots import plot_curves, plot_deltas, plot_sharpness
+from flatlm.lm.plots import plot_cost_quality, plot_curves, plot_deltas, plot_sharpness
 
 RUNS = "runs"
 BASELINE = "adamw"  # every verdict is "this method vs AdamW at the same seeds"
@@ -115,6 +115,72 @@ def _seeds_cell(n: int, counts: dict[str, int]) -> str:
     """ "3", or "2 (+1 diverged)" when runs of the method did not complete."""
     extra = ", ".join(f"+{k} {status}" for status, k in counts.items())
     return f"{n} ({extra})" if extra else str(n)
+
+
+def step_costs(
+    summary: dict[str, dict[str, Any]], probe: dict[str, Any] | None, baseline: str = BASELINE
+) -> tuple[dict[str, float | None], str]:
+    """Each method's step time relative to the baseline's, and where it came from: the probe
+    that timed every method alone (uncontended) when it timed them all, else the runs' own
+    training time (contended when runs shared the machine)."""
+    ms = (probe or {}).get("ms_per_step") or {}
+    if ms.get(baseline) and all(ms.get(m) for m in summary):
+        return {m: ms[m] / ms[baseline] for m in summary}, "timed alone (step-time probe)"
+    return (
+        {m: row.get("time_vs_adamw") for m, row in summary.items()},
+        "the runs' own training time (contended if runs shared the machine)",
+    )
+
+
+def cost_quality(
+    deltas: dict[str, dict[str, Any]],
+    costs: dict[str, float | None],
+    baseline: str = BASELINE,
+    split: str = "test",
+) -> list[dict[str, Any]]:
+    """One point per method: ``cost`` (step time × the baseline's), ``delta`` (mean Δ ``split``
+    loss vs the baseline, paired by seed) with its 95% t-interval (``low``, ``high``), and
+    ``pareto``: no other point is at most as costly with at most as large a Δ, one of them
+    strictly (the front uses the means; read the intervals before calling one point better)."""
+    points = [{"method": baseline, "cost": 1.0, "delta": 0.0, "low": None, "high": None}]
+    for method, d in deltas.items():
+        if method == baseline or costs.get(method) is None:
+            continue
+        s = d[split]
+        points.append(
+            {
+                "method": method,
+                "cost": costs[method],
+                "delta": s["mean"],
+                "low": s["t_low"],
+                "high": s["t_high"],
+                "verdict": s.get("verdict"),
+            }
+        )
+    for p in points:
+        p["pareto"] = not any(_dominates(q, p) for q in points if q is not p)
+    return points
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    at_most = a["cost"] <= b["cost"] and a["delta"] <= b["delta"]
+    return at_most and (a["cost"] < b["cost"] or a["delta"] < b["delta"])
+
+
+def cost_quality_table(points: list[dict[str, Any]], source: str) -> str:
+    """The chart's table: cost, Δ test with its interval, on the Pareto front or not."""
+    lines = [
+        f"Cost against gain (cost: step time relative to {points[0]['method']}, {source}; "
+        "Δ test loss paired by seed, 95% t-interval):\n",
+        "| method | step time × AdamW | Δ test | 95% t-interval | Pareto front |",
+        "|---|---|---|---|---|",
+    ]
+    for p in sorted(points, key=lambda p: p["cost"]):
+        ci = "–" if p["low"] is None else f"[{p['low']:+.4f}, {p['high']:+.4f}]"
+        delta = "baseline" if p is points[0] else f"{p['delta']:+.4f}"
+        front = "yes" if p["pareto"] else ""
+        lines.append(f"| {p['method']} | {p['cost']:.2f} | {delta} | {ci} | {front} |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -401,6 +467,8 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     timing["threads"] = meta.get("threads")
     timing["probe"] = probe
     note = timing_note(meta, probe)
+    costs, cost_source = step_costs(summary, probe)
+    points = cost_quality(deltas, costs) if BASELINE in summary else []
     table = (
         markdown_table(summary, incomplete, timing)
         + ("\n" + incomplete_table(incomplete) if incomplete else "")
@@ -408,10 +476,12 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
         + verdict_table(deltas, BASELINE, incomplete)
         + "\n"
         + regime_table(summary, reg)
+        + ("\n" + cost_quality_table(points, cost_source) if len(points) > 1 else "")
         + ("\n" + note if note else "")
     )
     plots = plot_curves(runs, methods, out) + plot_deltas(deltas, out, BASELINE)
     plots += plot_sharpness(runs, methods, out)
+    plots += plot_cost_quality(points, out / "cost_quality.png", BASELINE)
     seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
     text = (
         f"# flatlm comparison\n\nMean ± std over seeds {seeds} (completed runs only); losses are "
@@ -420,6 +490,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     )
     (out / "results.md").write_text(text)
     results = {"summary": summary, "deltas_vs_adamw": deltas, "regime": reg}
+    results["cost_quality"] = {"points": points, "cost_source": cost_source}
     results |= {"incomplete": incomplete, "runs": runs, "seeds": seeds, "methods": methods}
     results["timing"] = timing
     results["config"] = meta.get("config")

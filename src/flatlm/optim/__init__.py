@@ -15,29 +15,37 @@ from flatlm.optim.directions import (
     AdaptiveDirection,
     EuclideanDirection,
     GradientStrengthDirection,
+    MomentumDirection,
     PreconditionedDirection,
 )
 from flatlm.optim.engine import NonFiniteStepWarning, SharpnessAwareOptimizer
 from flatlm.optim.methods import (
     ASAM,
     GASAM,
+    MSAM,
     SAM,
     FunctionalSAM,
+    MomentumFunctionalSAM,
+    MomentumPreconditionedFunctionalSAM,
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
 )
-from flatlm.optim.preconditioners import register_preconditioner
+from flatlm.optim.preconditioners import register_momentum, register_preconditioner
 from flatlm.optim.registry import METHODS, create, default_rho, parse_method
 
 __all__ = [
     "ASAM",
     "GASAM",
     "METHODS",
+    "MSAM",
     "SAM",
     "AdaptiveDirection",
     "EuclideanDirection",
     "FunctionalSAM",
     "GradientStrengthDirection",
+    "MomentumDirection",
+    "MomentumFunctionalSAM",
+    "MomentumPreconditionedFunctionalSAM",
     "NonFiniteStepWarning",
     "PreconditionedDirection",
     "PreconditionedFunctionalSAM",
@@ -46,5 +54,6 @@ __all__ = [
     "create",
     "default_rho",
     "parse_method",
+    "register_momentum",
     "register_preconditioner",
 ]

@@ -13,7 +13,14 @@ scaled by T           T² g                   T g
   ASAM                T = |θ| + η
   GA-SAM              T = D = (ŝ + ξ)^α
 preconditioned        P⁻¹ g                  P⁻¹ g
+momentum (MSAM)       −m                     −m
+  preconditioned      −P⁻¹ m                 −P⁻¹ m
 ====================  =====================  ===============
+
+A momentum rule (``needs_gradient = False``) takes the base optimizer's momentum m, which exists
+before the step, in place of a clean gradient: its ``source`` supplies the vectors the engine
+then hands to ``prepare`` and ``__call__`` where the gradient would go, so the step needs no
+clean backward.
 
 One step of a rule has two parts. ``prepare`` runs once per step on the clean gradient and
 returns a :class:`Prepared`: what the step's ascent steps share (T, P) and the rule's new state,
@@ -35,6 +42,7 @@ from torch import Tensor
 from flatlm.optim.preconditioners import (
     BaseGeometry,
     bias_corrections,
+    known_momenta,
     known_preconditioners,
 )
 
@@ -43,6 +51,7 @@ __all__ = [
     "Direction",
     "EuclideanDirection",
     "GradientStrengthDirection",
+    "MomentumDirection",
     "PreconditionedDirection",
     "Prepared",
     "ScaledDirection",
@@ -58,6 +67,13 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+
+
+def _divide_(vectors: list[Tensor], precond: list[Tensor | None]) -> None:
+    """vectors ← P⁻¹ vectors in place, where P is known (None: P = I)."""
+    with_p = [v for v, pc in zip(vectors, precond, strict=True) if pc is not None]
+    if with_p:
+        torch._foreach_div_(with_p, [pc for pc in precond if pc is not None])
 
 
 @dataclass
@@ -81,10 +97,17 @@ class Direction:
     """
 
     stateful: ClassVar[bool] = False
+    #: False for a rule that makes ε without a clean gradient (``source`` supplies its input).
+    needs_gradient: ClassVar[bool] = True
 
     def validate(self, geometry: BaseGeometry) -> None:
         """Raise at construction if the rule cannot work with this base optimizer."""
         return None
+
+    def source(self, params: list[Tensor], geometry: BaseGeometry) -> list[Tensor | None]:
+        """The vectors a rule without a gradient starts from (fresh tensors, one per parameter;
+        None where there is none yet: ε = 0 there)."""
+        raise NotImplementedError
 
     def prepare(
         self,
@@ -210,9 +233,64 @@ class PreconditionedDirection(Direction):
         self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
     ) -> tuple[list[Tensor], list[Tensor]]:
         assert prepared.precond is not None
-        with_state = [g for g, pc in zip(grads, prepared.precond, strict=True) if pc is not None]
-        if with_state:
-            torch._foreach_div_(with_state, [pc for pc in prepared.precond if pc is not None])
+        _divide_(grads, prepared.precond)
+        return grads, grads
+
+
+@dataclass(frozen=True)
+class MomentumDirection(Direction):
+    """Momentum-SAM (Becker, Altrock & Risse 2024): ε ∝ −m, m the base optimizer's momentum
+    before this step (AdamW's ``exp_avg``, SGD's ``momentum_buffer``), as their code does: the
+    perturbed point is θ − ρ m/‖m‖. ``preconditioned=True``: ε ∝ −P⁻¹m with the base
+    optimizer's previous-step P (flatlm's one-pass form of the preconditioned methods), the
+    direction of its own next update.
+
+    A parameter without momentum yet (every parameter at the first step) gets ε = 0.
+    """
+
+    preconditioned: bool = False
+    needs_gradient: ClassVar[bool] = False
+
+    def validate(self, geometry: BaseGeometry) -> None:
+        if geometry.momentum_key is None:
+            raise TypeError(
+                f"this method perturbs along the base optimizer's momentum, but "
+                f"{geometry.base_name} keeps none that flatlm knows how to read (known: "
+                f"{', '.join(known_momenta())}). Use one of those, or teach flatlm with "
+                "flatlm.optim.register_momentum(YourOptimizer, state_key)."
+            )
+        missing = geometry.groups_without_momentum()
+        if missing:
+            raise ValueError(
+                f"param_groups {missing} have momentum=0, so {geometry.base_name} keeps no "
+                "momentum to perturb along: set momentum > 0 (e.g. 0.9)"
+            )
+        if self.preconditioned:
+            PreconditionedDirection("previous").validate(geometry)
+
+    @torch.no_grad()
+    def source(self, params: list[Tensor], geometry: BaseGeometry) -> list[Tensor | None]:
+        momenta = geometry.momentum(params)
+        present = [m for m in momenta if m is not None]
+        negated = iter(torch._foreach_neg(present) if present else [])
+        return [None if m is None else next(negated) for m in momenta]
+
+    def prepare(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: ParamState,
+        geometry: BaseGeometry,
+    ) -> Prepared:
+        if not self.preconditioned:
+            return Prepared()
+        return Prepared(precond=geometry.preconditioner(params, None))
+
+    def __call__(
+        self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        if prepared.precond is not None:
+            _divide_(grads, prepared.precond)
         return grads, grads
 
 

@@ -28,7 +28,13 @@ from flatlm.optim import amp, passes
 from flatlm.optim.directions import Direction, global_norm
 from flatlm.optim.perturbation import Perturbation, ReuseSchedule
 from flatlm.optim.preconditioners import BaseGeometry
-from flatlm.optim.validation import check_options, check_rho, check_state_dict
+from flatlm.optim.validation import (
+    check_closure_origin,
+    check_options,
+    check_rho,
+    check_state_dict,
+    lightning_hint,
+)
 
 __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
 
@@ -133,6 +139,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.distributed = distributed
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
+        if not direction.needs_gradient:
+            _check_one_pass_options(ascent_steps, perturb_every, distributed)
         self._perturbation = Perturbation(
             direction, geometry, ascent_steps=ascent_steps, keep_direction=perturb_every > 1
         )
@@ -177,6 +185,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ``step(closure)``: the davda54/sam protocol. The caller has already run the clean
         forward and backward; ``closure`` recomputes loss and gradient (forward + backward) and
         is called at the perturbed point. Returns the closure's (perturbed) loss.
+
+        A momentum method (``msam``; ``mfsam``/``mpfsam`` need ``forward=``) runs no clean
+        backward: ``step(forward=...)`` returns L(θ+ε) for ``msam`` and the clean loss of a
+        no-grad forward for the functional ones; ``step(closure)`` needs no gradient beforehand
+        and calls the closure once, at θ + ε.
         """
         if forward is not None:
             if closure is not None:
@@ -190,11 +203,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
-                "recomputes the loss and its gradient)"
+                "recomputes the loss and its gradient)" + lightning_hint()
             )
+        check_closure_origin(closure)
         self._require_classic_protocol("step(closure)")
         self._require_fresh_every_step("step(closure)")
-        self._require_clean_gradient("step(closure)")
+        if self.direction.needs_gradient:
+            self._require_clean_gradient("step(closure)")
         closure = torch.enable_grad()(closure)
         loss = None
         try:
@@ -215,13 +230,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         The functional methods refuse this protocol unless ``functional_vjp=True``: the caller
         then promises to run the second pass as ``logits.backward(r)`` with the clean pass's
         dlogits r (:func:`flatlm.optim.passes.vjp`; integrations that own the loop do).
+
+        ``msam`` perturbs along the momentum and reads no gradient: call ``first_step()`` before
+        the step's only backward (``first_step(); loss(model(x)).backward(); second_step()``).
         """
         if not functional_vjp:
             self._require_classic_protocol("first_step()")
         self._require_fresh_every_step("first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
-        self._require_clean_gradient("first_step()")
+        if self.direction.needs_gradient:
+            self._require_clean_gradient("first_step()")
         self._perturbation.ascend(self.param_groups, self.state, first=True)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -337,9 +356,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         reuse = not self._schedule.fresh_due()
+        # One gradient pass only: ε reused (perturb_every) or made without a gradient (momentum).
+        one_pass = reuse or not self.direction.needs_gradient
         self.zero_grad(set_to_none=True)
         rng_devices = self._cuda_devices() if self.replay_rng else None
-        if not reuse:
+        if not one_pass:
             clean = passes.clean_pass(
                 micro,
                 functional=self.functional,
@@ -363,7 +384,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         else:  # one forward per micro-batch: no randomness to replay
             clean = passes.CleanPass([passes.Recorded(None, None)] * len(micro), None, None)
-        if reuse and scaler is not None:
+        if one_pass and scaler is not None:
             # No parameter has a clean gradient to unscale (and a fresh or just-loaded scaler has
             # no scale yet): the clean overflow flag is clear; a non-finite scaled r shows up in
             # the perturbed gradients instead.
@@ -372,7 +393,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ok = clean.ok
         perturbed_loss = None
         try:  # an error in a perturbed pass must not leave θ perturbed
-            for k in range(1 if reuse else self.ascent_steps):
+            for k in range(1 if one_pass else self.ascent_steps):
                 if reuse:
                     self._perturbation.ascend_stored(self.param_groups, self.state)
                 else:
@@ -477,6 +498,26 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
             + (f", perturb_every={self.perturb_every})" if self.perturb_every > 1 else ")")
+        )
+
+
+def _check_one_pass_options(ascent_steps: int, perturb_every: int, distributed: str) -> None:
+    """A rule that needs no clean gradient (the momentum methods) runs one gradient pass a step
+    already; the options that trade or spend clean backward passes mean nothing for it."""
+    if perturb_every > 1:
+        raise ValueError(
+            "perturb_every > 1 saves the clean backward, and this method (ε along the momentum) "
+            "runs none: it costs one gradient pass every step already. Leave perturb_every at 1"
+        )
+    if ascent_steps > 1:
+        raise ValueError(
+            "ascent_steps > 1 ascends along gradients at intermediate points, which this method "
+            "(ε along the momentum, one gradient pass a step) never computes: use ascent_steps=1"
+        )
+    if distributed == "local":
+        raise ValueError(
+            "distributed='local' makes ε from each rank's own clean gradient; this method makes "
+            "it from the momentum, which is the same on every rank: use distributed='sync'"
         )
 
 

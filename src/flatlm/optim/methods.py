@@ -12,6 +12,7 @@ from flatlm.optim.directions import (
     AdaptiveDirection,
     EuclideanDirection,
     GradientStrengthDirection,
+    MomentumDirection,
     PreconditionedDirection,
 )
 from flatlm.optim.engine import SharpnessAwareOptimizer
@@ -19,8 +20,11 @@ from flatlm.optim.engine import SharpnessAwareOptimizer
 __all__ = [
     "ASAM",
     "GASAM",
+    "MSAM",
     "SAM",
     "FunctionalSAM",
+    "MomentumFunctionalSAM",
+    "MomentumPreconditionedFunctionalSAM",
     "PreconditionedFunctionalSAM",
     "PreconditionedSAM",
 ]
@@ -155,3 +159,52 @@ class GASAM(SharpnessAwareOptimizer):
         super().__init__(
             params, base_optimizer, rho=rho, direction=direction, ascent_steps=ascent_steps, **kw
         )
+
+
+class MSAM(SharpnessAwareOptimizer):
+    """Momentum-SAM (Becker, Altrock & Risse 2024): ε = −ρ m/‖m‖ along the base optimizer's
+    momentum m (AdamW's ``exp_avg``) as it stands before the step, descent with ∇L(θ+ε): one
+    forward–backward per step, at θ + ε, plus the exact restore. There is no momentum at the
+    first step, so it is a plain base-optimizer step (ε = 0). ``preconditioned=True``: ε ∝ −P⁻¹m
+    with the previous step's P (flatlm's variant, not in the paper). ``step`` returns L(θ+ε).
+
+    The paper's AdamW code uses ρ between 0.1 and 3 (larger than SAM's): tune ρ, see
+    docs/results.md.
+    """
+
+    _functional = False
+    _preconditioned = False
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = 0.05,
+        preconditioned: bool | None = None,
+        **kw: Any,
+    ):
+        pre = self._preconditioned if preconditioned is None else preconditioned
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            direction=MomentumDirection(preconditioned=pre),
+            functional=self._functional,
+            **kw,
+        )
+
+
+class MomentumFunctionalSAM(MSAM):
+    """One-pass Functional-SAM (flatlm's combination, not a published method): ε = −ρ m/‖m‖ as
+    in MSAM, r(θ) from a clean forward without backward, then one forward–backward at θ + ε for
+    J(θ+ε)ᵀ r(θ). Needs ``step(forward=, loss_fn=)``; returns the clean loss."""
+
+    _functional = True
+
+
+class MomentumPreconditionedFunctionalSAM(MSAM):
+    """:class:`MomentumFunctionalSAM` with ε ∝ −P⁻¹m: along the base optimizer's own next update
+    direction, P the previous step's √v̂ + eps (flatlm's combination)."""
+
+    _functional = True
+    _preconditioned = True

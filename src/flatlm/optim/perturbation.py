@@ -108,7 +108,7 @@ class Perturbation:
         if first:
             if self.active is not None:  # a previous first step was never completed
                 self.restore()
-            gathered = Gathered.of(groups)
+            gathered, grads = self._inputs(groups, copy=False)
             check_dense(gathered.params)
             self.active = gathered
             self._store_clean(gathered.params)
@@ -116,8 +116,9 @@ class Perturbation:
         gathered = self.active
         assert gathered is not None
         params = gathered.params
+        if not first:  # the next ascent step, from the gradient at the current perturbed point
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         check_group_rhos(groups)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if first:
             self.prepared = self.direction.prepare(
                 params, grads, [state.get(p, {}) for p in params], self.geometry
@@ -156,7 +157,8 @@ class Perturbation:
         """θ += ε, keeping ‖ε‖ (a tensor, no sync) when ``record_norm`` asks for it."""
         if self.record_norm:
             self.last_norm = global_norm(eps)
-        torch._foreach_add_(params, eps)
+        if params:  # none: nothing to perturb yet (a momentum rule's first step)
+            torch._foreach_add_(params, eps)
         _forget_autocast_copies()
 
     @torch.no_grad()
@@ -181,7 +183,8 @@ class Perturbation:
         """θ copied back bit for bit."""
         gathered = self.active
         assert gathered is not None
-        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
+        if gathered.params:
+            torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
         self.active = None
         _forget_autocast_copies()
 
@@ -207,14 +210,25 @@ class Perturbation:
     def epsilon(self, groups: list[dict[str, Any]], state: State) -> dict[Tensor, Tensor]:
         """ε per parameter with a gradient, from the gradients now in ``p.grad``; changes
         nothing."""
-        gathered = Gathered.of(groups)
-        grads = torch._foreach_mul([p.grad for p in gathered.params], 1.0)  # a copy
+        gathered, grads = self._inputs(groups, copy=True)
         prepared = self.direction.prepare(
             gathered.params, grads, [state.get(p, {}) for p in gathered.params], self.geometry
         )
         u, n = self.direction(gathered.params, grads, prepared)
         eps = gathered.scale_(u, inverse_norm(global_norm(n)))
         return dict(zip(gathered.params, eps, strict=True))
+
+    def _inputs(self, groups: list[dict[str, Any]], copy: bool) -> tuple[Gathered, list[Tensor]]:
+        """The parameters ε is made for and the rule's input for each: the clean gradient
+        (a copy if ``copy``: the rule may overwrite it), or a momentum rule's own source."""
+        if self.direction.needs_gradient:
+            gathered = Gathered.of(groups)
+            grads = [p.grad for p in gathered.params]
+            return gathered, torch._foreach_mul(grads, 1.0) if copy and grads else grads
+        every = [p for g in groups for p in g["params"]]
+        source = dict(zip(every, self.direction.source(every, self.geometry), strict=True))
+        gathered = Gathered.of(groups, lambda p: source[p] is not None)
+        return gathered, [source[p] for p in gathered.params]  # type: ignore[misc]
 
     # --- perturb_every's stored directions ---------------------------------------------------
 
@@ -239,7 +253,8 @@ class Perturbation:
     # --- the clean copy --------------------------------------------------------------------
 
     def _store_clean(self, params: list[Tensor]) -> None:
-        torch._foreach_copy_(self._clean_list(params), params)
+        if params:
+            torch._foreach_copy_(self._clean_list(params), params)
 
     def _clean_list(self, params: list[Tensor]) -> list[Tensor]:
         copies = self.clean_copies

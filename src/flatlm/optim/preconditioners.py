@@ -19,7 +19,9 @@ __all__ = [
     "adam_preconditioner",
     "bias_corrections",
     "find_preconditioner",
+    "known_momenta",
     "known_preconditioners",
+    "register_momentum",
     "register_preconditioner",
 ]
 
@@ -124,6 +126,35 @@ register_preconditioner(torch.optim.NAdam, adam_preconditioner)
 # by √v̂ with a rescaled eps after, so Adam's P would not be what it steps with.
 
 
+#: Where a base optimizer keeps its momentum, an average (or sum) of past gradients in the
+#: gradient's own orientation, by optimizer class: the state key it is saved under.
+_MOMENTUM_KEYS: dict[type[torch.optim.Optimizer], str] = {
+    torch.optim.Adam: "exp_avg",
+    torch.optim.AdamW: "exp_avg",
+    torch.optim.NAdam: "exp_avg",
+    torch.optim.RAdam: "exp_avg",
+    torch.optim.Adamax: "exp_avg",
+    torch.optim.SGD: "momentum_buffer",
+}
+
+
+def register_momentum(optimizer_cls: type[torch.optim.Optimizer], state_key: str) -> None:
+    """Teach the momentum methods (``msam`` …) where ``optimizer_cls`` keeps its momentum: the
+    per-parameter state key of an average of past gradients, oriented like the gradient."""
+    _MOMENTUM_KEYS[optimizer_cls] = state_key
+
+
+def _find_momentum_key(optimizer_cls: type) -> str | None:
+    for cls in getattr(optimizer_cls, "__mro__", ()):
+        if cls in _MOMENTUM_KEYS:
+            return _MOMENTUM_KEYS[cls]
+    return None
+
+
+def known_momenta() -> list[str]:
+    return sorted(c.__name__ for c in _MOMENTUM_KEYS)
+
+
 class BaseGeometry:
     """The base optimizer's geometry as the direction rules see it (read-only)."""
 
@@ -138,6 +169,26 @@ class BaseGeometry:
     @property
     def has_preconditioner(self) -> bool:
         return self._preconditioner is not None
+
+    @property
+    def momentum_key(self) -> str | None:
+        """The state key of the base optimizer's momentum (None: flatlm knows of none)."""
+        return _find_momentum_key(type(self._base))
+
+    def momentum(self, params: list[Tensor]) -> list[Tensor | None]:
+        """The base optimizer's momentum m per parameter as it stands before this step (its own
+        tensors: read them, never write), None where the parameter has none yet."""
+        key = self.momentum_key
+        if key is None:
+            raise TypeError(f"{self.base_name} keeps no momentum flatlm can read")
+        state = self._base.state
+        return [state[p].get(key) if p in state else None for p in params]
+
+    def groups_without_momentum(self) -> list[int]:
+        """Indices of groups that can never have momentum (SGD with ``momentum=0``)."""
+        if self.momentum_key != "momentum_buffer":
+            return []
+        return [i for i, g in enumerate(self._base.param_groups) if not g.get("momentum")]
 
     def preconditioner(
         self, params: list[Tensor], grads: list[Tensor] | None = None

@@ -19,8 +19,11 @@ import torch
 from flatlm.optim.methods import (
     ASAM,
     GASAM,
+    MSAM,
     SAM,
     FunctionalSAM,
+    MomentumFunctionalSAM,
+    MomentumPreconditionedFunctionalSAM,
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
 )
@@ -69,6 +72,8 @@ class MethodInfo:
     cls: type[torch.optim.Optimizer]
     options: dict[str, type] = field(default_factory=dict)
     rho: float | None = 0.05
+    #: False for the one-pass methods, which perturb along the momentum without a clean backward.
+    clean_backward: bool = True
 
     @property
     def sharpness_aware(self) -> bool:
@@ -98,6 +103,9 @@ _INFO: dict[str, MethodInfo] = {
         MethodInfo("psam", PreconditionedSAM, {"moment": str}),
         MethodInfo("pfsam", PreconditionedFunctionalSAM, {"moment": str}),
         MethodInfo("gasam", GASAM, _GASAM_OPTIONS),
+        MethodInfo("msam", MSAM, {"preconditioned": bool}, clean_backward=False),
+        MethodInfo("mfsam", MomentumFunctionalSAM, clean_backward=False),
+        MethodInfo("mpfsam", MomentumPreconditionedFunctionalSAM, clean_backward=False),
     )
 }
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "LIGHTNING_AUTOMATIC_OPTIMIZATION",
+    "check_closure_origin",
     "check_dense",
     "check_group_rhos",
     "check_options",
@@ -137,3 +139,37 @@ def check_state_dict(
                         f"{tuple(value.shape)}, the parameter {shape}: it was saved for another "
                         "model"
                     )
+
+
+LIGHTNING_AUTOMATIC_OPTIMIZATION = (
+    "a sharpness-aware optimizer cannot run under Lightning's automatic optimization: Lightning "
+    "hands it a closure that runs training_step and the backward, so it can neither run the "
+    "two passes itself nor see the clean pass's dlogits, and the step would be wrong. Use manual "
+    "optimization: set self.automatic_optimization = False (SharpnessAwareMixin does) and call "
+    "flatlm.integrations.lightning.sharpness_aware_step(self, forward=..., loss_fn=...) in "
+    "training_step; see docs/lightning.md"
+)
+
+
+def _lightning_module(name: str) -> bool:
+    return name.split(".")[0] in ("pytorch_lightning", "lightning")
+
+
+def check_closure_origin(closure: Any) -> None:
+    """Refuse a closure made by Lightning's automatic optimization (its precision plugin wraps
+    ``training_step`` and the backward in a ``functools.partial`` of one of its methods)."""
+    func = getattr(closure, "func", closure)
+    owner = getattr(func, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(func, "__module__", "")
+    if _lightning_module(module or ""):
+        raise RuntimeError(LIGHTNING_AUTOMATIC_OPTIMIZATION)
+
+
+def lightning_hint() -> str:
+    """A pointer to the Lightning integration when Lightning is in use (it calls ``step()``
+    without arguments under 16-bit precision), else nothing."""
+    import sys
+
+    if any(_lightning_module(m) for m in ("pytorch_lightning", "lightning") if m in sys.modules):
+        return " (under Lightning: " + LIGHTNING_AUTOMATIC_OPTIMIZATION + ")"
+    return ""
