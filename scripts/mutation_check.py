@@ -38,6 +38,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "momentum: ε along +m instead of MSAM's −m",
+        f"{OPTIM}/directions.py",
+        "negated = iter(torch._foreach_neg(present) if present else [])",
+        "negated = iter(torch._foreach_mul(present, 1.0) if present else [])",
+        ("tests/optim/test_momentum.py",),
+    ),
+    Mutation(
+        "momentum: mpfsam's preconditioner dropped",
+        f"{OPTIM}/directions.py",
+        "        return Prepared(precond=geometry.preconditioner(params, None))",
+        "        return Prepared()",
+        ("tests/optim/test_momentum.py",),
+    ),
+    Mutation(
         "functional: r(θ+ε) instead of the clean r(θ)",
         f"{OPTIM}/passes.py",
         "        if record.dlogits is not None:\n            vjp(",

@@ -79,6 +79,16 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "asam_two_phase": ("sam:adaptive=true", {}, "two_phase"),
     "asam_published": ("asam", {}, "forward"),
     "asam_published_ascent2": ("asam:ascent_steps=2", {}, "forward"),
+    "msam": ("msam", {}, "forward"),
+    "msam_preconditioned": ("msam:preconditioned=true", {}, "forward"),
+    "mfsam": ("mfsam", {}, "forward"),
+    "mpfsam": ("mpfsam", {}, "forward"),
+    "msam_micro3": ("msam", {}, "micro"),
+    "mfsam_micro3": ("mfsam", {}, "micro"),
+    "msam_fp16_scaler": ("msam", {}, "scaler"),
+    "msam_fused": ("msam", {"fused": True}, "forward"),
+    "msam_closure": ("msam", {}, "closure"),
+    "msam_two_phase": ("msam", {}, "two_phase"),
 }
 
 
