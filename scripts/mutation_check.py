@@ -38,6 +38,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "fsdp: norms over this rank's shard only",
+        f"{OPTIM}/sharded.py",
+        "    total = partial.clone()\n",
+        "    return partial\n    total = partial.clone()\n",
+        ("tests/optim/test_fsdp.py",),
+    ),
+    Mutation(
+        "fsdp: a rank's non-finite loss not shared with the others",
+        f"{OPTIM}/engine.py",
+        'partial = partial + torch.where(ok.to(device), 0.0, float("inf"))',
+        "partial = partial",
+        ("tests/optim/test_fsdp.py::test_a_nan_on_one_rank_skips_the_step_on_every_rank",),
+    ),
+    Mutation(
         "momentum: ε along +m instead of MSAM's −m",
         f"{OPTIM}/directions.py",
         "negated = iter(torch._foreach_neg(present) if present else [])",

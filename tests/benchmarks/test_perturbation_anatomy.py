@@ -49,9 +49,10 @@ def test_anatomy_of_a_psam_checkpoint_matches_the_first_order_closed_forms(
     lm_loss(model(x), y).backward()
     params = list(model.parameters())
     g = torch.cat([p.grad.reshape(-1) for p in params]).double()
-    # AdamW's own moments, restored by torch's load_state_dict (not by flatlm's preconditioner)
+    # AdamW's own moments, restored by torch's load_state_dict (not by flatlm's preconditioner):
+    # the checkpoint is in torch's layout, flatlm's entries (flatlm_*) are extra keys to AdamW
     base = torch.optim.AdamW(make_param_groups(model, cfg.optim.weight_decay))
-    base.load_state_dict(ckpt["optimizer"]["base"])
+    base.load_state_dict(ckpt["optimizer"])
     precond = []
     for p in params:
         group = next(g for g in base.param_groups if any(q is p for q in g["params"]))

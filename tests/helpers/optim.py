@@ -217,14 +217,8 @@ class GasamReference:
 
 def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Copies of every tensor of a flatlm optimizer's state dict (base and method state)."""
-    sd = opt.state_dict()
-    return [
-        t.clone()
-        for section in (sd["base"]["state"], sd["method_state"])
-        for s in section.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    ]
+    sd = opt.state_dict()  # torch's layout: the base's and the method's state in each entry
+    return [t.clone() for s in sd["state"].values() for t in s.values() if torch.is_tensor(t)]
 
 
 class OverflowHook:

@@ -342,7 +342,8 @@ def test_resume_from_lightning_checkpoint_continues_identically(tmp_path, method
     fit(part, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt])
     path = tmp_path / "epoch=0.ckpt"
     saved = torch.load(path, weights_only=False)
-    assert saved["optimizer_states"][0]["flatlm_method"] and saved["global_step"] == 4
+    osd = saved["optimizer_states"][0]
+    assert osd["param_groups"][0]["flatlm_method"] and osd["state"] and saved["global_step"] == 4
     resumed = module()
     trainer = pl.Trainer(**QUIET, max_epochs=2)
     trainer.fit(resumed, ckpt_path=str(path))

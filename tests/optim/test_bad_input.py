@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatlm.optim import SAM, FunctionalSAM, create
+from flatlm.optim.state_layout import split
 from helpers.optim import (
     assert_bitwise_equal,
     ce,
@@ -67,7 +68,23 @@ def test_bases_that_cannot_work_are_refused_at_construction(base, match):
         SAM(make_mlp().parameters(), base, lr=0.01)
 
 
-def test_a_state_dict_from_a_model_of_other_shapes_is_refused_at_load():
+def _v0_2(sd):
+    """The same state in flatlm 0.2's layout (still loaded)."""
+    parts = split(sd)
+    return {
+        "flatlm_method": parts.scalars.method,
+        "base": parts.base,
+        "method_state": parts.method_state,
+        "skipped_steps": parts.scalars.skipped_steps,
+        "steps_since_fresh_perturbation": parts.scalars.steps_since_fresh_perturbation,
+    }
+
+
+LAYOUTS = pytest.mark.parametrize("layout", [lambda sd: sd, _v0_2], ids=["torch", "v0_2"])
+
+
+@LAYOUTS
+def test_a_state_dict_from_a_model_of_other_shapes_is_refused_at_load(layout):
     _, opt_small, _, _ = _trained()
     model = make_mlp(d_hidden=9)  # same number of tensors, other shapes
     x, y = make_batch()
@@ -75,13 +92,14 @@ def test_a_state_dict_from_a_model_of_other_shapes_is_refused_at_load():
     opt.step(forward=lambda: model(x), loss_fn=ce(y))
     before, state = params_of(model), state_tensors(opt)
     with pytest.raises(ValueError, match=r"has shape .* saved for another model"):
-        opt.load_state_dict(opt_small.state_dict())
+        opt.load_state_dict(layout(opt_small.state_dict()))
     assert_bitwise_equal(state_tensors(opt), state)
     opt.step(forward=lambda: model(x), loss_fn=ce(y))  # and it still works
     assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before, strict=True))
 
 
-def test_a_state_dict_for_another_grouping_is_refused():
+@LAYOUTS
+def test_a_state_dict_for_another_grouping_is_refused(layout):
     _, opt, _, _ = _trained()
     model = make_mlp()
     other = create(
@@ -91,7 +109,41 @@ def test_a_state_dict_for_another_grouping_is_refused():
         lr=0.01,
     )
     with pytest.raises(ValueError, match=r"groups of sizes \[4\].*\[1, 3\]"):
-        other.load_state_dict(opt.state_dict())
+        other.load_state_dict(layout(opt.state_dict()))
+
+
+def _set(mapping, key, value):
+    mapping[key] = value
+
+
+@pytest.mark.parametrize(
+    ("mangle", "match"),
+    [
+        (lambda sd: sd.pop("param_groups"), "keys 'state' and 'param_groups'"),
+        (lambda sd: sd.update(state=[1, 2]), "not a dict"),
+        (lambda sd: sd["state"].update({99: {}}), "state for 99"),
+        (lambda sd: sd["param_groups"][0].pop("params"), "bad 'param_groups'"),
+        (lambda sd: sd["param_groups"][0].pop("flatlm_method"), "no 'flatlm_method'"),
+        (
+            lambda sd: sd["param_groups"][0].pop("flatlm_skipped_steps"),
+            r"lacks \['flatlm_skipped_steps'\]",
+        ),
+        (lambda sd: _set(sd["param_groups"][0], "flatlm_method", "SAM"), "is for SAM"),
+        (
+            lambda sd: _set(sd["state"][0], "flatlm_grad_sq_ema", torch.zeros(3)),
+            r"'flatlm_grad_sq_ema' of parameter 0 has shape \(3,\)",
+        ),
+    ],
+)
+def test_a_malformed_state_dict_is_a_clear_error(mangle, match):
+    _, opt, _, _ = _trained("gasam")
+    sd = opt.state_dict()
+    mangle(sd)
+    state = state_tensors(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_bitwise_equal(state_tensors(opt), state)
+    assert not any(k.startswith("flatlm_") for g in opt.param_groups for k in g)
 
 
 @pytest.mark.parametrize(
@@ -100,12 +152,18 @@ def test_a_state_dict_for_another_grouping_is_refused():
         (lambda sd: sd["base"].pop("param_groups"), "lacks 'state'/'param_groups'"),
         (lambda sd: sd.update(method_state=[1, 2]), "not a dict"),
         (lambda sd: sd["base"]["state"].update({99: {}}), "state for 99"),
+        (lambda sd: sd["method_state"].update({99: {}}), "method state for 99"),
         (lambda sd: sd["base"]["param_groups"][0].pop("params"), "bad 'param_groups'"),
+        (lambda sd: sd.update(flatlm_method="FunctionalSAM"), "is for FunctionalSAM"),
+        (
+            lambda sd: _set(sd["method_state"][2], "grad_sq_ema", torch.zeros(2, 2)),
+            r"method state 'grad_sq_ema' of parameter 2 has shape \(2, 2\)",
+        ),
     ],
 )
-def test_a_malformed_state_dict_is_a_clear_error(mangle, match):
+def test_a_malformed_state_dict_of_flatlm_0_2_is_a_clear_error(mangle, match):
     _, opt, _, _ = _trained("gasam")
-    sd = opt.state_dict()
+    sd = _v0_2(opt.state_dict())
     mangle(sd)
     state = state_tensors(opt)
     with pytest.raises(ValueError, match=match):

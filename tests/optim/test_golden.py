@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from flatlm.optim import create
+from flatlm.optim.state_layout import split
 from helpers.optim import TinyMLP
 
 GOLDEN = Path(__file__).with_name("golden_trajectories.json")
@@ -117,6 +118,13 @@ def _state_tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _in_recorded_order(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict's tensors grouped as the records were hashed (flatlm 0.2's layout: the
+    base optimizer's state, then the method's own), so a new layout of the same bits matches."""
+    parts = split(state_dict)
+    return {"base": parts.base, "method_state": parts.method_state}
+
+
 def run_case(name: str) -> dict[str, Any]:
     """The case's hashes (``losses``, ``params``, ``state``) and its ``values``: the losses and
     the parameters as floats, for the comparison on machines whose bits were never recorded."""
@@ -143,7 +151,7 @@ def run_case(name: str) -> dict[str, Any]:
         return {
             "losses": _hash(losses),
             "params": _hash(params),
-            "state": _hash(_state_tensors(opt.state_dict())),
+            "state": _hash(_state_tensors(_in_recorded_order(opt.state_dict()))),
             "values": {
                 "losses": [float(v) for v in losses],
                 "params": [float(v) for p in params for v in p.detach().reshape(-1)],

@@ -32,6 +32,7 @@ from flatlm.optim.methods import (
 )
 from flatlm.optim.preconditioners import register_momentum, register_preconditioner
 from flatlm.optim.registry import METHODS, create, default_rho, parse_method
+from flatlm.optim.sharded import gradient_sync
 
 __all__ = [
     "ASAM",
@@ -53,6 +54,7 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "create",
     "default_rho",
+    "gradient_sync",
     "parse_method",
     "register_momentum",
     "register_preconditioner",

@@ -39,6 +39,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from flatlm.optim import sharded
 from flatlm.optim.preconditioners import (
     BaseGeometry,
     bias_corrections,
@@ -63,10 +64,34 @@ ParamState = Sequence[Mapping[str, Tensor]]
 
 
 def global_norm(tensors: list[Tensor]) -> Tensor:
-    """L2 norm of a list of tensors seen as one vector, as a 0-dim tensor (no host sync)."""
+    """L2 norm of a list of tensors seen as one vector, as a 0-dim tensor (no host sync).
+
+    Under FSDP2 the tensors are this rank's shards and the squares are summed over the shard
+    group (one scalar all-reduce, :mod:`~flatlm.optim.sharded`)."""
     if not tensors:
         return torch.zeros(())
+    if sharded.reduces():
+        return sharded.sum_over_shards(sum_of_squares(tensors)).sqrt()
     return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+
+
+def sum_of_squares(tensors: list[Tensor]) -> Tensor:
+    """Σ of the squares of every element, this rank's part (in at least float32)."""
+    norms = torch._foreach_norm(tensors, 2.0)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.stack([n.to(dtype) for n in norms]).square().sum()
+
+
+def root_mean_square(tensors: list[Tensor]) -> Tensor:
+    """√(mean of the squares of every element of every tensor), over all shards under FSDP2."""
+    if sharded.reduces():  # the squares and the element count in one all-reduce
+        device = tensors[0].device if tensors else torch.device("cpu")
+        count = torch.tensor(float(sum(t.numel() for t in tensors)), device=device)
+        partial = sum_of_squares(tensors) if tensors else torch.zeros((), device=device)
+        total = sharded.sum_over_shards(torch.stack([partial, count.to(partial.dtype)]))
+        return total[0].sqrt() / total[1].clamp_min(1.0).sqrt()
+    numel = sum(t.numel() for t in tensors)
+    return global_norm(tensors) / math.sqrt(max(numel, 1))
 
 
 def _divide_(vectors: list[Tensor], precond: list[Tensor | None]) -> None:
@@ -351,8 +376,7 @@ class GradientStrengthDirection(ScaledDirection):
         # s = sqrt(EMA / (1 − βᵗ))
         strength = torch._foreach_div(emas, bias_corrections(self.beta, steps))
         torch._foreach_sqrt_(strength)
-        numel = sum(s.numel() for s in strength)
-        rms = global_norm(strength) / math.sqrt(max(numel, 1))
+        rms = root_mean_square(strength)
         # RMS 0 means every gradient so far was zero: ŝ = 0 then, and so is ε.
         rms = rms.clamp_min(torch.finfo(rms.dtype).tiny)
         torch._foreach_div_(strength, rms)  # ŝ, relative strength

@@ -16,16 +16,17 @@ A method is therefore a direction rule plus one flag (``functional``), not a cla
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from flatlm.optim import amp, passes
-from flatlm.optim.directions import Direction, global_norm
+from flatlm.optim import amp, passes, sharded, state_layout
+from flatlm.optim.directions import Direction, global_norm, sum_of_squares
 from flatlm.optim.perturbation import Perturbation, ReuseSchedule
 from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.validation import (
@@ -41,6 +42,20 @@ __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
 
 class NonFiniteStepWarning(RuntimeWarning):
     """A step was skipped because a pass gave a non-finite loss or gradient."""
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _over_shards(method: _Fn) -> _Fn:
+    """Norms taken inside this method are over all shards when θ is FSDP2-sharded."""
+
+    @functools.wraps(method)
+    def wrapper(self: SharpnessAwareOptimizer, *args: Any, **kwargs: Any) -> Any:
+        with sharded.reducing(self._sharding):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -77,7 +92,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             all-reduced clean gradient, so N ranks equal one process on the global batch;
             ``"local"`` makes it from each rank's own gradient (SAM's m-sharpness) and needs
             ``step(..., no_sync=ddp_model.no_sync)``. Either way the norms need no all-reduce of
-            their own: in sync mode every rank holds the same gradient.
+            their own: in sync mode every rank holds the same gradient. With FSDP2
+            (``fully_shard``) each rank perturbs and restores its own shard and the norms add
+            their squares over the shard group (one scalar all-reduce each; docs/fsdp.md);
+            micro-batches take ``no_sync=flatlm.optim.gradient_sync(model)``.
     """
 
     def __init__(
@@ -137,6 +155,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.replay_rng = replay_rng
         self.skip_nonfinite = skip_nonfinite
         self.distributed = distributed
+        self._sharding_of: tuple[tuple[int, ...], sharded.Sharding] | None = None
+        self._sharding  # noqa: B018 (checks the parameters now)
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
         if not direction.needs_gradient:
@@ -152,6 +172,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # --- public protocol --------------------------------------------------------------------
 
+    @_over_shards
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Tensor] | None = None,
@@ -201,6 +222,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if micro_batches is not None or grad_scaler is not None or no_sync is not None:
             raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
         if closure is None:
+            if self._init_checkpoint_state():  # torch.distributed.checkpoint's state init
+                return None
             raise TypeError(
                 f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
                 "recomputes the loss and its gradient)" + lightning_hint()
@@ -224,6 +247,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    @_over_shards
     def first_step(self, zero_grad: bool = False, *, functional_vjp: bool = False) -> None:
         """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``.
 
@@ -246,6 +270,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
+    @_over_shards
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore θ exactly and step the base optimizer with the gradient now in ``p.grad``."""
         self._descend(warn=True)
@@ -259,6 +284,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._perturbation.abort()
 
     @torch.no_grad()
+    @_over_shards
     def perturbation(self) -> list[Tensor | None]:
         """The method's ε per parameter of ``param_groups`` from the gradients now in ``p.grad``.
 
@@ -275,9 +301,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def extra_bytes(self) -> int:
         """Bytes held between steps beyond the base optimizer's state: the clean copy of θ and
-        the method's own state (GA-SAM's EMA, perturb_every's stored direction)."""
+        the method's own state (GA-SAM's EMA, perturb_every's stored direction); this rank's
+        shards under FSDP2."""
         tensors = [*self._perturbation.clean_copies.values()]
-        tensors += [t for st in self.state.values() for t in st.values() if torch.is_tensor(t)]
+        tensors += [
+            sharded.local(t)
+            for st in self.state.values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -299,8 +331,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def skips_on_device(self) -> bool:
         """Whether a non-finite step is skipped on the device, with no host sync at all: a fused
         Adam/AdamW/SGD base and a rule that keeps no state of its own."""
-        return not self.direction.stateful and amp.can_skip_on_device(
-            self.base_optimizer, self.param_groups
+        return (
+            not self.direction.stateful
+            and not self._sharding.active
+            and amp.can_skip_on_device(self.base_optimizer, self.param_groups)
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -313,32 +347,82 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     # --- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's whole state (moments, steps, groups) plus this method's own."""
-        own = super().state_dict()
-        return {
-            "flatlm_method": type(self).__name__,
-            "base": self.base_optimizer.state_dict(),
-            "method_state": own["state"],
-            "skipped_steps": self.skipped_steps,
-            "steps_since_fresh_perturbation": self._schedule.since_fresh,
-        }
+        """torch's optimizer layout, which ``torch.distributed.checkpoint`` reads and reshards
+        like any optimizer's (:mod:`~flatlm.optim.state_layout`): ``state`` by parameter index,
+        each entry the base optimizer's (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``) with this
+        method's own merged in under ``flatlm_`` keys (GA-SAM's ``flatlm_grad_sq_ema``,
+        ``perturb_every``'s ``flatlm_perturb_direction``); ``param_groups`` with
+        ``flatlm_method``, ``flatlm_skipped_steps`` and ``flatlm_steps_since_fresh_perturbation``
+        in every group."""
+        return state_layout.to_standard(
+            self.base_optimizer.state_dict(),
+            super().state_dict()["state"],
+            state_layout.Scalars(
+                type(self).__name__, self.skipped_steps, self._schedule.since_fresh
+            ),
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``: torch's layout, keyed by index or (from
+        ``torch.distributed.checkpoint``) by parameter name, or flatlm 0.2's layout."""
         check_state_dict(state_dict, type(self).__name__, self.param_groups)
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        parts = state_layout.split(state_dict)  # flatlm's group entries are left out of both
+        self.base_optimizer.load_state_dict(parts.base)
         # Load our own state against the base's (now loaded) groups, then share them again.
         super().load_state_dict(
-            {
-                "state": state_dict["method_state"],
-                "param_groups": state_dict["base"]["param_groups"],
-            }
+            {"state": parts.method_state, "param_groups": parts.base["param_groups"]}
         )
         self.param_groups = self.base_optimizer.param_groups
-        self._skipped_host = int(state_dict.get("skipped_steps", 0))
+        self._skipped_host = parts.scalars.skipped_steps
         self._skipped_device = None
-        self._schedule.load(state_dict.get("steps_since_fresh_perturbation"))
+        self._schedule.load(parts.scalars.steps_since_fresh_perturbation)
         if self.perturb_every == 1:  # a direction saved with perturb_every > 1 is not used here
             Perturbation.drop_stored(self.state)
+
+    @torch.no_grad()
+    def _init_checkpoint_state(self) -> bool:
+        """What ``step()`` without arguments does when ``torch.distributed.checkpoint`` calls it.
+
+        ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` first make sure the state
+        exists (torch's ``_init_optim_state``): when ``opt.state`` is empty and no parameter has a
+        gradient, they set every gradient to zeros and every ``lr`` to 0 and call
+        ``step(closure=None)``. ``opt.state`` is this method's own state, empty for SAM at every
+        step, so this call comes for a trained optimizer too (after ``zero_grad``), and a real
+        step then would move AdamW's moments and count. Recognised by exactly that call (every
+        ``lr`` 0, every parameter that needs a gradient has a zero one); anything else returns
+        False and ``step`` raises as for any call without a forward.
+
+        It creates each state entry a checkpoint of this optimizer holds, with its value before
+        a first step, and changes no parameter: the base optimizer's by torch's own zero step at
+        lr 0 (what ``_init_optim_state`` does to any optimizer), only if it has no state yet (a
+        trained one is left as it is); a stateful rule's state as zeros and ``perturb_every``'s
+        stored direction as zeros, which the rule and the schedule read as "none yet" (GA-SAM:
+        EMA 0 at step 0). ``torch.distributed.checkpoint.load`` into a fresh optimizer then
+        finds a place for every entry of the checkpoint.
+        """
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not params or any(p.grad is None for p in params):
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups if "lr" in g):
+            return False
+        if any(bool(sharded.local(p.grad).any()) for p in params):  # type: ignore[arg-type]
+            return False
+        if not self.base_optimizer.state:
+            self.base_optimizer.step()
+        if self.direction.stateful:  # the rule's keys, shapes and dtypes, from one zero input
+            shards = sharded.locals_of(params)
+            prepared = self.direction.prepare(
+                shards,
+                [torch.zeros_like(s) for s in shards],
+                [{} for _ in params],
+                self._perturbation.geometry,
+            )
+            for key, values in (prepared.new_state or {}).items():
+                for p, value in zip(params, values, strict=True):
+                    self.state[p].setdefault(key, sharded.like_param(torch.zeros_like(value), p))
+        if self.perturb_every > 1:
+            Perturbation.stored(self.state, params)
+        return True
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -355,6 +439,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if scaler is not None and self._sharding.active:
+            raise ValueError(
+                "grad_scaler (fp16 loss scaling) is not supported with FSDP2-sharded parameters: "
+                "train in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                "param_dtype=torch.bfloat16)) or torch.autocast(dtype=torch.bfloat16), which "
+                "need no scaler"
+            )
         reuse = not self._schedule.fresh_due()
         # One gradient pass only: ε reused (perturb_every) or made without a gradient (momentum).
         one_pass = reuse or not self.direction.needs_gradient
@@ -427,7 +518,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self.max_grad_norm is not None:
+        if self._sharding.active:
+            grad_norm = self._sharded_grad_norm(params, ok)
+        elif self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
         else:
             grad_norm = global_norm([p.grad for p in params])
@@ -458,6 +551,35 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 NonFiniteStepWarning,
                 stacklevel=4,
             )
+
+    @property
+    def _sharding(self) -> sharded.Sharding:
+        """How θ is sharded, looked at again when the parameters change: Accelerate's FSDP2
+        swaps the DTensors into an optimizer built on the unsharded parameters."""
+        params = _flat(self.param_groups)
+        key = tuple(map(id, params))
+        if self._sharding_of is None or self._sharding_of[0] != key:
+            sharding = sharded.Sharding.of(params)
+            if sharding.active and self.distributed == "local":
+                raise ValueError(
+                    "distributed='local' needs each rank's own full gradient, which FSDP2 never "
+                    "holds (it reduce-scatters): use distributed='sync'"
+                )
+            self._sharding_of = (key, sharding)
+        return self._sharding_of[1]
+
+    def _sharded_grad_norm(self, params: list[Tensor], ok: Tensor) -> Tensor:
+        """‖g‖ over every shard, clipping the shards if asked. A rank whose own loss was
+        non-finite adds an infinite square, so every rank sees a non-finite norm and skips."""
+        grads = [sharded.local(p.grad) for p in params]  # type: ignore[arg-type]
+        device = grads[0].device if grads else self._device()
+        partial = sum_of_squares(grads) if grads else torch.zeros((), device=device)
+        partial = partial + torch.where(ok.to(device), 0.0, float("inf"))
+        grad_norm = sharded.sum_over_shards(partial).sqrt()
+        if self.max_grad_norm is not None and grads:  # as clip_grad_norm_ scales
+            coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return grad_norm
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flatlm.optim.directions import Direction, Prepared, global_norm
 from flatlm.optim.preconditioners import BaseGeometry
+from flatlm.optim.sharded import like_param, local, local_state, locals_of
 from flatlm.optim.validation import check_dense, check_group_rhos
 
 __all__ = ["Gathered", "Perturbation", "ReuseSchedule", "inverse_norm"]
@@ -47,10 +48,18 @@ def _has_grad(p: Tensor) -> bool:
 
 @dataclass
 class Gathered:
-    """The selected parameters, flat, and each group's [start, end) and ρ."""
+    """The selected parameters, flat, and each group's [start, end) and ρ.
+
+    ``params`` are the parameters themselves (the keys of every state); ``shards`` the tensors
+    the maths runs on: the same tensors, or this rank's shards of FSDP2's DTensors.
+    """
 
     params: list[Tensor]
     slices: list[tuple[int, int, float]]
+
+    @property
+    def shards(self) -> list[Tensor]:
+        return locals_of(self.params)
 
     @classmethod
     def of(
@@ -115,15 +124,18 @@ class Perturbation:
             self._delta = None
         gathered = self.active
         assert gathered is not None
-        params = gathered.params
+        params = gathered.shards
         if not first:  # the next ascent step, from the gradient at the current perturbed point
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads = [
+                local(p.grad) if p.grad is not None else torch.zeros_like(shard)
+                for p, shard in zip(gathered.params, params, strict=True)
+            ]
         check_group_rhos(groups)
         if first:
             self.prepared = self.direction.prepare(
-                params, grads, [state.get(p, {}) for p in params], self.geometry
+                params, grads, _rule_state(state, gathered.params), self.geometry
             )
-            self._prepared_params = params
+            self._prepared_params = gathered.params
         assert self.prepared is not None
         u, n = self.direction(params, grads, self.prepared)
         norm = global_norm(n)
@@ -136,7 +148,7 @@ class Perturbation:
             factor: Tensor | float = inverse_norm(norm)
             if self.keep_direction:  # keep the unit direction δ for the steps in between
                 torch._foreach_mul_(u, factor)
-                torch._foreach_copy_(self.stored(state, params), u)
+                torch._foreach_copy_(self.stored(state, gathered.params), u)
                 factor = 1.0
             self._add(params, gathered.scale_(u, factor))
             return
@@ -148,13 +160,13 @@ class Perturbation:
             self._delta = [torch.zeros_like(p) for p in params]
         delta = self._delta
         torch._foreach_add_(delta, u)
-        torch._foreach_copy_(params, self._clean_list(params))
+        torch._foreach_copy_(params, self._clean_list(gathered.params))
         if self.keep_direction:
-            torch._foreach_copy_(self.stored(state, params), delta)
+            torch._foreach_copy_(self.stored(state, gathered.params), delta)
         self._add(params, gathered.scale_(torch._foreach_mul(delta, 1.0), 1.0))
 
     def _add(self, params: list[Tensor], eps: list[Tensor]) -> None:
-        """θ += ε, keeping ‖ε‖ (a tensor, no sync) when ``record_norm`` asks for it."""
+        """θ += ε (on the shards), keeping ‖ε‖ (a tensor, no sync) when ``record_norm`` asks for it."""
         if self.record_norm:
             self.last_norm = global_norm(eps)
         if params:  # none: nothing to perturb yet (a momentum rule's first step)
@@ -173,9 +185,10 @@ class Perturbation:
         device = gathered.params[0].device if gathered.params else torch.device("cpu")
         self.clean_ok = torch.ones((), dtype=torch.bool, device=device)
         directions = self.stored(state, gathered.params)
+        shards = gathered.shards
         for start, end, rho in gathered.slices:
             if end > start:
-                torch._foreach_add_(gathered.params[start:end], directions[start:end], alpha=rho)
+                torch._foreach_add_(shards[start:end], directions[start:end], alpha=rho)
         _forget_autocast_copies()
 
     @torch.no_grad()
@@ -184,7 +197,7 @@ class Perturbation:
         gathered = self.active
         assert gathered is not None
         if gathered.params:
-            torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))
+            torch._foreach_copy_(gathered.shards, self._clean_list(gathered.params))
         self.active = None
         _forget_autocast_copies()
 
@@ -202,7 +215,7 @@ class Perturbation:
             return
         for key, values in prepared.new_state.items():
             for p, value in zip(self._prepared_params, values, strict=True):
-                state[p][key] = value
+                state[p][key] = like_param(value, p)
 
     # --- without moving θ ------------------------------------------------------------------
 
@@ -211,22 +224,25 @@ class Perturbation:
         """ε per parameter with a gradient, from the gradients now in ``p.grad``; changes
         nothing."""
         gathered, grads = self._inputs(groups, copy=True)
+        shards = gathered.shards
         prepared = self.direction.prepare(
-            gathered.params, grads, [state.get(p, {}) for p in gathered.params], self.geometry
+            shards, grads, _rule_state(state, gathered.params), self.geometry
         )
-        u, n = self.direction(gathered.params, grads, prepared)
+        u, n = self.direction(shards, grads, prepared)
         eps = gathered.scale_(u, inverse_norm(global_norm(n)))
-        return dict(zip(gathered.params, eps, strict=True))
+        return {p: like_param(e, p) for p, e in zip(gathered.params, eps, strict=True)}
 
     def _inputs(self, groups: list[dict[str, Any]], copy: bool) -> tuple[Gathered, list[Tensor]]:
         """The parameters ε is made for and the rule's input for each: the clean gradient
-        (a copy if ``copy``: the rule may overwrite it), or a momentum rule's own source."""
+        (a copy if ``copy``: the rule may overwrite it), or a momentum rule's own source; local
+        shards under FSDP2."""
         if self.direction.needs_gradient:
             gathered = Gathered.of(groups)
-            grads = [p.grad for p in gathered.params]
+            grads = [local(p.grad) for p in gathered.params]  # type: ignore[arg-type]
             return gathered, torch._foreach_mul(grads, 1.0) if copy and grads else grads
         every = [p for g in groups for p in g["params"]]
-        source = dict(zip(every, self.direction.source(every, self.geometry), strict=True))
+        sources = self.direction.source(locals_of(every), self.geometry)
+        source = dict(zip(every, sources, strict=True))
         gathered = Gathered.of(groups, lambda p: source[p] is not None)
         return gathered, [source[p] for p in gathered.params]  # type: ignore[misc]
 
@@ -243,25 +259,32 @@ class Perturbation:
 
     @staticmethod
     def stored(state: State, params: list[Tensor]) -> list[Tensor]:
-        """δ per parameter (ε = ρ·δ), allocated on first use; kept in ``state`` for checkpoints."""
+        """δ per parameter (ε = ρ·δ) as local shards, allocated on first use (sharded like the
+        parameter); kept in ``state`` for checkpoints."""
         for p in params:
             st = state[p]
             if STORED not in st:
-                st[STORED] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return [state[p][STORED] for p in params]
+                st[STORED] = like_param(torch.zeros_like(local(p)), p)
+        return [local(state[p][STORED]) for p in params]
 
     # --- the clean copy --------------------------------------------------------------------
 
     def _store_clean(self, params: list[Tensor]) -> None:
         if params:
-            torch._foreach_copy_(self._clean_list(params), params)
+            torch._foreach_copy_(self._clean_list(params), locals_of(params))
 
     def _clean_list(self, params: list[Tensor]) -> list[Tensor]:
+        """The clean copy of each parameter (of this rank's shard under FSDP2)."""
         copies = self.clean_copies
         for p in params:
             if p not in copies:
-                copies[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+                copies[p] = torch.empty_like(local(p), memory_format=torch.preserve_format)
         return [copies[p] for p in params]
+
+
+def _rule_state(state: State, params: list[Tensor]) -> list[Any]:
+    """What a rule reads of its saved state, per parameter, as local shards."""
+    return [local_state(state.get(p, {})) for p in params]
 
 
 @dataclass

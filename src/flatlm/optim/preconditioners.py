@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flatlm.optim.sharded import local
+
 __all__ = [
     "BaseGeometry",
     "PreconditionerFn",
@@ -28,7 +30,8 @@ __all__ = [
 #: ``fn(base_optimizer, params, grads) -> list[Tensor | None]``: P per parameter. With ``grads``
 #: (this step's clean gradients) P is the denominator of this step's update, with the gradient
 #: folded into the second moment; with ``grads=None`` it is the previous step's (None where the
-#: base optimizer has no state yet: P = I there).
+#: base optimizer has no state yet: P = I there). Under FSDP2 ``params`` and ``grads`` are this
+#: rank's shards (``flatlm.optim.sharded.local`` of the base optimizer's parameters and state).
 PreconditionerFn = Callable[
     [torch.optim.Optimizer, list[Tensor], list[Tensor] | None], list[Tensor | None]
 ]
@@ -69,7 +72,7 @@ def adam_preconditioner(
     parameter has no state yet. With ``amsgrad`` the running maximum of v, as Adam divides by it.
     """
     out: list[Tensor | None] = [None] * len(params)
-    index = {p: i for i, p in enumerate(params)}
+    index = {p: i for i, p in enumerate(params)}  # keyed by shard: local(p) is p unsharded
     for group in base.param_groups:
         beta2 = float(group["betas"][1])
         eps = float(group["eps"])
@@ -77,7 +80,7 @@ def adam_preconditioner(
         key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
         idx, second_moments, steps, maxima = [], [], [], []
         for p in group["params"]:
-            i = index.get(p)
+            i = index.get(local(p))
             if i is None:
                 continue
             state = base.state.get(p)
@@ -92,13 +95,13 @@ def adam_preconditioner(
                     continue  # previous moment: none yet, P = I
                 on_device = group.get("fused") or group.get("capturable")  # where Adam keeps it
                 step = torch.zeros((), device=p.device if on_device else "cpu")
-                state = {"exp_avg_sq": torch.zeros_like(p), "step": step}
+                state = {"exp_avg_sq": torch.zeros_like(local(p)), "step": step}
                 if amsgrad:
                     state["max_exp_avg_sq"] = state["exp_avg_sq"]
             idx.append(i)
-            second_moments.append(state["exp_avg_sq" if grads is not None else key])
-            steps.append(state["step"])
-            maxima.append(state.get("max_exp_avg_sq"))
+            second_moments.append(local(state["exp_avg_sq" if grads is not None else key]))
+            steps.append(local(state["step"]))
+            maxima.append(local(state["max_exp_avg_sq"]) if amsgrad else None)
         if not idx:
             continue
         if grads is None:
@@ -176,13 +179,20 @@ class BaseGeometry:
         return _find_momentum_key(type(self._base))
 
     def momentum(self, params: list[Tensor]) -> list[Tensor | None]:
-        """The base optimizer's momentum m per parameter as it stands before this step (its own
-        tensors: read them, never write), None where the parameter has none yet."""
+        """The base optimizer's momentum m per parameter (or per shard under FSDP2) as it stands
+        before this step (its own tensors: read them, never write), None where the parameter has
+        none yet."""
         key = self.momentum_key
         if key is None:
             raise TypeError(f"{self.base_name} keeps no momentum flatlm can read")
         state = self._base.state
-        return [state[p].get(key) if p in state else None for p in params]
+        by_shard = {local(p): p for g in self._base.param_groups for p in g["params"]}
+        out: list[Tensor | None] = []
+        for shard in params:
+            st = state.get(by_shard.get(shard, shard))
+            m = st.get(key) if st else None
+            out.append(None if m is None else local(m))
+        return out
 
     def groups_without_momentum(self) -> list[int]:
         """Indices of groups that can never have momentum (SGD with ``momentum=0``)."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from flatlm.optim import state_layout
+
 __all__ = [
     "LIGHTNING_AUTOMATIC_OPTIMIZATION",
     "check_closure_origin",
@@ -93,52 +95,104 @@ def check_dense(params: list[torch.Tensor]) -> None:
 def check_state_dict(
     state_dict: Any, method: str, groups: list[dict[str, Any]] | None = None
 ) -> None:
-    """A flatlm state dict for ``method`` that fits ``groups`` (the optimizer's own: the same
-    number of groups and parameters, every per-parameter tensor of its parameter's shape), else
-    a ValueError saying what it is instead. Checked before anything is loaded."""
-    if not isinstance(state_dict, dict) or not {"base", "method_state"} <= set(state_dict):
-        raise ValueError(
-            f"not a {method} state dict: expected keys 'base' and 'method_state'"
-            + (
-                f", got {sorted(state_dict)[:8]}"
-                if isinstance(state_dict, dict)
-                else f", got {type(state_dict).__name__}"
-            )
+    """A state dict of ``method`` in torch's layout (or flatlm 0.2's, see
+    :mod:`~flatlm.optim.state_layout`) that fits ``groups`` (the optimizer's own: the same number
+    of groups and parameters, every per-parameter tensor of its parameter's shape), else a
+    ValueError saying what it is instead. Checked before anything is loaded."""
+    legacy = isinstance(state_dict, dict) and state_layout.is_legacy(state_dict)
+    if not legacy and not (
+        isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)
+    ):
+        got = (
+            f"keys {sorted(map(str, state_dict))[:8]}"
+            if isinstance(state_dict, dict)
+            else f"a {type(state_dict).__name__}"
         )
-    saved = state_dict.get("flatlm_method")
+        raise ValueError(
+            f"not a {method} state dict: expected torch's optimizer layout, keys 'state' and "
+            f"'param_groups' (or flatlm 0.2's 'base' and 'method_state'), got {got}"
+        )
+    if legacy:
+        base = state_dict["base"]
+        if not (isinstance(base, dict) and {"state", "param_groups"} <= set(base)):
+            raise ValueError(f"malformed {method} state dict: 'base' lacks 'state'/'param_groups'")
+        sections = [(base["state"], "base optimizer"), (state_dict["method_state"], "method")]
+    else:
+        base = state_dict
+        sections = [(base["state"], "")]
+    if not all(isinstance(section, dict) for section, _ in sections):
+        raise ValueError(f"malformed {method} state dict: per-parameter state is not a dict")
+    saved_groups = base["param_groups"]
+    try:
+        saved_ids = [list(g["params"]) for g in saved_groups]
+    except (TypeError, KeyError):
+        raise ValueError(f"malformed {method} state dict: bad 'param_groups'") from None
+    if not legacy:
+        _check_flatlm_entries(saved_groups, method)
+    saved = state_layout.method_of(state_dict)
     if saved is not None and saved != method:
         raise ValueError(f"state dict is for {saved}, cannot load it into {method}")
     if groups is None:
         return
-    base, own = state_dict["base"], state_dict["method_state"]
-    if not (isinstance(base, dict) and {"state", "param_groups"} <= set(base)):
-        raise ValueError(f"malformed {method} state dict: 'base' lacks 'state'/'param_groups'")
-    if not isinstance(own, dict) or not isinstance(base["state"], dict):
-        raise ValueError(f"malformed {method} state dict: per-parameter state is not a dict")
-    saved_groups = base["param_groups"]
     sizes = [len(g["params"]) for g in groups]
-    try:
-        saved_sizes = [len(g["params"]) for g in saved_groups]
-    except (TypeError, KeyError):
-        raise ValueError(f"malformed {method} state dict: bad 'param_groups'") from None
+    saved_sizes = [len(ids) for ids in saved_ids]
     if saved_sizes != sizes:
         raise ValueError(
             f"the state dict has parameter groups of sizes {saved_sizes}, this optimizer "
             f"{sizes}: it was saved for another model or grouping"
         )
+    # A state's key is its parameter's entry in the saved groups' "params": an index as
+    # state_dict() writes it, or a parameter name after torch.distributed.checkpoint.
+    try:
+        position = {key: i for i, key in enumerate(k for ids in saved_ids for k in ids)}
+    except TypeError:
+        raise ValueError(f"malformed {method} state dict: bad 'param_groups'") from None
     params = [p for g in groups for p in g["params"]]
-    for section, name in ((base["state"], "base optimizer"), (own, "method")):
-        for index, entry in section.items():
-            if not (isinstance(index, int) and 0 <= index < len(params)):
-                raise ValueError(f"malformed {method} state dict: {name} state for {index!r}")
-            for key, value in (entry or {}).items():
+    for section, name in sections:
+        for key, entry in section.items():
+            index = position.get(key) if _hashable(key) else None
+            if index is None or not (entry is None or isinstance(entry, dict)):
+                raise ValueError(
+                    f"malformed {method} state dict: {name + ' ' if name else ''}state for "
+                    f"{key!r}, which no parameter group lists"
+                    + ("" if index is None else " (and not a dict)")
+                )
+            for state_key, value in (entry or {}).items():
                 shape = tuple(params[index].shape)
                 if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shape:
                     raise ValueError(
-                        f"the state dict's {name} state {key!r} of parameter {index} has shape "
-                        f"{tuple(value.shape)}, the parameter {shape}: it was saved for another "
-                        "model"
+                        f"the state dict's {name + ' ' if name else ''}state {state_key!r} of "
+                        f"parameter {key!r} has shape {tuple(value.shape)}, the parameter "
+                        f"{shape}: it was saved for another model"
                     )
+
+
+def _check_flatlm_entries(saved_groups: list[Any], method: str) -> None:
+    """Every group of torch's layout carries flatlm's optimizer-wide values."""
+    names = [state_layout.PREFIX + name for name in state_layout.SCALARS]
+    for i, group in enumerate(saved_groups):
+        if names[0] not in group:
+            raise ValueError(
+                f"not a {method} state dict: param_groups[{i}] has no {names[0]!r}, so a flatlm "
+                "optimizer did not write it (a plain torch optimizer's state dict loads into "
+                "opt.base_optimizer; torch.distributed.checkpoint's "
+                "flatten_optimizer_state_dict=True drops these entries and is not supported)"
+            )
+        missing = [name for name in names if name not in group]
+        if missing:
+            raise ValueError(
+                f"malformed {method} state dict: param_groups[{i}] lacks {missing} (flatlm's "
+                "optimizer-wide values, in every group): it was written by something else or "
+                "edited; save it again with state_dict()"
+            )
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 LIGHTNING_AUTOMATIC_OPTIMIZATION = (
