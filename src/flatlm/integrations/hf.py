@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "flatlm.integrations.hf needs transformers and accelerate: pip install 'flatlm[hf]'"
     ) from e
 
-from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, amp, passes
+from flatlm.optim import NonFiniteStepWarning, SharpnessAwareOptimizer, amp, passes, sharded
 from flatlm.optim.directions import global_norm
 from flatlm.optim.registry import check_options, create, method_info, parse_method
 
@@ -137,6 +137,10 @@ class SharpnessAwareTrainerMixin:
     value is in ``self.sam_max_grad_norm``. The logged ``grad_norm`` is then the norm of the
     perturbed gradient before clipping (``clean_grad_norm``: the clean one, where the Trainer
     reports it).
+
+    Runs on one device, under DDP, or under Accelerate's FSDP2 (``TrainingArguments(fsdp=True,
+    fsdp_config={"version": 2})``); DeepSpeed and FSDP1 are refused (docs/hf.md, "Sharded
+    training").
     """
 
     # Set by Trainer.__init__; declared for type checkers.
@@ -215,11 +219,48 @@ class SharpnessAwareTrainerMixin:
                 "ascent_steps > 1 needs the whole step in one call; the Trainer integration "
                 "runs a single ascent step"
             )
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                f"{name} supports single-device and DDP training; DeepSpeed and FSDP shard the "
-                "parameters, so the global norms of the perturbation would be wrong"
+        refusal = self._sharding_refusal()
+        if refusal is not None:
+            raise ValueError(f"{name} supports single-device, DDP and FSDP2 training: {refusal}")
+
+    def _sharding_refusal(self) -> str | None:
+        """Why this Trainer's sharded setup cannot run a sharpness-aware step (None: it can).
+
+        FSDP2 (``fully_shard``, Accelerate's ``fsdp_version=2``) can: its parameters are DTensors,
+        the flatlm optimizer perturbs each rank's shard and sums its norms over the shards, and
+        ``accelerator.no_sync`` defers FSDP2's reduce-scatter in the replay as in the clean pass.
+        """
+        fsdp2 = "fsdp_config={'version': 2}"  # TrainingArguments' spelling
+        if getattr(self, "is_deepspeed_enabled", False):
+            return (
+                "under DeepSpeed, accelerate's backward of the last micro-batch already runs "
+                "DeepSpeed's engine.step() (clip, optimizer step, zero_grad) and optimizer.step() "
+                "is a no-op, so there is no point between the clean gradient and the update for "
+                f"the second pass; use FSDP2 instead (TrainingArguments(fsdp=True, {fsdp2}))"
             )
+        if getattr(self, "is_distributed_loading_by_transformers", False):
+            return (
+                "a model sharded at load time (from_pretrained(..., distributed_config=...)) "
+                "defers its gradient reduction through the Trainer's own context, not "
+                "accelerator.no_sync, and may hold tensor-parallel parameters; this is not "
+                f"supported: load the model whole and shard it with TrainingArguments(fsdp=True, {fsdp2})"
+            )
+        if not getattr(self, "is_fsdp_enabled", False):
+            return None
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            return (
+                "FSDP1 (FullyShardedDataParallel) flattens each wrapped module's parameters into "
+                "one FlatParameter sharded across ranks, so a rank holds slices of flattened "
+                "tensors that flatlm cannot perturb or take norms of tensor by tensor; use FSDP2 "
+                f"(TrainingArguments(fsdp=True, {fsdp2}))"
+            )
+        if getattr(self.args, "fp16", False):
+            return (
+                "fp16 loss scaling is not supported with FSDP2 (each rank would check only its "
+                "own shard of the perturbed gradient for overflow); train in bf16 (bf16=True)"
+            )
+        return None
 
     # --- the optimizer ------------------------------------------------------------------------
 
@@ -313,6 +354,15 @@ class SharpnessAwareTrainerMixin:
         sam = self._sam_optimizer
         assert sam is not None
         if not stash:
+            # torch.distributed.checkpoint (accelerate's FSDP2 checkpoints) creates a fresh
+            # optimizer's state by step() with zero gradients and lr 0; the flatlm optimizer
+            # recognises exactly that call. Any other step() without a clean pass is an error.
+            try:
+                sam.step()
+            except TypeError:
+                pass
+            else:
+                return
             raise RuntimeError(
                 "optimizer.step() without a clean pass: the sharpness-aware step replays the "
                 "micro-batches training_step stashed"
@@ -342,7 +392,10 @@ class SharpnessAwareTrainerMixin:
 
         overflow = self._unscale_perturbed()
         params = [p for g in sam.param_groups for p in g["params"] if p.grad is not None]
-        self._sam_grad_norm = global_norm([p.grad for p in params]).detach()
+        # FSDP2: this rank's shards, their squares summed over the shard group (a plain tensor).
+        with sharded.reducing(sharded.Sharding.of(params)):
+            grads = [sharded.local(p.grad) for p in params]  # type: ignore[arg-type]
+            self._sam_grad_norm = global_norm(grads).detach()
         if overflow:
             with warnings.catch_warnings():  # routine while GradScaler finds its scale
                 warnings.simplefilter("ignore", NonFiniteStepWarning)
