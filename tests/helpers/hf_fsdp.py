@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from flatlm.integrations.hf import SharpnessAwareTrainer
 from flatlm.optim import NonFiniteStepWarning
+from helpers.hf_models import lm_data, tiny_gpt2
 
-VOCAB = 64
 STEPS = 3
 PER_RANK_BATCH = 2
 # SHARDED_STATE_DICT: checkpoints through torch.distributed.checkpoint. (The Trainer's default,
@@ -59,34 +59,6 @@ class Run:
     def output_dir(self) -> str:
         """Shared by a run that stops at a checkpoint and the run that resumes from it."""
         return f"{self.method}-ga{self.accumulation}-poison{self.poison_step}"
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=VOCAB,
-        n_positions=32,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config).double()
-
-
-def lm_data(n: int, length: int = 8) -> list[dict[str, Tensor]]:
-    """Arithmetic sequences mod VOCAB (as in test_hf.py)."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for _ in range(n):
-        start = torch.randint(0, VOCAB, (1,), generator=g)
-        ids = (start + 3 * torch.arange(length)) % VOCAB
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
 
 
 def cpu_fsdp() -> None:
@@ -172,7 +144,7 @@ def train(run: Run, out: str, world: int = 1, rank: int = 0, fsdp: dict | None =
     if fsdp is not None:
         kwargs.update(fsdp=True, fsdp_config=dict(fsdp))
     trainer = InOrder(
-        model=tiny_gpt2(),
+        model=tiny_gpt2().double(),
         args=TrainingArguments(**kwargs),
         train_dataset=lm_data(PER_RANK_BATCH * 2 * run.accumulation * STEPS),
         sam_method=run.method,

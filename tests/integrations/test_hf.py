@@ -25,8 +25,6 @@ import transformers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -34,32 +32,15 @@ from transformers import (
 
 import flatlm.optim
 from flatlm.integrations.hf import SharpnessAwareStep, SharpnessAwareTrainer
+from helpers.hf_models import VOCAB, lm_data, tiny_gpt2
 from helpers.optim import OverflowHook
 
 transformers.logging.set_verbosity_error()
 
-VOCAB = 64
 SAM_METHODS = ["sam", "fsam", "psam", "pfsam", "gasam"]
 
 
 # --- models, data, arguments ------------------------------------------------------------------
-
-
-def tiny_gpt2(dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        vocab_size=VOCAB,
-        n_positions=32,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
@@ -76,17 +57,6 @@ def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
         attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(config)
-
-
-def lm_data(n: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Arithmetic sequences mod VOCAB: a pattern a tiny model learns in a few steps."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for _ in range(n):
-        start = torch.randint(0, VOCAB, (1,), generator=g)
-        ids = (start + 3 * torch.arange(length)) % VOCAB
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
 
 
 def cls_data(n: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:

@@ -27,7 +27,8 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 
 from flatlm.integrations.hf import SharpnessAwareTrainer
 from helpers.fsdp import spawn
-from helpers.hf_fsdp import STEPS, Run, tiny_gpt2, train, worker
+from helpers.hf_fsdp import STEPS, Run, train, worker
+from helpers.hf_models import tiny_gpt2
 
 transformers.logging.set_verbosity_error()
 
@@ -84,7 +85,7 @@ def test_two_fsdp2_ranks_equal_one_unsharded_trainer_on_the_global_batch(sharded
     # Guards: clipping acted, and the run moved θ far beyond the tolerance.
     if run.poison_step is None:
         assert min(want["grad_norms"]) > 0.5
-    initial = {n: p.detach() for n, p in tiny_gpt2().named_parameters()}
+    initial = {n: p.detach() for n, p in tiny_gpt2().double().named_parameters()}
     assert max(float((v - initial[n]).abs().max()) for n, v in want["params"].items()) > 1e-3
 
 
