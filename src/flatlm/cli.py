@@ -193,7 +193,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 @subcommand(
     "sharpness",
     "sharpness figures (Hessian spectrum, SAM decomposition, ...) of a trained checkpoint",
-    arg("checkpoint", help="a run folder (holding checkpoint.pt) or a checkpoint file"),
+    arg("checkpoint", help="a run folder (holding checkpoint.pt or checkpoint.dcp) or a checkpoint file"),
     arg("--split", nargs="+", default=["val"], choices=["train", "val", "test"],
         help="which fixed windows (default: val; train = the run's training tokens)"),
     arg("--batches", type=int, default=2, help="fixed batches of train.batch_size windows per split"),

@@ -58,15 +58,16 @@ def atomic_write(
             os.replace(path, backup)
         os.replace(tmp, path)
         if durable:
-            _fsync_folder(path.parent)
+            fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

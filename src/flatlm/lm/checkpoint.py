@@ -7,11 +7,20 @@ run continues bit for bit on CPU. It is written atomically, the previous one kep
 It carries its own SHA-256, in the zip comment of the file ``torch.save`` writes (``torch.load``
 and zip tools ignore the comment, so it stays a plain torch file): ``torch.load`` does not check
 the zip's CRCs, and a flipped byte would otherwise resume with a wrong weight.
+
+Under ``train.strategy = "fsdp"`` the checkpoint is a folder, ``checkpoint.dcp/``, written by
+every rank together (:func:`save_sharded_checkpoint`): model and optimizer through
+``torch.distributed.checkpoint`` (each rank its shards), ``run_state.pt`` (rank 0: step,
+scheduler, sampler, every rank's RNG, metrics, config) and, written last, ``manifest.json`` with
+the SHA-256 of every other file, which every rank checks before anything is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +30,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from flatlm.lm._io import atomic_write
+from flatlm.lm._io import atomic_write, fsync_path
 from flatlm.lm.config import RESUME_ALLOWED, RunConfig, config_from_dict, setting_changes
 from flatlm.lm.data import Corpus, prepare_corpus
 from flatlm.lm.models import build_model, resolve_dims
@@ -61,6 +70,20 @@ def model_spec(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
 
 def previous_checkpoint(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def checkpoint_path(folder: Path, strategy: str) -> Path:
+    """Where a run folder's checkpoint is: ``checkpoint.pt``, or the folder ``checkpoint.dcp``
+    under ``train.strategy = "fsdp"``."""
+    return folder / (SHARDED_NAME if strategy == "fsdp" else "checkpoint.pt")
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether a run folder holds a checkpoint to resume from, of either kind (the latest or
+    the previous one: a kill between the two renames leaves only the previous)."""
+    latest = [Path("checkpoint.pt"), Path(SHARDED_NAME)]
+    names = [p.name for p in latest] + [previous_checkpoint(p).name for p in latest]
+    return any((folder / name).exists() for name in names)
 
 
 # ----------------------------------------------------------------------------- save
@@ -235,6 +258,7 @@ def check_compatible(
 def resume_run(run: RunState, path: Path, cfg: RunConfig, corpus: Corpus) -> list[dict[str, Any]]:
     """Restore ``run`` from the checkpoint at ``path`` (or the previous one) once it is known to
     be this run's; returns the metrics recorded so far."""
+    _check_kind(path, sharded=False)
     ckpt = load_latest_checkpoint(path)
     spec = model_spec(cfg, corpus.vocab_size)
     allowed = check_compatible(ckpt, spec, cfg, corpus.fingerprint, path)
@@ -258,20 +282,321 @@ def load_trained(
 ) -> tuple[nn.Module, RunConfig, Corpus, dict]:
     """Model, config and corpus of a checkpoint (a ``checkpoint.pt`` or the run folder holding it)."""
     path = Path(path)
-    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() and path.suffix != ".dcp" else path
+    if path.is_dir() and not ckpt_path.exists() and (path / SHARDED_NAME).is_dir():
+        ckpt_path = path / SHARDED_NAME  # an FSDP2 run's folder
+    if ckpt_path.is_dir():
+        return _load_trained_sharded(ckpt_path, device)
     if not ckpt_path.is_file():
         raise CheckpointError(f"no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
-    try:
-        cfg = config_from_dict(ckpt["config"])
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt_path} holds an unusable config: {e}") from e
-    corpus = prepare_corpus(cfg.data)
-    if corpus.fingerprint != ckpt["data_fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {ckpt_path} was trained on another corpus/tokenizer than "
-            f"{cfg.data.corpus!r} now holds (data fingerprint differs)"
-        )
+    cfg = _config_of(ckpt, ckpt_path)
+    corpus = _trained_corpus(cfg, ckpt, ckpt_path)
     model = build_model(cfg.model, corpus.vocab_size)
     model.load_state_dict(ckpt["model"])
     return model.to(device), cfg, corpus, ckpt
+
+
+def _trained_corpus(cfg: RunConfig, ckpt: dict[str, Any], path: Path) -> Corpus:
+    corpus = prepare_corpus(cfg.data)
+    if corpus.fingerprint != ckpt["data_fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another corpus/tokenizer than "
+            f"{cfg.data.corpus!r} now holds (data fingerprint differs)"
+        )
+    return corpus
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP2)
+
+SHARDED_FORMAT = "flatlm-lm-sharded-checkpoint-1"
+SHARDED_NAME = "checkpoint.dcp"  # the folder; the previous one is checkpoint.prev.dcp
+RUN_STATE_NAME = "run_state.pt"  # written by rank 0: everything but the model and optimizer
+MANIFEST_NAME = "manifest.json"  # written last, by rank 0: the SHA-256 of every other file
+
+
+def sharded_temp(path: Path) -> Path:
+    """The folder a sharded checkpoint is written in before it is renamed to ``path``."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _group() -> tuple[int, int]:
+    """This process's rank and the number of ranks (0, 1 without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _group()[1] > 1:
+        dist.barrier()
+
+
+def _gathered(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    world = _group()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _check_kind(path: Path, sharded: bool) -> None:
+    """A folder holding the other kind of checkpoint than this run writes is refused by name
+    (train.strategy may not change on resume: the config check would say so, but only after
+    looking for a checkpoint that is not there)."""
+    other = path.with_name("checkpoint.pt" if sharded else SHARDED_NAME)
+    here = [path, previous_checkpoint(path)]
+    if not any(p.exists() for p in here) and (
+        other.exists() or previous_checkpoint(other).exists()
+    ):
+        now, then = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+        raise CheckpointError(
+            f"no checkpoint at {path}, but {path.parent} holds one of train.strategy = "
+            f"{then!r} ({other.name}) and this run has train.strategy = {now!r}: resume with "
+            f"train.strategy={then}"
+        )
+
+
+def save_sharded_checkpoint(
+    path: Path, run: RunState, cfg: RunConfig, corpus: Corpus, metrics: list[dict[str, Any]]
+) -> None:
+    """Every rank together: write ``run`` (an FSDP2 model) to the folder ``path`` atomically,
+    moving the one it replaces to ``previous_checkpoint(path)``.
+
+    All ranks write into ``sharded_temp(path)``: model and optimizer by
+    ``torch.distributed.checkpoint`` (``get_state_dict`` + ``dcp.save``, each rank its shards),
+    then rank 0 the run state (every rank's RNG gathered), then each rank hashes (and fsyncs)
+    every world-th file, and rank 0 writes the manifest of all digests last and renames the
+    folder into place. The run folder must be one filesystem that every rank sees.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = _group()
+    tmp = sharded_temp(path)
+    if rank == 0:  # a killed write's leftover goes first
+        _remove_tree(tmp)
+        tmp.mkdir()
+    _barrier()
+    model_state, optim_state = get_state_dict(run.model, run.opt)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    rngs = _gathered(_rng_state(run.device))
+    if rank == 0:
+        state = {
+            "format": SHARDED_FORMAT,
+            "step": run.step,
+            "world_size": world,
+            "config": cfg.to_dict(),
+            "model_spec": model_spec(cfg, corpus.vocab_size),
+            "method": cfg.optim.method,
+            "data_fingerprint": corpus.fingerprint,
+            "scheduler": run.sched.state_dict(),
+            "rng": {"sampler": run.sampler.get_state(), "ranks": rngs},
+            "metrics": metrics,
+            "train_time_s": run.train_time,
+            "setting_changes": run.setting_changes,
+        }
+        with open(tmp / RUN_STATE_NAME, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    _barrier()
+    names = _gathered(sorted(p.name for p in tmp.iterdir()) if rank == 0 else None)[0]
+    mine = {}
+    for name in names[rank::world]:
+        fsync_path(tmp / name)
+        mine[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    files = {name: entry for share in _gathered(mine) for name, entry in share.items()}
+    if rank == 0:
+        manifest = {"format": SHARDED_FORMAT, "step": run.step, "world_size": world}
+        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
+            json.dump(manifest | {"files": dict(sorted(files.items()))}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        prev = previous_checkpoint(path)
+        if path.exists():  # a kill between the renames leaves the previous one: it is loaded
+            _remove_tree(prev)
+            os.replace(path, prev)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    _barrier()
+
+
+def sharded_problems(path: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with the sharded checkpoint folder ``path`` ([] if nothing): no manifest,
+    or a file of the manifest missing or not of its size and SHA-256. ``share`` = (rank, world)
+    checks every world-th file only, from the rank-th (the default: all of them)."""
+    manifest_path = path / MANIFEST_NAME
+    if not path.is_dir():
+        return [f"no checkpoint to resume from at {path}"]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != SHARDED_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"not format {SHARDED_FORMAT}")
+    except FileNotFoundError:
+        return [f"checkpoint {path} is incomplete: it has no {MANIFEST_NAME} (written last)"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"checkpoint {path} has an unreadable {MANIFEST_NAME} ({e})"]
+    if RUN_STATE_NAME not in files or ".metadata" not in files:
+        return [f"checkpoint {path} is not a flatlm sharded checkpoint (its manifest lacks files)"]
+    rank, world = share
+    problems = []
+    for name in sorted(files)[rank::world]:
+        file = path / name
+        if not file.is_file():
+            problems.append(f"checkpoint {path} is incomplete: {name} is missing")
+        elif file.stat().st_size != files[name]["bytes"] or _sha256(file) != files[name]["sha256"]:
+            problems.append(
+                f"checkpoint {path} is corrupt or truncated: the SHA-256 of {name} does not "
+                f"match the one in its {MANIFEST_NAME}"
+            )
+    return problems
+
+
+def _verify_sharded(path: Path) -> None:
+    """Every rank checks a share of the files; all learn every problem, so all decide alike."""
+    rank, world = _group()
+    try:
+        mine = sharded_problems(path, (rank, world))
+    except OSError as e:  # every rank must reach the gather below, whatever it found
+        mine = [f"checkpoint {path} cannot be read: {e}"]
+    problems = [p for share in _gathered(mine) for p in share]
+    if problems:
+        raise CheckpointError("; ".join(dict.fromkeys(problems)))
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """The run state (``run_state.pt``) of the sharded checkpoint folder ``path``; verify the
+    folder first (:func:`sharded_problems`)."""
+    try:
+        state = torch.load(path / RUN_STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} has an unreadable {RUN_STATE_NAME} ({type(e).__name__})"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != SHARDED_FORMAT:
+        raise CheckpointError(f"{path} is not a flatlm sharded checkpoint ({SHARDED_FORMAT})")
+    return state
+
+
+def load_latest_sharded(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Every rank together: the verified sharded checkpoint at ``path`` or, if it is missing,
+    incomplete or damaged, the previous one (with a warning naming why), and its run state; a
+    ``CheckpointError`` naming both if neither can be used."""
+    rank = _group()[0]
+    try:
+        _verify_sharded(path)
+        return path, read_run_state(path)
+    except CheckpointError as latest_error:
+        prev = previous_checkpoint(path)
+        if not prev.is_dir():
+            raise
+        try:
+            _verify_sharded(prev)
+            state = read_run_state(prev)
+        except CheckpointError as prev_error:
+            raise CheckpointError(f"{latest_error}; and the previous one: {prev_error}") from None
+        if rank == 0:
+            warnings.warn(
+                f"{latest_error}; resuming from the previous checkpoint {prev}", stacklevel=2
+            )
+        return prev, state
+
+
+def resume_sharded(
+    run: RunState, path: Path, cfg: RunConfig, corpus: Corpus
+) -> list[dict[str, Any]]:
+    """Every rank together: restore ``run`` (an FSDP2 model) from the sharded checkpoint at
+    ``path`` (or the previous one) once it is verified and known to be this run's; returns the
+    metrics so far. ``torch.distributed.checkpoint`` reshards model and optimizer for any number
+    of ranks; a different number than at the save is recorded in ``setting_changes`` as
+    ``world_size``. Rank r takes rank r's RNG state (rank 0's if the save had no rank r)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _check_kind(path, sharded=True)
+    where, state = load_latest_sharded(path)
+    spec = model_spec(cfg, corpus.vocab_size)
+    allowed = check_compatible(state, spec, cfg, corpus.fingerprint, where)
+    rank, world = _group()
+    if state["world_size"] != world:
+        allowed.append(("world_size", state["world_size"], world))
+    model_state, optim_state = get_state_dict(run.model, run.opt)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=where)
+    set_state_dict(
+        run.model,
+        run.opt,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optimizer"],
+    )
+    run.sched.load_state_dict(state["scheduler"])
+    ranks = state["rng"]["ranks"]
+    rng = ranks[rank] if rank < len(ranks) else ranks[0]
+    torch.set_rng_state(rng["torch"])
+    if run.device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    run.sampler.set_state(state["rng"]["sampler"])
+    run.step, run.train_time = state["step"], state["train_time_s"]
+    run.setting_changes = [
+        *state.get("setting_changes", []),
+        *({"step": run.step, "key": k, "was": was, "now": now} for k, was, now in allowed),
+    ]
+    return state["metrics"]
+
+
+def _config_of(state: dict[str, Any], path: Path) -> RunConfig:
+    try:
+        return config_from_dict(state["config"])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} holds an unusable config: {e}") from e
+
+
+def _load_trained_sharded(path: Path, device: str) -> tuple[nn.Module, RunConfig, Corpus, dict]:
+    """``load_trained`` of a sharded checkpoint, in one process: verified, then the model's
+    shards assembled into a plain (unsharded) model."""
+    import torch.distributed.checkpoint as dcp
+
+    problems = sharded_problems(path, (0, 1))
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    state = read_run_state(path)
+    cfg = _config_of(state, path)
+    corpus = _trained_corpus(cfg, state, path)
+    model = build_model(cfg.model, corpus.vocab_size)
+    loaded = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(loaded, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(loaded["model"])
+    return model.to(device), cfg, corpus, state

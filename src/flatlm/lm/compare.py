@@ -48,6 +48,7 @@ from flatlm.lm._process import (
     stop_on_signals,
     torch_threads,
 )
+from flatlm.lm.checkpoint import has_checkpoint
 from flatlm.lm.config import (
     RESUME_ALLOWED,
     RunConfig,
@@ -102,8 +103,7 @@ def _run(task: Task, stop: Flag | None = None) -> dict[str, Any]:
         result = _result(out)
         if _finished(result) and result.get("steps") == cfg.train.steps:
             return result | {"reused": True}
-        # either file: a kill between the checkpoint's two renames leaves only the previous one
-        resume = any((out / name).is_file() for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+        resume = has_checkpoint(out)  # either kind, the latest or the previous one
     return train(cfg, out, resume=resume, quiet=task.quiet)
 
 

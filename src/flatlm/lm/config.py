@@ -100,6 +100,14 @@ class TrainConfig:
     )
     # torch.compile the model in place (flatlm.optim.compile.compile_model; docs/compile.md).
     compile: bool = False
+    # How the model is spread over several processes (torchrun): "ddp" replicates it
+    # (DistributedDataParallel, rank 0 writes checkpoint.pt); "fsdp" shards it with FSDP2
+    # (fully_shard per block, sharded checkpoints through torch.distributed.checkpoint, a mesh of
+    # one rank without torchrun). STRATEGIES lists them.
+    strategy: str = "ddp"
+
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -419,8 +427,24 @@ def _check_trackers(tc: TrainConfig) -> None:
         )
 
 
+def _check_strategy(tc: TrainConfig) -> None:
+    """A known ``train.strategy``, and none of the settings FSDP2 is not run with here."""
+    if tc.strategy not in STRATEGIES:
+        allowed = ", ".join(repr(s) for s in STRATEGIES)
+        raise ConfigError(
+            f"config key 'train.strategy' must be one of {allowed}, got {tc.strategy!r}"
+        )
+    if tc.strategy == "fsdp" and tc.compile:
+        raise ConfigError(
+            "config key 'train.compile' is true but train.strategy is 'fsdp': torch.compile of an "
+            "FSDP2-sharded model is not supported by the workbench (not tested); set "
+            "train.compile=false or train.strategy=ddp"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
+    _check_strategy(cfg.train)
     for key, table in cfg.optim.method_kwargs.items():  # keyed by method name, options allowed
         _check_method(f"optim.method_kwargs.{key}", key, cfg, table)
     _check_method("optim.method", cfg.optim.method, cfg)

@@ -3,6 +3,12 @@
 Everything that decides the trajectory is seeded or checkpointed (model init from ``train.seed``,
 a separate ``torch.Generator`` for batch sampling, the global RNG for dropout), so a run resumed
 from a checkpoint continues bit for bit on CPU (:mod:`flatlm.lm.checkpoint`).
+
+Under torchrun the model is replicated with DDP (``train.strategy = "ddp"``) or sharded with
+FSDP2 (``"fsdp"``: ``fully_shard`` per transformer block / the LSTM, then the root, before the
+optimizer is built; sharded checkpoints written by every rank). Every rank runs the same
+evaluations; under FSDP2 the sharpness diagnostics run on a full copy of the model gathered for
+rank 0 (double backward through ``fully_shard`` crashed the process here).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +33,15 @@ from tqdm import tqdm
 
 from flatlm.lm._io import atomic_write_text, own_folder
 from flatlm.lm._process import default_threads, stop_on_signals, torch_threads
-from flatlm.lm.checkpoint import RunState, resume_run, save_checkpoint
+from flatlm.lm.checkpoint import (
+    RunState,
+    checkpoint_path,
+    resume_run,
+    resume_sharded,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    sharded_temp,
+)
 from flatlm.lm.config import (
     ConfigError,
     OptimConfig,
@@ -37,9 +52,9 @@ from flatlm.lm.config import (
     optimizer_kwargs,
 )
 from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
-from flatlm.lm.diagnostics import SharpnessLogger, regime_figures
+from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, rng_preserved
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
-from flatlm.lm.models import build_model, count_params
+from flatlm.lm.models import GPT, LSTMLM, build_model, count_params
 from flatlm.lm.trackers import WANDB_ID_FILE, Tracker, check_trackers, make_trackers
 
 # The files a run writes atomically: temp files of a killed write of these are removed when the
@@ -160,8 +175,10 @@ def _validate(run: RunState, batches: Batches, log: MetricsLog) -> float:
 
 
 def _checkpoint(path: Path, run: RunState, cfg: RunConfig, corpus: Corpus, log: MetricsLog) -> None:
-    """Save the run, then the metrics files (their records are the checkpoint's)."""
-    save_checkpoint(path, run, cfg, corpus, log.records)
+    """Save the run, then the metrics files (their records are the checkpoint's). Under FSDP2
+    every rank writes its shards into the one folder ``path``."""
+    save = save_sharded_checkpoint if cfg.train.strategy == "fsdp" else save_checkpoint
+    save(path, run, cfg, corpus, log.records)
     log.flush()
 
 
@@ -215,17 +232,27 @@ def _train(
     corpus: Corpus | None,
     stop_after: int | None,
 ) -> dict[str, Any]:
-    where = _distributed_setup(torch.device(cfg.train.device))
-    resume_from = out / "checkpoint.pt"  # every rank resumes from rank 0's
-    if where.rank > 0:  # only rank 0 writes: the others log and checkpoint into a throwaway folder
-        out = Path(tempfile.mkdtemp(prefix=f"flatlm-rank{where.rank}-"))
-    with own_folder(out, RUN_FILES):
-        return _run(cfg, out, resume_from if resume else None, quiet, corpus, stop_after, where)
+    sharded = cfg.train.strategy == "fsdp"
+    with _process_group(torch.device(cfg.train.device), sharded) as where:
+        # Every rank resumes from rank 0's folder; under FSDP2 every rank also writes its shards
+        # there (one filesystem for all ranks).
+        ckpt = checkpoint_path(out, cfg.train.strategy)
+        with contextlib.ExitStack() as stack:
+            if where.rank > 0:  # only rank 0 writes logs: the others into a throwaway folder
+                prefix = f"flatlm-rank{where.rank}-"
+                out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+            with own_folder(out, RUN_FILES):
+                if sharded and where.rank == 0:  # a killed sharded write's leftover
+                    shutil.rmtree(sharded_temp(ckpt), ignore_errors=True)
+                save_to = ckpt if sharded else out / "checkpoint.pt"
+                resume_from = ckpt if resume else None
+                return _run(cfg, out, save_to, resume_from, quiet, corpus, stop_after, where)
 
 
 def _run(
     cfg: RunConfig,
     out: Path,
+    ckpt_path: Path,
     resume_from: Path | None,
     quiet: bool,
     corpus: Corpus | None,
@@ -240,17 +267,20 @@ def _run(
     val_batches = fixed_batches(
         corpus.splits["val"], tc.eval_batches, tc.batch_size, block, "val", device
     )
-    records = resume_run(run, resume_from, cfg, corpus) if resume_from else []
+    resume = resume_sharded if tc.strategy == "fsdp" else resume_run
+    records = resume(run, resume_from, cfg, corpus) if resume_from else []
     _say_setting_changes(run)
     # From here on this run changes the folder. result.json describes the last run that ended
     # here: there is none while one runs.
     (out / "result.json").unlink(missing_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-    ckpt_path = out / "checkpoint.pt"
     with _tracked(cfg, out, run, records, resumed=resume_from is not None, rank=rank) as log:
         if run.step == 0 and tc.eval_every > 0:
             _validate(run, val_batches, log)
+        sharpness: SharpnessLogger | _GatheredSharpness
         sharpness = SharpnessLogger(cfg, train_data, device)  # never touches the training RNG
+        if tc.strategy == "fsdp":
+            sharpness = _GatheredSharpness(sharpness, cfg, corpus.vocab_size, rank)
         if run.step == 0:
             sharpness.log(run.model, run.step, log, run.train_time)
         wall0 = time.perf_counter()
@@ -284,7 +314,7 @@ def _run(
                     val = _validate(run, val_batches, log)
                     bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
                 sharpness.log(run.model, run.step, log, run.train_time)
-                if stop.is_set():
+                if _on_any_rank(stop.is_set(), world, device):  # all ranks stop at one step
                     status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"
                     break
                 if run.step == stop_after:
@@ -368,13 +398,38 @@ def _init_run(
     model = build_model(cfg.model, vocab_size).to(device)
     if cfg.train.compile:
         _compile(model)
+    sharded = cfg.train.strategy == "fsdp"
+    if sharded:  # before the optimizer: it must see the DTensor parameters
+        _fully_shard(model, device, world)
     opt = make_optimizer(model, cfg.optim, cfg.train.grad_clip)
-    # Under torchrun the passes go through DDP (gradients all-reduced: ε from the global
-    # gradient); evaluation and checkpoints use the plain module.
-    forward_model = _ddp(model, device) if world > 1 else model
+    # Under torchrun with DDP the passes go through the DDP wrapper (gradients all-reduced: ε
+    # from the global gradient); evaluation and checkpoints use the plain module. Under FSDP2
+    # the sharded module is both (its gradients are reduce-scattered; the workbench takes one
+    # micro-batch per step, so no gradient_sync is needed).
+    forward_model = _ddp(model, device) if world > 1 and not sharded else model
     sampler = torch.Generator().manual_seed(cfg.train.seed)
     run = RunState(model, opt, LambdaLR(opt, lr_lambda(cfg.train)), sampler, device)
     return run, forward_model
+
+
+def _fully_shard(model: nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2 over all ranks: ``fully_shard`` on each transformer block (GPT) or on the LSTM
+    (``nn.LSTM`` holds all its layers in one module), then on the root (embeddings, final norm,
+    the tied head). Each rank keeps its rows of every parameter; the shards are uneven when a
+    dimension does not divide by the number of ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    if isinstance(model, GPT):
+        units: list[nn.Module] = list(model.blocks)
+    elif isinstance(model, LSTMLM):
+        units = [model.lstm]
+    else:  # pragma: no cover - build_model makes one of the two
+        raise TypeError(f"no FSDP2 layout for {type(model).__name__}")
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _compile(model: nn.Module) -> None:
@@ -450,20 +505,46 @@ class Placement(NamedTuple):
     device: torch.device
 
 
-def _distributed_setup(device: torch.device) -> Placement:
+@contextlib.contextmanager
+def _process_group(device: torch.device, sharded: bool) -> Iterator[Placement]:
     """Under ``torchrun`` (WORLD_SIZE > 1) joins the process group (NCCL on CUDA, gloo on CPU)
-    and puts each rank on its own GPU."""
+    and puts each rank on its own GPU. FSDP2 in a single process (``train.strategy = "fsdp"``
+    without torchrun) gets a process group of one rank for the run, destroyed at its end."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Placement(0, 1, device)
+    if world <= 1 and not sharded:
+        yield Placement(0, 1, device)
+        return
     import torch.distributed as dist
 
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
+    ours = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Placement(dist.get_rank(), dist.get_world_size(), device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1:
+            dist.init_process_group(backend)
+        else:  # a mesh of one rank: no rendezvous needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            ours = True
+    try:
+        yield Placement(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        if ours:
+            dist.destroy_process_group()
+
+
+def _on_any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is set on some rank (one tiny all-reduce): a signal reaches the ranks
+    at different steps, and all must stop (and checkpoint together) after the same one."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -472,6 +553,44 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
+
+
+class _GatheredSharpness:
+    """The sharpness diagnostics of an FSDP2 run: every Hessian-vector product is a double
+    backward, which through ``fully_shard`` crashed the process (SIGSEGV, torch 2.13, gloo), so
+    at each due step every rank takes part in gathering the full parameters and rank 0 computes
+    the figures on a plain copy of the model (which must fit on one device). The other ranks log
+    nothing (their logs are thrown away) and wait at the next collective."""
+
+    def __init__(self, inner: SharpnessLogger, cfg: RunConfig, vocab_size: int, rank: int):
+        self.inner, self.cfg, self.vocab_size, self.rank = inner, cfg, vocab_size, rank
+
+    def _replica(self, model: nn.Module) -> nn.Module | None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 keeps it
+        full = get_model_state_dict(model, options=options)  # a collective: every rank
+        if self.rank != 0:
+            return None
+        with rng_preserved(self.inner.device):  # building draws an init: not the run's RNG
+            replica = build_model(self.cfg.model, self.vocab_size)
+        replica.load_state_dict(full)
+        return replica.to(self.inner.device).train(model.training)
+
+    def log(self, model: nn.Module, step: int, log: Any, elapsed_s: float) -> None:
+        if self.inner.every > 0 and step % self.inner.every == 0:
+            replica = self._replica(model)
+            if replica is not None:
+                self.inner.log(replica, step, log, elapsed_s)
+
+    def final(self, model: nn.Module) -> dict[str, Any]:
+        if not self.inner.final_on:
+            return {}
+        replica = self._replica(model)
+        return self.inner.final(replica) if replica is not None else {}
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
