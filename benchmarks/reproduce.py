@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flatlm.lm.compare import compare
+from flatlm.lm.compare import compare, probe_step_times
 from flatlm.lm.config import RunConfig, load_config, parse_override
 from flatlm.lm.models import GPT_SIZES
 from flatlm.lm.plots import plot_cost_quality, plot_curves
@@ -302,6 +302,10 @@ def run_part(part: Part, out: Path, args: argparse.Namespace, jobs: int) -> dict
         flush=True,
     )
     counts.append(_run_phase(part, folder, final_specs(part, choice), seeds[1:], args, jobs))
+    if args.probe:  # after the sweep (each phase's compare removes an earlier probe file)
+        print(f"[{part.name}] timing the chosen methods alone for the cost axis", flush=True)
+        timing = probe_step_times(part.cfg, final_specs(part, choice))
+        (folder / PROBE_FILE).write_text(json.dumps(timing, indent=1))
     return {"choice": choice, "counts": {k: sum(c[k] for c in counts) for k in counts[0]}}
 
 
@@ -689,6 +693,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra config override for every run, e.g. --set train.eval_batches=4 (repeatable)",
     )
     arg("--quiet", action="store_true", help="no progress bars")
+    arg(
+        "--probe",
+        action="store_true",
+        help="after each part, time its chosen methods alone, one at a time (about a minute), "
+        "for the cost axis of the cost-quality chart (default: the runs' own, contended times)",
+    )
     args = parser.parse_args(argv)
     if any(x <= 0 for x in [*args.grid, *args.lstm_grid]):
         parser.error("every ρ in --grid/--lstm-grid must be > 0")
