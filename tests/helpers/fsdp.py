@@ -29,6 +29,12 @@ class Spec:
     micro: int = 1  # micro-batches per rank, reduce-scattered once (gradient_sync)
     dropout: float = 0.0
     bf16: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+    autocast: bool = False  # float32 shards, each forward under torch.autocast(bf16)
+
+    @property
+    def low_precision(self) -> bool:
+        return self.bf16 or self.autocast
+
     poison_step: int | None = None  # this step is NaN on rank 1 only:
     poison: str = "input"  # its batch (so its gradient too), or only its loss (a NaN constant)
 
@@ -36,6 +42,7 @@ class Spec:
     def key(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.kw.items()))
         extra = f"/micro={self.micro}/dropout={self.dropout}/bf16={self.bf16}"
+        extra += "/autocast" if self.autocast else ""
         return f"{self.name}:{opts}{extra}/poison={self.poison_step}:{self.poison}"
 
 
@@ -81,9 +88,14 @@ def _options(spec: Spec) -> dict[str, Any]:
 
 def train(spec: Spec, rank: int, world: int, mesh: Any = None) -> dict[str, Any]:
     """Train ``spec`` sharded over ``mesh`` (default: all ranks); returns its outcome."""
-    dtype = torch.float32 if spec.bf16 else torch.float64
-    model = shard(make_mlp(dtype=dtype, dropout=spec.dropout), spec.bf16, mesh)
-    opt = create(spec.name, model.parameters(), **_options(spec))
+    dtype = torch.float32 if spec.low_precision else torch.float64
+    module = shard(make_mlp(dtype=dtype, dropout=spec.dropout), spec.bf16, mesh)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.autocast):
+            return module(x)
+
+    opt = create(spec.name, module.parameters(), **_options(spec))
     torch.manual_seed(100 + rank)  # dropout: each rank its own masks, as in real training
     losses = []
     for step, (x, y) in enumerate(global_batches()):
@@ -110,12 +122,12 @@ def train(spec: Spec, rank: int, world: int, mesh: Any = None) -> dict[str, Any]
                 forward=lambda mb: model(mb[0]),
                 loss_fn=lambda z, mb, c=nan_loss: F.cross_entropy(z, mb[1]) + c,
                 micro_batches=list(zip(x.chunk(spec.micro), y.chunk(spec.micro), strict=True)),
-                no_sync=gradient_sync(model),
+                no_sync=gradient_sync(module),
             )
         losses.append(float(loss))
     return {
-        "params": full(model.parameters()),
-        "local_dtypes": [str(p.to_local().dtype) for p in model.parameters()],
+        "params": full(module.parameters()),
+        "local_dtypes": [str(p.to_local().dtype) for p in module.parameters()],
         "skipped": getattr(opt, "skipped_steps", 0),
         "extra_bytes": getattr(opt, "extra_bytes", lambda: 0)(),
         "losses": losses,
@@ -161,7 +173,7 @@ def restore_checks(rank: int, world: int) -> dict[str, bool]:
 
 def worker(rank: int, world: int, port: int, out: str, specs: list[Spec]) -> None:
     """Every spec sharded over all ranks, then (rank 0 alone, an FSDP2 mesh of one rank on the
-    global batch) the bf16 specs again as their reference; then the restore checks."""
+    global batch) the low-precision specs again as their reference; then the restore checks."""
     from torch.distributed.device_mesh import DeviceMesh
 
     init(rank, world, port)
@@ -171,7 +183,7 @@ def worker(rank: int, world: int, port: int, out: str, specs: list[Spec]) -> Non
         if rank == 0:
             mesh = DeviceMesh.from_group(alone, "cpu")
             for spec in specs:
-                if spec.bf16:
+                if spec.low_precision:
                     results[f"{spec.key}/one rank"] = train(spec, 0, 1, mesh)
         results["restore"] = restore_checks(rank, world)
         torch.save(results, f"{out}/rank{rank}.pt")

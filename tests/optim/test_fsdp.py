@@ -46,7 +46,12 @@ DROPOUT = [
     Spec("sam", {"rho": 0.0, "replay_rng": False}, dropout=0.5),
     Spec("adamw", dropout=0.5),
 ]
-BF16 = [Spec("sam", bf16=True), Spec("fsam", bf16=True)]
+BF16 = [
+    Spec("sam", bf16=True),
+    Spec("fsam", bf16=True),
+    Spec("sam", autocast=True),
+    Spec("gasam", autocast=True),
+]
 SPECS = EQUAL + POISONED + DROPOUT + BF16
 
 
@@ -115,9 +120,10 @@ def test_the_perturbed_pass_replays_each_ranks_dropout_masks(sharded):
 
 
 @pytest.mark.parametrize("spec", BF16, ids=lambda s: s.key)
-def test_bf16_mixed_precision_policy_matches_one_rank(sharded, spec):
-    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the sharded parameters, their
-    # clean copies and the optimizer stay float32; the forward runs in bf16. Reference: FSDP2 on
+def test_bf16_mixed_precision_matches_one_rank(sharded, spec):
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), or torch.autocast(bf16) around
+    # the forward: the sharded parameters, their clean copies and the optimizer stay float32;
+    # the forward runs in bf16. Reference: FSDP2 on
     # a mesh of one rank with the same policy on the global batch (so the same bf16 rounding of
     # the weights), which differs only in how the batch's gradient is summed.
     result, reference = sharded[0][spec.key], sharded[0][f"{spec.key}/one rank"]
