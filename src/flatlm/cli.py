@@ -94,7 +94,14 @@ def _resume_command(args: argparse.Namespace, out: str) -> str:
         argv += ["--out", out]
     if not args.resume:
         argv.append("--resume")
-    return shlex.join(["flatlm", *argv])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc-per-node", str(world), "-m", "flatlm.cli"]
+    return shlex.join([*(launcher if world > 1 else ["flatlm"]), *argv])
+
+
+def _is_rank_zero() -> bool:
+    """Under torchrun only rank 0 speaks for the run (the others hold no run folder)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _run_name(args: argparse.Namespace) -> str:
@@ -116,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, {"optim.method": args.method, "train.seed": args.seed})
     out = args.out or f"runs/{_run_name(args)}/{cfg.optim.method}-s{cfg.train.seed}"
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
+    if not _is_rank_zero():  # the same exit code as rank 0, without its messages
+        return {"completed": 0, "diverged": EXIT_DIVERGED}.get(result["status"], EXIT_STOPPED)
     if result["status"] == "diverged":
         print(
             f"flatlm train: {cfg.optim.method} seed {cfg.train.seed} diverged: {result['reason']} "

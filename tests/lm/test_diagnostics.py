@@ -13,7 +13,12 @@ import torch
 from flatlm.lm.checkpoint import CheckpointError, load_trained
 from flatlm.lm.config import ConfigError, load_config
 from flatlm.lm.data import prepare_corpus, train_split
-from flatlm.lm.diagnostics import checkpoint_sharpness, double_backward_attention, run_rho
+from flatlm.lm.diagnostics import (
+    checkpoint_sharpness,
+    double_backward_attention,
+    ranks_steps,
+    run_rho,
+)
 from flatlm.lm.evaluate import fixed_batches, lm_loss
 from flatlm.lm.train import make_optimizer, train
 from flatlm.sharpness import quick_sharpness, sharpness_report
@@ -133,3 +138,15 @@ def test_the_logged_rho_is_the_one_the_method_was_built_with(overrides, rho):
     if overrides["optim.method"] != "adamw":
         opt = make_optimizer(torch.nn.Linear(2, 2), cfg.optim, grad_clip=1.0)
         assert all(g["rho"] == rho for g in opt.param_groups)
+
+
+def test_tokens_seen_count_every_rank_and_each_resume_s_number_of_ranks():
+    # batch_size is per rank: 10 steps on 2 ranks are 20 rank-steps; saved at step 4 on 2 ranks
+    # and resumed on 1: 4 x 2 + 6 x 1 = 14 (and back to 3 ranks at step 7: 4x2 + 3x1 + 3x3 = 20).
+    assert ranks_steps(10, 1) == 10
+    assert ranks_steps(10, 2) == 20
+    to_one = {"step": 4, "key": "world_size", "was": 2, "now": 1}
+    assert ranks_steps(10, 1, [to_one]) == 14
+    other = {"step": 5, "key": "train.steps", "was": 8, "now": 10}
+    to_three = {"step": 7, "key": "world_size", "was": 1, "now": 3}
+    assert ranks_steps(10, 3, [to_three, other, to_one]) == 20

@@ -44,11 +44,19 @@ def test_torchrun_two_ranks_equal_one_process_on_the_global_batch(corpus_file, t
     subprocess.run(
         [sys.executable, *_train_args(corpus_file, single, 4, method)], check=True, env=env
     )
-    subprocess.run(
-        [*TORCHRUN, *_train_args(corpus_file, multi, 2, method)], check=True, env=env, timeout=300
+    launched = subprocess.run(
+        [*TORCHRUN, *_train_args(corpus_file, multi, 2, method)],
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
     )
+    assert launched.stdout.count(" steps, val loss ") == 1  # rank 0 speaks for the run
     result = json.loads((multi / "result.json").read_text())
     assert result["status"] == "completed" and result["step"] == 4
+    # batch_size is per rank: 2 ranks x 2 windows see the tokens one process sees with 4
+    assert result["tokens_seen"] == json.loads((single / "result.json").read_text())["tokens_seen"]
     a, b = load_checkpoint(single / "checkpoint.pt"), load_checkpoint(multi / "checkpoint.pt")
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)

@@ -117,15 +117,33 @@ class SharpnessLogger:
         }
 
 
+def ranks_steps(step: int, world: int, changes: Sequence[dict[str, Any]] = ()) -> int:
+    """Σ over the run's steps of the ranks that took each (``train.batch_size`` is per rank): a
+    resume on another number of ranks is a ``world_size`` entry of ``setting_changes``."""
+    total, start = 0, 0
+    for change in sorted(changes, key=lambda c: c["step"]):
+        if change["key"] == "world_size":
+            total += (change["step"] - start) * int(change["was"])
+            start = change["step"]
+    return total + (step - start) * world
+
+
 def regime_figures(
-    model: nn.Module, cfg: RunConfig, train_data: np.ndarray, step: int, device: Any
+    model: nn.Module,
+    cfg: RunConfig,
+    train_data: np.ndarray,
+    step: int,
+    device: Any,
+    world: int = 1,
+    changes: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """What the regime sentence needs: training loss on fixed training windows, epochs seen."""
+    """What the regime sentence needs: training loss on fixed training windows, and the tokens
+    and epochs seen by all ranks together (each rank trains on its own ``batch_size`` windows)."""
     tc = cfg.train
     batches = fixed_batches(
         train_data, tc.eval_batches, tc.batch_size, cfg.model.block_size, "train", device
     )
-    seen = step * tc.batch_size * cfg.model.block_size
+    seen = ranks_steps(step, world, changes) * tc.batch_size * cfg.model.block_size
     return {
         "train_loss": evaluate(model, batches),
         "tokens_seen": seen,

@@ -326,7 +326,7 @@ def _run(
 
         result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
         if status == "completed":
-            result |= _final_losses(cfg, run, corpus, train_data, val_batches, log)
+            result |= _final_losses(cfg, run, corpus, train_data, val_batches, log, world)
             reason = _divergence(result)
             if reason:
                 status = "diverged"
@@ -474,6 +474,7 @@ def _final_losses(
     train_data: np.ndarray,
     val_batches: Batches,
     log: MetricsLog,
+    world: int,
 ) -> dict[str, Any]:
     """A completed run's final validation and test losses and its regime figures."""
     tc, block = cfg.train, cfg.model.block_size
@@ -491,7 +492,10 @@ def _final_losses(
         "val_ppl": math.exp(min(val_loss, 50)),
         "test_ppl": math.exp(min(test_loss, 50)),
     }
-    return figures | regime_figures(run.model, cfg, train_data, run.step, run.device)
+    regime = regime_figures(
+        run.model, cfg, train_data, run.step, run.device, world, run.setting_changes
+    )
+    return figures | regime
 
 
 # ----------------------------------------------------------------------------- distributed
