@@ -75,15 +75,15 @@ MUTATIONS = [
     Mutation(
         "restore: θ left perturbed",
         f"{OPTIM}/perturbation.py",
-        "        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))",
-        "        pass",
+        "            torch._foreach_copy_(gathered.shards, self._clean_list(gathered.params))",
+        "            pass",
         ("tests/optim/test_engine.py",),
     ),
     Mutation(
         "restore by subtracting ε instead of copying θ back",
         f"{OPTIM}/perturbation.py",
-        "        torch._foreach_copy_(gathered.params, self._clean_list(gathered.params))",
-        "        torch._foreach_sub_(gathered.params, torch._foreach_sub(gathered.params,"
+        "            torch._foreach_copy_(gathered.shards, self._clean_list(gathered.params))",
+        "            torch._foreach_sub_(gathered.shards, torch._foreach_sub(gathered.shards,"
         " self._clean_list(gathered.params)))",
         ("tests/optim/test_engine.py",),
     ),
@@ -176,8 +176,8 @@ MUTATIONS = [
     Mutation(
         "clipping the clean gradient instead of the perturbed one (no clipping at the step)",
         f"{OPTIM}/engine.py",
-        "        if self.max_grad_norm is not None:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
-        "        if False:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
+        "        elif self.max_grad_norm is not None:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
+        "        elif False:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
         ("tests/optim/test_sam.py",),
     ),
     Mutation(
