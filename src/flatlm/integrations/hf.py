@@ -393,7 +393,7 @@ class SharpnessAwareTrainerMixin:
         overflow = self._unscale_perturbed()
         params = [p for g in sam.param_groups for p in g["params"] if p.grad is not None]
         # FSDP2: this rank's shards, their squares summed over the shard group (a plain tensor).
-        with sharded.reducing(sharded.Sharding.of(params)):
+        with sharded.reducing(sam.sharding):
             grads = [sharded.local(p.grad) for p in params]  # type: ignore[arg-type]
             self._sam_grad_norm = global_norm(grads).detach()
         if overflow:

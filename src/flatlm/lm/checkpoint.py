@@ -97,25 +97,48 @@ def save_checkpoint(
     rng = {"torch": torch.get_rng_state(), "sampler": run.sampler.get_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": run.step,
-        "config": cfg.to_dict(),
-        "model_spec": model_spec(cfg, corpus.vocab_size),
-        "method": cfg.optim.method,
-        "data_fingerprint": corpus.fingerprint,
+    state = _run_record(run, cfg, corpus, metrics, CHECKPOINT_FORMAT) | {
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
         "rng": rng,
-        "metrics": metrics,
-        "train_time_s": run.train_time,
-        "setting_changes": run.setting_changes,
     }
     with atomic_write(path, "wb", durable=True, backup=previous_checkpoint(path)) as f:
         sealed = _Sealed(f)
         torch.save(state, sealed)
         sealed.seal()
+
+
+def _run_record(
+    run: RunState, cfg: RunConfig, corpus: Corpus, metrics: list[dict[str, Any]], fmt: str
+) -> dict[str, Any]:
+    """What either kind of checkpoint holds besides the model, the optimizer and the RNG."""
+    return {
+        "format": fmt,
+        "step": run.step,
+        "config": cfg.to_dict(),
+        "model_spec": model_spec(cfg, corpus.vocab_size),
+        "method": cfg.optim.method,
+        "data_fingerprint": corpus.fingerprint,
+        "scheduler": run.sched.state_dict(),
+        "metrics": metrics,
+        "train_time_s": run.train_time,
+        "setting_changes": run.setting_changes,
+    }
+
+
+def _restore_run_record(
+    run: RunState, state: dict[str, Any], allowed: list[tuple[str, Any, Any]]
+) -> list[dict[str, Any]]:
+    """The scheduler, sampler, step and settings of :func:`_run_record`, with the settings this
+    resume changed (``allowed``) appended; returns the metrics so far."""
+    run.sched.load_state_dict(state["scheduler"])
+    run.sampler.set_state(state["rng"]["sampler"])
+    run.step, run.train_time = state["step"], state["train_time_s"]
+    run.setting_changes = [
+        *state.get("setting_changes", []),
+        *({"step": run.step, "key": k, "was": was, "now": now} for k, was, now in allowed),
+    ]
+    return state["metrics"]
 
 
 class _Sealed:
@@ -264,17 +287,10 @@ def resume_run(run: RunState, path: Path, cfg: RunConfig, corpus: Corpus) -> lis
     allowed = check_compatible(ckpt, spec, cfg, corpus.fingerprint, path)
     run.model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if run.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    run.sampler.set_state(ckpt["rng"]["sampler"])
-    run.step, run.train_time = ckpt["step"], ckpt["train_time_s"]
-    run.setting_changes = [
-        *ckpt.get("setting_changes", []),
-        *({"step": run.step, "key": k, "was": was, "now": now} for k, was, now in allowed),
-    ]
-    return ckpt["metrics"]
+    return _restore_run_record(run, ckpt, allowed)
 
 
 def load_trained(
@@ -410,19 +426,9 @@ def save_sharded_checkpoint(
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     rngs = _gathered(_rng_state(run.device))
     if rank == 0:
-        state = {
-            "format": SHARDED_FORMAT,
-            "step": run.step,
+        state = _run_record(run, cfg, corpus, metrics, SHARDED_FORMAT) | {
             "world_size": world,
-            "config": cfg.to_dict(),
-            "model_spec": model_spec(cfg, corpus.vocab_size),
-            "method": cfg.optim.method,
-            "data_fingerprint": corpus.fingerprint,
-            "scheduler": run.sched.state_dict(),
             "rng": {"sampler": run.sampler.get_state(), "ranks": rngs},
-            "metrics": metrics,
-            "train_time_s": run.train_time,
-            "setting_changes": run.setting_changes,
         }
         with open(tmp / RUN_STATE_NAME, "wb") as f:
             torch.save(state, f)
@@ -560,19 +566,12 @@ def resume_sharded(
         model_state_dict=loaded["model"],
         optim_state_dict=loaded["optimizer"],
     )
-    run.sched.load_state_dict(state["scheduler"])
     ranks = state["rng"]["ranks"]
     rng = ranks[rank] if rank < len(ranks) else ranks[0]
     torch.set_rng_state(rng["torch"])
     if run.device.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"], run.device)
-    run.sampler.set_state(state["rng"]["sampler"])
-    run.step, run.train_time = state["step"], state["train_time_s"]
-    run.setting_changes = [
-        *state.get("setting_changes", []),
-        *({"step": run.step, "key": k, "was": was, "now": now} for k, was, now in allowed),
-    ]
-    return state["metrics"]
+    return _restore_run_record(run, state, allowed)
 
 
 def _config_of(state: dict[str, Any], path: Path) -> RunConfig:

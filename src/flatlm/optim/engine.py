@@ -52,7 +52,7 @@ def _over_shards(method: _Fn) -> _Fn:
 
     @functools.wraps(method)
     def wrapper(self: SharpnessAwareOptimizer, *args: Any, **kwargs: Any) -> Any:
-        with sharded.reducing(self._sharding):
+        with sharded.reducing(self.sharding):
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -156,7 +156,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.distributed = distributed
         self._sharding_of: tuple[tuple[int, ...], sharded.Sharding] | None = None
-        self._sharding  # noqa: B018 (checks the parameters now)
+        self.sharding  # noqa: B018 (checks the parameters now)
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
         if not direction.needs_gradient:
@@ -333,7 +333,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         Adam/AdamW/SGD base and a rule that keeps no state of its own."""
         return (
             not self.direction.stateful
-            and not self._sharding.active
+            and not self.sharding.active
             and amp.can_skip_on_device(self.base_optimizer, self.param_groups)
         )
 
@@ -439,7 +439,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
             )
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
-        if scaler is not None and self._sharding.active:
+        if scaler is not None and sharded.reduces():  # inside step's reducing(self.sharding)
             raise ValueError(
                 "grad_scaler (fp16 loss scaling) is not supported with FSDP2-sharded parameters: "
                 "train in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy("
@@ -518,7 +518,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self._sharding.active:
+        if sharded.reduces():  # inside the public method's reducing(self.sharding)
             grad_norm = self._sharded_grad_norm(params, ok)
         elif self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
@@ -553,9 +553,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
 
     @property
-    def _sharding(self) -> sharded.Sharding:
-        """How θ is sharded, looked at again when the parameters change: Accelerate's FSDP2
-        swaps the DTensors into an optimizer built on the unsharded parameters."""
+    def sharding(self) -> sharded.Sharding:
+        """How θ is sharded (``active`` False: not at all), looked at again when the parameters
+        change: Accelerate's FSDP2 swaps the DTensors into an optimizer built on the unsharded
+        parameters. The public methods enter :func:`sharded.reducing` with it once per call."""
         params = _flat(self.param_groups)
         key = tuple(map(id, params))
         if self._sharding_of is None or self._sharding_of[0] != key:
