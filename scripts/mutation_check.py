@@ -46,7 +46,7 @@ MUTATIONS = [
     ),
     Mutation(
         "fsdp: a rank's non-finite loss not shared with the others",
-        f"{OPTIM}/engine.py",
+        f"{OPTIM}/sharded.py",
         'partial = partial + torch.where(ok.to(device), 0.0, float("inf"))',
         "partial = partial",
         ("tests/optim/test_fsdp.py::test_a_nan_on_one_rank_skips_the_step_on_every_rank",),
@@ -146,17 +146,19 @@ MUTATIONS = [
     Mutation(
         "unweighted clean micro-batch losses",
         f"{OPTIM}/passes.py",
-        '    :func:`check_functional_graph`.\n    """\n    weight = 1.0 / len(micro)',
-        '    :func:`check_functional_graph`.\n    """\n    weight = 1.0',
+        "        return CleanPass([Recorded(None, None)] * len(micro), None, None)\n"
+        "    weight = 1.0 / len(micro)",
+        "        return CleanPass([Recorded(None, None)] * len(micro), None, None)\n"
+        "    weight = 1.0",
         ("tests/optim/test_accumulation.py",),
     ),
     Mutation(
         "ε from the last micro-batch's gradient only",
         f"{OPTIM}/engine.py",
-        "            clean_overflow = (\n                amp.unscale_clean_(",
-        "            self.zero_grad(set_to_none=True)\n"
-        "            passes.clean_pass(micro[-1:], functional=False, scaler=scaler, rng_devices=None)\n"
-        "            clean_overflow = (\n                amp.unscale_clean_(",
+        "        self._graph_checked |= not one_pass\n",
+        "        self._graph_checked |= not one_pass\n"
+        "        self.zero_grad(set_to_none=True)\n"
+        "        passes.clean_pass(micro[-1:], functional=False, scaler=scaler, rng_devices=None)\n",
         ("tests/optim/test_accumulation.py",),
     ),
     Mutation(
@@ -175,9 +177,9 @@ MUTATIONS = [
     ),
     Mutation(
         "clipping the clean gradient instead of the perturbed one (no clipping at the step)",
-        f"{OPTIM}/engine.py",
-        "        elif self.max_grad_norm is not None:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
-        "        elif False:\n            grad_norm = torch.nn.utils.clip_grad_norm_(",
+        f"{OPTIM}/sharded.py",
+        "        if max_norm is not None:\n            return torch.nn.utils.clip_grad_norm_(",
+        "        if False:\n            return torch.nn.utils.clip_grad_norm_(",
         ("tests/optim/test_sam.py",),
     ),
     Mutation(

@@ -8,17 +8,20 @@ overflow folded in, so the scaler records either and backs off at ``update()``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SkipCount",
     "by_device",
     "can_skip_on_device",
     "inverse_scale",
     "poison_if",
     "scaled_backward",
+    "step_or_skip",
     "step_or_skip_on_device",
     "unscale_clean_",
     "unscale_grads_",
@@ -108,3 +111,43 @@ def step_or_skip_on_device(base: torch.optim.Optimizer, ok: Tensor) -> Tensor:
     finally:
         del base.found_inf  # type: ignore[attr-defined]
     return not_ok
+
+
+@dataclass
+class SkipCount:
+    """Skipped steps: counted on the host, or as a device tensor when the skip is decided on the
+    device (read only when asked for, so a step needs no sync)."""
+
+    host: int = 0
+    device: Tensor | None = None
+
+    def add_on_device(self, not_ok: Tensor) -> None:
+        self.device = not_ok if self.device is None else self.device + not_ok
+
+    def total(self) -> int:
+        return self.host + (0 if self.device is None else int(self.device.item()))
+
+
+def step_or_skip(
+    base: torch.optim.Optimizer,
+    ok: Tensor,
+    skips: SkipCount,
+    *,
+    skip_nonfinite: bool,
+    on_device: bool,
+) -> bool | None:
+    """Step ``base``, or skip the step where ``ok`` is False (counted in ``skips``). Returns
+    whether it stepped: True or False (one host read of ``ok``), or None when the fused base
+    optimizer decided on the device (no sync)."""
+    if not skip_nonfinite:
+        base.step()
+        return True
+    if on_device:
+        skips.add_on_device(step_or_skip_on_device(base, ok))
+        return None
+    taken = bool(ok)  # the one host read of a step: was everything finite?
+    if taken:
+        base.step()
+    else:
+        skips.host += 1
+    return taken

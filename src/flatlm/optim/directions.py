@@ -71,15 +71,8 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
     if sharded.reduces():
-        return sharded.sum_over_shards(sum_of_squares(tensors)).sqrt()
+        return sharded.sum_over_shards(sharded.sum_of_squares(tensors)).sqrt()
     return torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
-
-
-def sum_of_squares(tensors: list[Tensor]) -> Tensor:
-    """Σ of the squares of every element, this rank's part (in at least float32)."""
-    norms = torch._foreach_norm(tensors, 2.0)
-    dtype = torch.promote_types(norms[0].dtype, torch.float32)
-    return torch.stack([n.to(dtype) for n in norms]).square().sum()
 
 
 def root_mean_square(tensors: list[Tensor]) -> Tensor:
@@ -87,7 +80,7 @@ def root_mean_square(tensors: list[Tensor]) -> Tensor:
     if sharded.reduces():  # the squares and the element count in one all-reduce
         device = tensors[0].device if tensors else torch.device("cpu")
         count = torch.tensor(float(sum(t.numel() for t in tensors)), device=device)
-        partial = sum_of_squares(tensors) if tensors else torch.zeros((), device=device)
+        partial = sharded.sum_of_squares(tensors) if tensors else torch.zeros((), device=device)
         total = sharded.sum_over_shards(torch.stack([partial, count.to(partial.dtype)]))
         return total[0].sqrt() / total[1].clamp_min(1.0).sqrt()
     numel = sum(t.numel() for t in tensors)

@@ -263,10 +263,13 @@ def clean_pass(
     """Forward–backward of every micro-batch at θ, each loss weighted 1/M.
 
     ``rng_devices``: the CUDA devices to record generator states of (None records none).
-    ``parameter_grads=False``: only r(θ), from a no-grad forward and ℓ's gradient at the logits
-    (what a functional step that reuses a stored direction needs from θ). ``check_graph``: see
-    :func:`check_functional_graph`.
+    ``parameter_grads=False``: no parameter gradient (a step with one gradient pass): for the
+    functional methods only r(θ), from a no-grad forward and ℓ's gradient at the logits; for the
+    others nothing runs (one forward per micro-batch later: no randomness to replay).
+    ``check_graph``: see :func:`check_functional_graph`.
     """
+    if not parameter_grads and not functional:
+        return CleanPass([Recorded(None, None)] * len(micro), None, None)
     weight = 1.0 / len(micro)
     records: list[Recorded] = []
     total: Tensor | None = None

@@ -19,21 +19,26 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Sharding",
+    "ShardingOf",
+    "clip_grad_norm_",
     "gradient_sync",
     "is_sharded",
     "like_param",
     "local",
     "local_state",
     "locals_of",
+    "over_shards",
     "reduces",
     "reducing",
+    "sum_of_squares",
     "sum_over_shards",
 ]
 
@@ -128,6 +133,20 @@ class Sharding:
         return self.group is not None
 
 
+class ShardingOf:
+    """:meth:`Sharding.of` a parameter list, looked at again only when its tensors change
+    (Accelerate's FSDP2 swaps DTensors into an optimizer built on the unsharded parameters)."""
+
+    def __init__(self) -> None:
+        self._of: tuple[tuple[int, ...], Sharding] | None = None
+
+    def __call__(self, params: Sequence[Tensor]) -> Sharding:
+        key = tuple(map(id, params))
+        if self._of is None or self._of[0] != key:
+            self._of = (key, Sharding.of(params))
+        return self._of[1]
+
+
 def _refuse_flat_parameters(params: Sequence[Tensor]) -> None:
     try:
         from torch.distributed.fsdp._flat_param import FlatParameter
@@ -154,6 +173,20 @@ def reducing(sharding: Sharding) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def over_shards(method: _Fn) -> _Fn:
+    """An optimizer method inside which norms are over all shards of ``self.sharding``."""
+
+    @wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with reducing(self.sharding):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def reduces() -> bool:
     """Whether norms taken now are over shards (inside :func:`reducing` of a sharded model)."""
     sharding = _CURRENT.get()
@@ -169,6 +202,37 @@ def sum_over_shards(partial: Tensor) -> Tensor:
     total = partial.clone()
     torch.distributed.all_reduce(total, group=sharding.group)
     return total
+
+
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Σ of the squares of every element, this rank's part (in at least float32)."""
+    norms = torch._foreach_norm(list(tensors), 2.0)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.stack([n.to(dtype) for n in norms]).square().sum()
+
+
+def clip_grad_norm_(
+    params: list[Tensor], max_norm: float | None, ok: Tensor, device: torch.device
+) -> Tensor:
+    """‖g‖ of the gradients of ``params``, scaled in place as ``torch.nn.utils.clip_grad_norm_``
+    scales them (never up) when ``max_norm`` is set; over every shard inside :func:`reducing`
+    of a sharded model, where a rank whose own loss was non-finite (``ok`` False) adds an
+    infinite square, so every rank sees a non-finite norm and skips."""
+    if not reduces():
+        if max_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    partial = sum_of_squares(grads) if grads else torch.zeros((), device=device)
+    partial = partial + torch.where(ok.to(device), 0.0, float("inf"))
+    grad_norm = sum_over_shards(partial).sqrt()
+    if max_norm is not None and grads:
+        coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return grad_norm
 
 
 def gradient_sync(model: torch.nn.Module) -> Callable[[], AbstractContextManager[None]]:

@@ -11,12 +11,20 @@ from flatlm.optim import state_layout
 
 __all__ = [
     "LIGHTNING_AUTOMATIC_OPTIMIZATION",
+    "base_params",
     "check_closure_origin",
     "check_dense",
+    "check_distributed_mode",
     "check_group_rhos",
+    "check_one_pass_options",
     "check_options",
     "check_rho",
     "check_state_dict",
+    "check_step_arguments",
+    "flat_params",
+    "require_classic_protocol",
+    "require_clean_gradient",
+    "require_fresh_every_step",
 ]
 
 
@@ -79,6 +87,124 @@ def check_options(
         raise ValueError(f"perturb_every must be an integer >= 1, got {perturb_every!r}")
     if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+
+
+def flat_params(params: Any) -> list[torch.Tensor]:
+    """The tensors of a parameter list or of parameter groups."""
+    out: list[torch.Tensor] = []
+    for item in params:
+        out.extend(item["params"] if isinstance(item, dict) else [item])
+    return out
+
+
+def base_params(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any], name: str) -> list:
+    """The parameter groups to build on: ``params``, or an already-built base optimizer's own
+    groups (then ``params`` must be None or the same tensors, and no base arguments given)."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):  # wrap an optimizer already built
+        if base_kwargs:
+            raise TypeError(
+                f"base_optimizer is an already-built {type(base_optimizer).__name__}; its "
+                f"arguments cannot be set here (got {sorted(base_kwargs)})"
+            )
+        own = base_optimizer.param_groups
+        if params is not None and {id(p) for p in flat_params(params)} != {
+            id(p) for g in own for p in g["params"]
+        }:
+            raise ValueError("params differ from the wrapped optimizer's; pass params=None")
+        params = own
+    elif params is None:
+        raise TypeError("params is None: pass parameters, or a built optimizer to wrap")
+    params = list(params)
+    if not params:
+        raise ValueError(f"{name} got an empty parameter list")
+    return params
+
+
+def check_step_arguments(
+    closure: Any, forward: Any, loss_fn: Any, micro_batches: Any, grad_scaler: Any, no_sync: Any
+) -> None:
+    """``step``'s arguments make one of its protocols."""
+    if forward is not None:
+        if closure is not None:
+            raise TypeError("pass either closure or forward/loss_fn, not both")
+        if loss_fn is None:
+            raise TypeError("step(forward=...) also needs loss_fn=...")
+    elif micro_batches is not None or grad_scaler is not None or no_sync is not None:
+        raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
+
+
+def check_one_pass_options(ascent_steps: int, perturb_every: int, distributed: str) -> None:
+    """A rule that needs no clean gradient (the momentum methods) runs one gradient pass a step
+    already; the options that trade or spend clean backward passes mean nothing for it."""
+    if perturb_every > 1:
+        raise ValueError(
+            "perturb_every > 1 saves the clean backward, and this method (ε along the momentum) "
+            "runs none: it costs one gradient pass every step already. Leave perturb_every at 1"
+        )
+    if ascent_steps > 1:
+        raise ValueError(
+            "ascent_steps > 1 ascends along gradients at intermediate points, which this method "
+            "(ε along the momentum, one gradient pass a step) never computes: use ascent_steps=1"
+        )
+    if distributed == "local":
+        raise ValueError(
+            "distributed='local' makes ε from each rank's own clean gradient; this method makes "
+            "it from the momentum, which is the same on every rank: use distributed='sync'"
+        )
+
+
+_NOT_STEPPING = object()
+
+
+def check_distributed_mode(
+    distributed: str, *, sharded: bool, scaler: bool = False, no_sync: Any = _NOT_STEPPING
+) -> None:
+    """The combinations of ``distributed``, FSDP2, fp16 and (in ``step``) ``no_sync`` that
+    cannot run."""
+    if distributed == "local" and no_sync is None:
+        raise ValueError(
+            "distributed='local' perturbs with each rank's own gradient: pass "
+            "step(..., no_sync=ddp_model.no_sync) so the clean pass skips the all-reduce"
+        )
+    if distributed == "local" and sharded:
+        raise ValueError(
+            "distributed='local' needs each rank's own full gradient, which FSDP2 never "
+            "holds (it reduce-scatters): use distributed='sync'"
+        )
+    if scaler and sharded:
+        raise ValueError(
+            "grad_scaler (fp16 loss scaling) is not supported with FSDP2-sharded parameters: "
+            "train in bf16 with fully_shard(..., mp_policy=MixedPrecisionPolicy("
+            "param_dtype=torch.bfloat16)) or torch.autocast(dtype=torch.bfloat16), which "
+            "need no scaler"
+        )
+
+
+def require_classic_protocol(functional: bool, name: str, what: str) -> None:
+    """The functional methods need the clean pass's dlogits, which ``what`` cannot see."""
+    if functional:
+        raise RuntimeError(
+            f"{name} needs the clean pass's dlogits, which {what} cannot "
+            "see: use step(forward=lambda: model(x), loss_fn=...)"
+        )
+
+
+def require_fresh_every_step(perturb_every: int, what: str) -> None:
+    if perturb_every > 1:
+        raise RuntimeError(
+            f"perturb_every > 1 saves the clean backward, which {what} has already run: use "
+            "step(forward=lambda: model(x), loss_fn=...)"
+        )
+
+
+def require_clean_gradient(grads: list[torch.Tensor], what: str) -> None:
+    if not grads:
+        raise RuntimeError(
+            f"{what} found no gradient on any parameter: this protocol perturbs along the "
+            "gradient of a clean backward you have already run (loss = closure() or "
+            f"loss.backward(), then opt.{what.split('(')[0]}(...)); to run both passes in one "
+            "call use step(forward=lambda: model(x), loss_fn=...)"
+        )
 
 
 def check_dense(params: list[torch.Tensor]) -> None:
