@@ -34,6 +34,7 @@ from flatlm.lm._io import atomic_write, fsync_path
 from flatlm.lm.config import RESUME_ALLOWED, RunConfig, config_from_dict, setting_changes
 from flatlm.lm.data import Corpus, prepare_corpus
 from flatlm.lm.models import build_model, resolve_dims
+from flatlm.optim.schedules import RhoScheduler
 
 CHECKPOINT_FORMAT = "flatlm-lm-checkpoint-1"
 SUM_TAG = b"flatlm-sha256:"  # the zip comment: this tag, then the hex digest of all bytes before
@@ -58,6 +59,7 @@ class RunState:
     train_time: float = 0.0  # seconds in training steps (no evaluation, no checkpoints)
     # Settings a resume changed (config.RESUME_ALLOWED), as {"step", "key", "was", "now"}.
     setting_changes: list[dict[str, Any]] = field(default_factory=list)
+    rho_sched: RhoScheduler | None = None  # optim.rho_schedule; None: ρ constant
 
 
 def model_spec(cfg: RunConfig, vocab_size: int) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def _run_record(
         "method": cfg.optim.method,
         "data_fingerprint": corpus.fingerprint,
         "scheduler": run.sched.state_dict(),
+        "rho_scheduler": run.rho_sched.state_dict() if run.rho_sched else None,
         "metrics": metrics,
         "train_time_s": run.train_time,
         "setting_changes": run.setting_changes,
@@ -132,6 +135,8 @@ def _restore_run_record(
     """The scheduler, sampler, step and settings of :func:`_run_record`, with the settings this
     resume changed (``allowed``) appended; returns the metrics so far."""
     run.sched.load_state_dict(state["scheduler"])
+    if run.rho_sched is not None:  # the position only: the bounds follow train.steps, as the LR
+        run.rho_sched.load_state_dict({"last_step": state["rho_scheduler"]["last_step"]})
     run.sampler.set_state(state["rng"]["sampler"])
     run.step, run.train_time = state["step"], state["train_time_s"]
     run.setting_changes = [

@@ -64,6 +64,10 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     rho: float | None = None  # None: each method's own default radius
+    # ρ over the run (flatlm.optim.schedules): "constant", "window:0:0.1" (SAM in the first 10 %
+    # of steps, plain steps after), "linear:0:0.2", "cosine:0.5:1:1:0", bounds in steps "60s".
+    # A method spec's own rho_schedule option wins; AdamW ignores it.
+    rho_schedule: str = "constant"
     # Extra keyword arguments per method, e.g. ``[optim.method_kwargs.gasam] alpha = 1.0``.
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -288,13 +292,22 @@ def method_options(cfg: OptimConfig) -> tuple[str, dict[str, Any]]:
     kwargs = {**cfg.method_kwargs.get(base, {}), **cfg.method_kwargs.get(cfg.method, {})}
     if base != "adamw" and cfg.rho is not None:
         kwargs.setdefault("rho", cfg.rho)
+    if base != "adamw":
+        kwargs.setdefault("rho_schedule", cfg.rho_schedule)
     return base, kwargs | in_name
+
+
+def rho_schedule(cfg: OptimConfig) -> str:
+    """The ρ schedule a run follows (``constant`` for AdamW): a spec's ``rho_schedule`` option,
+    else its ``[optim.method_kwargs]`` table's, else ``optim.rho_schedule``."""
+    return method_options(cfg)[1].get("rho_schedule", "constant")
 
 
 def optimizer_kwargs(cfg: OptimConfig, grad_clip: float) -> dict[str, Any]:
     """Everything ``flatlm.optim.create(cfg.method, params, **kwargs)`` gets in a run: the
     method's options, the AdamW settings, and clipping (inside the step for SAM-types)."""
     base, kwargs = method_options(cfg)
+    kwargs.pop("rho_schedule", None)  # the run's scheduler, not the optimizer's (rho_schedule())
     if base != "adamw":
         kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
     betas = (cfg.beta1, cfg.beta2)
@@ -346,9 +359,18 @@ def _check_method(key: str, spec: str, cfg: RunConfig, table: dict[str, Any] | N
         _check_options(key, base, table)
     optim = dataclasses.replace(cfg.optim, method=spec)
     try:
-        create(spec, [torch.zeros(1, requires_grad=True)], **optimizer_kwargs(optim, 0.0))
+        create(base, [torch.zeros(1, requires_grad=True)], **optimizer_kwargs(optim, 0.0))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config key '{key}' ({spec!r}): {e}") from e
+
+
+def _check_rho_schedule(spec: str) -> None:
+    from flatlm.optim.schedules import parse_rho_schedule
+
+    try:
+        parse_rho_schedule(spec)
+    except ValueError as e:
+        raise ConfigError(f"config key 'optim.rho_schedule': {e}") from e
 
 
 def _check_device(name: str) -> Any:
@@ -450,6 +472,7 @@ def validate(cfg: RunConfig) -> None:
     _check_method("optim.method", cfg.optim.method, cfg)
     for i, method in enumerate(cfg.compare.methods):
         _check_method(f"compare.methods[{i}]", method, cfg)
+    _check_rho_schedule(cfg.optim.rho_schedule)
     _check_device(cfg.train.device)
     _check_encoding(cfg.data.encoding)
     _check_model(cfg.model)

@@ -49,13 +49,16 @@ from flatlm.lm.config import (
     TrainConfig,
     check_device_present,
     config_from_dict,
+    method_options,
     optimizer_kwargs,
+    rho_schedule,
 )
 from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, rng_preserved
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
 from flatlm.lm.models import GPT, LSTMLM, build_model, count_params
 from flatlm.lm.trackers import WANDB_ID_FILE, Tracker, check_trackers, make_trackers
+from flatlm.optim.schedules import build_rho_schedule
 
 # The files a run writes atomically: temp files of a killed write of these are removed when the
 # folder is next owned.
@@ -89,7 +92,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, grad_clip: float) -> torc
     from flatlm.optim import create
 
     groups = param_groups(model, cfg.weight_decay)
-    return create(cfg.method, groups, **optimizer_kwargs(cfg, grad_clip))
+    base, _ = method_options(cfg)  # the spec's options are in the kwargs, its schedule apart
+    return create(base, groups, **optimizer_kwargs(cfg, grad_clip))
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -295,6 +299,8 @@ def _run(
                 loss = train_step(forward_model, run.opt, x, y, tc.grad_clip)
                 lr = run.opt.param_groups[0]["lr"]
                 run.sched.step()
+                if run.rho_sched is not None:
+                    run.rho_sched.step()
                 if device.type == "cuda":  # honest step times: wait for the queued kernels
                     torch.cuda.synchronize(device)
                 run.train_time += time.perf_counter() - t0
@@ -409,6 +415,9 @@ def _init_run(
     forward_model = _ddp(model, device) if world > 1 and not sharded else model
     sampler = torch.Generator().manual_seed(cfg.train.seed)
     run = RunState(model, opt, LambdaLR(opt, lr_lambda(cfg.train)), sampler, device)
+    # Fractions of train.steps: a resume with more steps stretches the schedule as it does the
+    # cosine (the checkpoint restores only the position).
+    run.rho_sched = build_rho_schedule(opt, rho_schedule(cfg.optim), cfg.train.steps)
     return run, forward_model
 
 
@@ -464,7 +473,26 @@ def _result(
         "wall_time_s": wall_time,
         "skipped_steps": int(getattr(run.opt, "skipped_steps", 0)),
         "setting_changes": run.setting_changes,
+        "rho_schedule": rho_schedule(cfg.optim),
+        **step_cost(run.opt, run.step),
     }
+
+
+def step_cost(opt: torch.optim.Optimizer, steps: int) -> dict[str, Any]:
+    """What the run paid: ``step_counts`` (fresh two-pass, reuse and plain one-pass steps, as the
+    optimizer counted them; plain AdamW's steps are all plain) and ``passes_per_step``
+    (forward–backward passes per step, a fresh step counting two). None where the optimizer
+    does not count its steps."""
+    from flatlm.optim import SharpnessAwareOptimizer
+
+    counts = getattr(opt, "step_counts", None)
+    if counts is None and not isinstance(opt, SharpnessAwareOptimizer):
+        counts = {"fresh": 0, "reuse": 0, "plain": steps}
+    if counts is None:
+        return {"step_counts": None, "passes_per_step": None}
+    counts = {k: int(counts[k]) for k in ("fresh", "reuse", "plain")}
+    passes = (2 * counts["fresh"] + counts["reuse"] + counts["plain"]) / max(steps, 1)
+    return {"step_counts": counts, "passes_per_step": passes}
 
 
 def _final_losses(

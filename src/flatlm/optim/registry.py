@@ -49,6 +49,10 @@ ENGINE_OPTIONS: dict[str, type] = {
     "skip_nonfinite": bool,
     "distributed": str,
 }
+#: Options of a spec that belong to the run, not the optimizer: ``rho_schedule`` names a ρ
+#: schedule (flatlm.optim.schedules), which needs the run's length, so ``create`` refuses it and
+#: the workbench builds the scheduler.
+SCHEDULE_OPTIONS: dict[str, type] = {"rho_schedule": str}
 #: torch.optim.AdamW's options that a spec may set (``betas`` only from Python: a tuple).
 ADAMW_OPTIONS: dict[str, type] = {
     "lr": float,
@@ -80,7 +84,7 @@ class MethodInfo:
         return self.rho is not None
 
     def all_options(self) -> dict[str, type]:
-        engine = ENGINE_OPTIONS if self.sharpness_aware else {}
+        engine = {**ENGINE_OPTIONS, **SCHEDULE_OPTIONS} if self.sharpness_aware else {}
         return {**ADAMW_OPTIONS, **engine, **self.options}
 
 
@@ -167,6 +171,13 @@ def check_options(name: str, options: dict[str, Any], where: str = "") -> None:
             )
         if value is not None:
             _check_type(info.name, key, value, known[key], suffix)
+        if key == "rho_schedule" and value is not None:
+            from flatlm.optim.schedules import parse_rho_schedule
+
+            try:
+                parse_rho_schedule(value)
+            except ValueError as e:
+                raise ValueError(f"{info.name} option 'rho_schedule'{suffix}: {e}") from None
 
 
 def _check_type(method: str, key: str, value: Any, expected: type, suffix: str) -> None:
@@ -238,6 +249,12 @@ def create(
     key, overrides = parse_method(name)
     info = _INFO[key]
     kwargs = {k: v for k, v in {**kwargs, **overrides}.items() if v is not None}
+    if kwargs.pop("rho_schedule", "constant") != "constant":
+        raise ValueError(
+            "rho_schedule is applied over a run by a scheduler, not by the optimizer: build "
+            "the optimizer without it, then flatlm.optim.schedules.build_rho_schedule(opt, "
+            "schedule, total_steps) and step it after each optimizer step"
+        )
     if isinstance(params, torch.nn.Module):
         params = decay_groups(params, kwargs.get("weight_decay", 0.01))
     if not info.sharpness_aware:
