@@ -11,7 +11,7 @@ import flatlm.lm.train as train_mod
 from flatlm.lm.checkpoint import CheckpointError
 from flatlm.lm.compare import compare
 from flatlm.lm.config import ConfigError, load_config, rho_schedule
-from flatlm.lm.report import run_dir
+from flatlm.lm.report import run_dir, write_report
 from flatlm.lm.train import step_cost, train
 from flatlm.optim import create
 
@@ -123,6 +123,10 @@ def test_compare_names_folders_readably_and_records_the_cost(tiny_cfg, tmp_path)
     adamw = json.loads((run_dir(tmp_path, "adamw", 0) / "result.json").read_text())
     assert adamw["step_counts"] == {"fresh": 0, "reuse": 0, "plain": 4}
     assert adamw["passes_per_step"] == 1.0
+    table = write_report(tmp_path)["table"]
+    assert "| adamw | constant | 0 | 0 | 4 | 1.000 |" in table
+    counted = result["step_counts"] is not None  # once the engine counts its steps
+    assert (f"| {spec} | window:0:0.5 | –" in table) is not counted
 
 
 def test_step_cost_from_the_optimizers_counts():

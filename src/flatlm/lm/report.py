@@ -201,6 +201,9 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
             done, lambda r: r["val_loss"] - r["train_loss"] if "train_loss" in r else None
         )
         row["epochs"] = _mean_of(done, lambda r: r.get("epochs"))
+        row["rho_schedule"] = done[0].get("rho_schedule", "constant")
+        row["step_counts"] = _mean_counts(done)
+        row["passes_per_step"] = _mean_of(done, lambda r: r.get("passes_per_step"))
         lams = [x for x in map(final_lambda_max, done) if x is not None]
         row["lambda_max"], row["lambda_max_std"] = _mean_std(lams) if lams else (None, None)
         summary[method] = row
@@ -208,6 +211,41 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
     for row in summary.values():
         row["time_vs_adamw"] = row["time_per_step_s"] / base if base else None
     return summary
+
+
+def _mean_counts(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Fresh, reuse and plain steps per run, the mean over the runs (None if any run lacks
+    them: made before the optimizer counted its steps)."""
+    counts = [r.get("step_counts") for r in runs]
+    if any(c is None for c in counts):
+        return None
+    return {k: statistics.fmean(c[k] for c in counts) for k in ("fresh", "reuse", "plain")}
+
+
+def cost_table(summary: dict[str, dict[str, Any]]) -> str:
+    """What each method paid: its ρ schedule, fresh (two-pass), reuse and plain (one-pass)
+    steps per run, and forward–backward passes per step ("" when no run counted its steps)."""
+    if not any(r.get("step_counts") for r in summary.values()):
+        return ""
+    lines = [
+        "What each run paid (mean per run; fresh: a two-pass step, reuse: one pass with a stored "
+        'perturbation, plain: the base optimizer\'s one-pass step; "–": the run predates step '
+        "counting):\n",
+        "| method | ρ schedule | fresh | reuse | plain | passes per step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, r in summary.items():
+        c = r.get("step_counts")
+        counts = (
+            [f"{c[k]:.1f}".removesuffix(".0") for k in ("fresh", "reuse", "plain")]
+            if c
+            else ["–"] * 3
+        )
+        lines.append(
+            f"| {method} | {r.get('rho_schedule', 'constant')} | {' | '.join(counts)} "
+            f"| {_num(r.get('passes_per_step'), '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def final_lambda_max(run: dict[str, Any]) -> float | None:
@@ -476,6 +514,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
         + verdict_table(deltas, BASELINE, incomplete)
         + "\n"
         + regime_table(summary, reg)
+        + ("\n" + cost_table(summary) if cost_table(summary) else "")
         + ("\n" + cost_quality_table(points, cost_source) if len(points) > 1 else "")
         + ("\n" + note if note else "")
     )
