@@ -1,4 +1,4 @@
-"""The ``flatlm`` command line: ``flatlm train``, ``compare``, ``report``, ``sharpness``.
+"""The ``flatlm`` command line: ``flatlm train``, ``compare``, ``tune``, ``report``, ``sharpness``.
 
 Adding a subcommand is one decorated function::
 
@@ -67,6 +67,36 @@ ARG_GROUPS["config"] = (
     arg("--out", help="output folder (default: runs/<preset-or-config-name>...)"),
     arg("--resume", action="store_true", help="continue from the checkpoint(s) in --out"),
     arg("--quiet", action="store_true", help="no progress bar"),
+)
+
+
+# The study queue shared by `flatlm tune` and `flatlm compare --tune/--storage` (flatlm.lm.tune).
+ARG_GROUPS["study"] = (
+    arg(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help="a setting to tune: KEY=log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or A,B,C "
+        "(repeatable; default: optim.rho over a log range around each method's default)",
+    ),
+    arg("--trials", type=int, default=20, help="trials per tuned method (default 20)"),
+    arg("--sampler", default="tpe", help="tpe (default), random, or grid (the listed values)"),
+    arg("--pruner", default="median", help="median (default), hyperband or none"),
+    arg(
+        "--storage",
+        help="a database URL (postgresql://...) that workers on many machines "
+        "share (default: a journal file in --out)",
+    ),
+    arg("--study", help="the study's name in the storage (default: tune / compare)"),
+    arg(
+        "--heartbeat",
+        type=int,
+        default=20,
+        help="seconds between a running trial's "
+        "heartbeats; a trial silent for twice that is re-run (default 20)",
+    ),
 )
 
 
@@ -160,9 +190,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         type=int,
         help="parallel processes, also on one GPU with --device cuda (default: compare.jobs)",
     ),
+    arg(
+        "--tune",
+        action="store_true",
+        help="tune each method on the first seed's validation "
+        "loss first (--param, --trials, ...), then run every seed at its best settings",
+    ),
+    "study",
 )
 def cmd_compare(args: argparse.Namespace) -> int:
     from flatlm.lm.compare import compare
+
+    if args.tune or args.storage:  # the study queue (flatlm.lm.tune)
+        return _study_command(args, compare=True)
 
     # Through the config, so a mistyped method is a ConfigError naming it before any run starts.
     extra = {
@@ -186,14 +226,84 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 @subcommand(
+    "tune",
+    "tune settings (default: ρ) of one or more methods on the validation loss, with Optuna",
+    "config",
+    arg("--methods", nargs="+", help="methods to tune (default: optim.method)"),
+    arg("--seed", type=int, help="the seed every trial trains with (= --set train.seed=N)"),
+    arg("--jobs", type=int, default=1, help="worker processes on this machine (default 1)"),
+    "study",
+)
+def cmd_tune(args: argparse.Namespace) -> int:
+    return _study_command(args, compare=False)
+
+
+def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
+    """`flatlm tune`, and `flatlm compare --tune/--storage`: runs handed out by a study."""
+    from flatlm.lm.tune import make_job, run
+
+    if compare:
+        extra = {"compare.methods": args.methods, "compare.seeds": args.seeds}
+        cfg = _load(args, extra | {"compare.jobs": args.jobs})
+        methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
+        out = args.out or f"runs/compare-{_run_name(args)}"
+    else:
+        cfg = _load(args, {"train.seed": args.seed})
+        methods, seeds, jobs = args.methods or [cfg.optim.method], None, args.jobs
+        out = args.out or f"runs/tune-{_run_name(args)}"
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    job = make_job(
+        cfg,
+        out,
+        methods,
+        args.params,
+        trials=args.trials,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        final_seeds=seeds,
+        storage=args.storage,
+        study=args.study,
+        heartbeat_s=args.heartbeat,
+        quiet=args.quiet,
+        jobs=jobs,
+        tune=not compare or args.tune,
+    )
+    report = run(job, jobs=jobs)
+    print(report["table"], end="")
+    if report["stopped"]:
+        print("stopped; continue with the same command:")
+        print(f"  {shlex.join(['flatlm', *args.argv])}")
+        return EXIT_STOPPED
+    print("wrote " + ", ".join(report["files"]))
+    return 0
+
+
+@subcommand(
     "report",
-    "rebuild results.md/results.json/plots from a comparison folder",
-    arg("dir", help="the folder `flatlm compare` wrote"),
+    "rebuild results.md/results.json/plots from a comparison folder (or tune.md from a study)",
+    arg("dir", nargs="?", help="the folder `flatlm compare` or `flatlm tune` wrote"),
+    arg("--storage", help="write the report of study --study from this database alone"),
+    arg("--study", help="with --storage: the study's name"),
+    arg("--out", help="with --storage: the folder to write the report into"),
 )
 def cmd_report(args: argparse.Namespace) -> int:
     from flatlm.lm.report import write_report
 
-    report = write_report(args.dir)
+    if args.storage:
+        from flatlm.lm.tune import report_from_storage
+
+        if not args.study:
+            raise ValueError("--storage needs --study NAME (the study's name in the storage)")
+        report = report_from_storage(args.storage, args.study, args.out or f"runs/{args.study}")
+    elif args.dir is None:
+        raise ValueError("name the folder to report on, or --storage URL --study NAME")
+    elif (Path(args.dir) / "study.json").is_file():
+        from flatlm.lm.tune import report_from_folder
+
+        report = report_from_folder(args.dir)
+    else:
+        report = write_report(args.dir)
     print(report["table"], end="")
     print("wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
@@ -202,20 +312,37 @@ def cmd_report(args: argparse.Namespace) -> int:
 @subcommand(
     "sharpness",
     "sharpness figures (Hessian spectrum, SAM decomposition, ...) of a trained checkpoint",
-    arg("checkpoint", help="a run folder (holding checkpoint.pt or checkpoint.dcp) or a checkpoint file"),
-    arg("--split", nargs="+", default=["val"], choices=["train", "val", "test"],
-        help="which fixed windows (default: val; train = the run's training tokens)"),
-    arg("--batches", type=int, default=2, help="fixed batches of train.batch_size windows per split"),
-    arg("--what", nargs="+", help="figures: hessian ggn residual decomposition sam_sharpness "
-        "corruption (default: all but residual)"),
+    arg(
+        "checkpoint",
+        help="a run folder (holding checkpoint.pt or checkpoint.dcp) or a checkpoint file",
+    ),
+    arg(
+        "--split",
+        nargs="+",
+        default=["val"],
+        choices=["train", "val", "test"],
+        help="which fixed windows (default: val; train = the run's training tokens)",
+    ),
+    arg(
+        "--batches", type=int, default=2, help="fixed batches of train.batch_size windows per split"
+    ),
+    arg(
+        "--what",
+        nargs="+",
+        help="figures: hessian ggn residual decomposition sam_sharpness "
+        "corruption (default: all but residual)",
+    ),
     arg("--top-k", type=int, default=1, help="top eigenvalues per curvature matrix"),
     arg("--trace-samples", type=int, default=0, help="Hutch++ products for traces (0 = none)"),
     arg("--lanczos-iters", type=int, help="exactly N Lanczos products (default: ARPACK to 1e-6)"),
-    arg("--params", help="parameter subset: fnmatch pattern on names, e.g. 'blocks.0.*', or re:REGEX"),
+    arg(
+        "--params",
+        help="parameter subset: fnmatch pattern on names, e.g. 'blocks.0.*', or re:REGEX",
+    ),
     arg("--device", default="cpu", help="cpu (default) or cuda"),
     arg("--out", help="JSON file (default: sharpness.json beside the checkpoint)"),
     arg("--progress", action="store_true", help="a progress bar of matrix-vector products"),
-)  # fmt: skip
+)
 def cmd_sharpness(args: argparse.Namespace) -> int:
     import json
 
@@ -277,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # for the resume hint
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, FolderError, ValueError, OSError) as e:
+    except (ConfigError, CheckpointError, FolderError, ValueError, OSError, MissingExtraError) as e:
         print(f"flatlm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

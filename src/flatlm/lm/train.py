@@ -208,13 +208,17 @@ def train(
     quiet: bool = False,
     corpus: Corpus | None = None,
     stop_after: int | None = None,
+    on_eval: Callable[[int, float], str | None] | None = None,
 ) -> dict[str, Any]:
     """Train per ``cfg`` into ``out_dir``; returns (and writes ``result.json``) the final numbers.
 
     ``stop_after`` ends the run after that step with a checkpoint, exactly as Ctrl-C would
-    (used by the resume tests). The result's ``status`` is "completed", "diverged" (finished,
-    but its numbers are not finite or most steps were skipped), "interrupted" or "stopped", and
-    its ``reason`` says why in words ("" when completed). The folder is this process's until
+    (used by the resume tests). ``on_eval(step, val_loss)`` is called after every validation
+    during training; a string it returns ends the run there with status "pruned" and that
+    reason (a tuner's pruner, :mod:`flatlm.lm.tune`). The result's ``status`` is "completed",
+    "diverged" (finished, but its numbers are not finite or most steps were skipped),
+    "interrupted", "stopped" or "pruned", and its ``reason`` says why in words ("" when
+    completed). The folder is this process's until
     the call returns: another process training into it gets a ``FolderError``.
     """
     check_device_present(cfg.train.device)
@@ -225,7 +229,7 @@ def train(
         if not quiet and int(os.environ.get("RANK", "0")) == 0:
             print(f"flatlm train: {why}", file=sys.stderr, flush=True)
     with torch_threads(threads):
-        return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after)
+        return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after, on_eval)
 
 
 def _train(
@@ -235,6 +239,7 @@ def _train(
     quiet: bool,
     corpus: Corpus | None,
     stop_after: int | None,
+    on_eval: Callable[[int, float], str | None] | None = None,
 ) -> dict[str, Any]:
     sharded = cfg.train.strategy == "fsdp"
     with _process_group(torch.device(cfg.train.device), sharded) as where:
@@ -250,7 +255,9 @@ def _train(
                     shutil.rmtree(sharded_temp(ckpt), ignore_errors=True)
                 save_to = ckpt if sharded else out / "checkpoint.pt"
                 resume_from = ckpt if resume else None
-                return _run(cfg, out, save_to, resume_from, quiet, corpus, stop_after, where)
+                return _run(
+                    cfg, out, save_to, resume_from, quiet, corpus, stop_after, where, on_eval
+                )
 
 
 def _run(
@@ -262,6 +269,7 @@ def _run(
     corpus: Corpus | None,
     stop_after: int | None,
     where: Placement,
+    on_eval: Callable[[int, float], str | None] | None = None,
 ) -> dict[str, Any]:
     tc, block = cfg.train, cfg.model.block_size
     rank, world, device = where
@@ -319,6 +327,10 @@ def _run(
                 if tc.eval_every > 0 and (run.step % tc.eval_every == 0 or run.step == tc.steps):
                     val = _validate(run, val_batches, log)
                     bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}")
+                    pruned = on_eval(run.step, val) if on_eval is not None else None
+                    if pruned and run.step < tc.steps:
+                        status, reason = "pruned", pruned
+                        break
                 sharpness.log(run.model, run.step, log, run.train_time)
                 if _on_any_rank(stop.is_set(), world, device):  # all ranks stop at one step
                     status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"

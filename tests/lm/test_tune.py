@@ -1,0 +1,308 @@
+"""`flatlm tune` and `flatlm compare --tune/--storage`: the study queue on Optuna.
+
+Exactly one finished trial per slot however many workers share a study (two local processes;
+two processes on a real PostgreSQL server, one killed with SIGKILL mid-trial); a study stopped
+in the middle of a trial continues to the same numbers as one never stopped; the report written
+from the storage alone equals the one written from the run folders; bad input is a one-line
+error before anything runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from flatlm import cli
+from flatlm.lm import study as st
+from flatlm.lm import tune
+from flatlm.lm._process import stop_on_signals
+from flatlm.lm.config import ConfigError
+from helpers.scripts import tiny_cli
+
+
+def _trials(folder: Path, name: str) -> list:
+    storage = st.open_storage(None, folder)
+    return st.open_study(storage, name, create=False).get_trials()
+
+
+def _finished(trials: list) -> list:
+    return [t for t in trials if t.state in st.FINISHED]
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def test_param_specs_parse_and_bad_ones_name_the_problem(tiny_cfg):
+    p = tune.parse_param("optim.rho=log:0.01:10")
+    assert (p.key, p.kind, p.low, p.high) == ("optim.rho", "log", 0.01, 10.0)
+    assert tune.parse_param("train.warmup_steps=int:0:40").kind == "int"
+    assert tune.parse_param("optim.beta2=float:0.9:0.999").kind == "float"
+    assert tune.parse_param("optim.rho=0.02,0.2,2").choices == (0.02, 0.2, 2)
+    assert tune.parse_param("optim.method_kwargs.gasam.alpha=cat:-1,1").choices == (-1, 1)
+    for bad, says in [
+        ("optim.rho=log:1:0.1", "empty or inverted range"),
+        ("optim.rho=log:1:1", "empty or inverted range"),
+        ("optim.rho=log:0:1", "LOW > 0"),
+        ("optim.rho=log:1", "LOW:HIGH"),
+        ("optim.rho=", "no values"),
+        ("optim.rho", "KEY="),
+        ("train.steps=int:1.5:3", "whole-number"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            tune.parse_param(bad)
+    # method-appropriate default: a log range around the method's own radius, none for AdamW
+    (rho,) = tune.default_space("sam")
+    assert (rho.low, rho.high) == pytest.approx((0.005, 2.5))
+    assert tune.default_space("asam")[0].low == pytest.approx(0.05)
+    assert tune.default_space("adamw") == []
+    cfg = tiny_cfg()
+    for params, says in [
+        (["optim.rhoo=log:0.1:1"], "unknown config key 'optim.rhoo'"),
+        (["optim.lr=log:-1:1"], "LOW > 0"),
+        (["optim.lr=float:-1:1"], "optim.lr"),  # a value the config refuses
+        (["train.seed=0,1"], "not a setting to tune"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            tune.make_job(cfg, "unused", ["sam"], params)
+    with pytest.raises(ConfigError, match="fixes rho in its name"):
+        tune.make_job(cfg, "unused", ["sam:rho=0.1"], ["optim.rho=log:0.01:1"])
+    with pytest.raises(ConfigError, match="nothing to tune"):
+        tune.make_job(cfg, "unused", ["adamw"], [])
+    with pytest.raises(ConfigError, match="listed values"):
+        tune.make_job(cfg, "unused", ["sam"], ["optim.rho=log:0.01:1"], sampler="grid")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--param", "optim.rhoo=log:0.1:1"], "unknown config key 'optim.rhoo'"),
+        (["--param", "optim.rho=log:2:1"], "empty or inverted range"),
+        (["--storage", "postgresql://flatlm:pw@127.0.0.1:9/none"], "cannot open storage"),
+        (["--sampler", "cmaes"], "--sampler must be one of"),
+    ],
+)
+def test_bad_input_is_one_line_before_anything_runs(corpus_file, tmp_path, capsys, args, says):
+    out = tmp_path / "t"
+    argv = ["tune", "--data", str(corpus_file), "--preset", "quick", "--method", "sam"]
+    code = cli.main([*argv, "--out", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_ERROR and says in err and len(err.splitlines()) == 1, err
+    assert "pw@" not in err  # the password is not printed
+    assert not (out / "trials").exists()
+
+
+def test_a_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    monkeypatch.delitem(sys.modules, "flatlm.lm.study")
+    with pytest.raises(ImportError, match=r"pip install 'flatlm\[tune\]'"):
+        importlib.import_module("flatlm.lm.study")
+
+
+# ----------------------------------------------------------------------------- one worker
+
+
+class StopAfter:
+    """A stop flag that sets itself at its ``n``-th look: an interrupt at a fixed point."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.looks, self._set = n, 0, False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        self._set = self._set or self.looks >= self.n
+        return self._set
+
+
+def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
+    """Stopped in the middle of a trial, the study re-enqueues it; the same command then resumes
+    that run from its checkpoint, and every trial ends as in a study never stopped (TPE seeded
+    per trial, resume bit for bit). Pruned trials count their steps in the compute."""
+    cfg = tiny_cfg(train__steps=8, train__eval_every=2)
+    kwargs = {"trials": 5, "pruner": "median", "quiet": True}
+    whole = tune.make_job(cfg, tmp_path / "whole", ["sam"], [], **kwargs)
+    assert not tune.run(whole)["stopped"]
+    parts = tune.make_job(cfg, tmp_path / "parts", ["sam"], [], **kwargs)
+    storage = st.open_storage(None, tmp_path / "parts")
+    stop = StopAfter(12)  # the worker loop, then each training step: trial 1, step 2
+    with stop_on_signals(stop):
+        tune.work(parts, stop)
+    trials = _trials(tmp_path / "parts", "tune/tune/sam")
+    failed = [t for t in trials if t.state == st.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["resume_dir"]
+    waiting = [t for t in trials if t.state == st.TrialState.WAITING]
+    retry = next(t for t in waiting if t.system_attrs.get("failed_trial") == failed[0].number)
+    assert retry.params == failed[0].params
+    stopped_at = json.loads((Path(failed[0].user_attrs["run_dir"]) / "result.json").read_text())
+    assert stopped_at["status"] == "interrupted" and 0 < stopped_at["step"] < 8
+    del storage
+
+    report = tune.run(parts)  # the same command again
+    assert not report["stopped"]
+    a = _finished(_trials(tmp_path / "whole", "tune/tune/sam"))
+    b = _finished(_trials(tmp_path / "parts", "tune/tune/sam"))
+    assert len(a) == len(b) == 5
+    key = lambda t: t.user_attrs["slot"]  # noqa: E731
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key), strict=True):
+        assert x.params == y.params and x.state == y.state
+        assert x.value == y.value and x.intermediate_values == y.intermediate_values
+    resumed = next(t for t in b if t.system_attrs.get("failed_trial") == failed[0].number)
+    assert resumed.user_attrs["run_dir"] == failed[0].user_attrs["run_dir"]  # continued there
+    summary = json.loads((tmp_path / "parts" / "tune.json").read_text())["methods"]["sam"]
+    steps = [t.user_attrs["record"]["result"]["step"] for t in b]
+    assert summary["steps_run"] == sum(steps)
+    assert any(t.state == st.TrialState.PRUNED for t in b)  # the median pruner stopped one
+    assert min(steps) < 8
+    # the best config trains to the best trial's validation loss as it is
+    best = min((t for t in b if t.state == st.TrialState.COMPLETE), key=lambda t: t.value)
+    code = cli.main(
+        ["train", "--config", str(tmp_path / "parts" / "best_sam.yaml"), "--quiet",
+         "--out", str(tmp_path / "again")]
+    )  # fmt: skip
+    assert code == 0
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert again["val_loss"] == best.value
+
+    # a study made with another config is refused, naming the difference
+    other = tune.make_job(tiny_cfg(train__steps=8, optim__lr=0.01), tmp_path / "parts", ["sam"], [])
+    with pytest.raises(st.StudyError, match=r"optim\.lr = 0\.001 there, 0\.01 now"):
+        tune.run(other)
+
+
+# ----------------------------------------------------------------------------- two workers
+
+
+def test_two_local_workers_tune_then_compare_exactly_once(tiny_cfg, tmp_path):
+    """`compare --tune` with two worker processes on the default (journal) storage: exactly
+    N tuning trials, then every (method, seed) once, the tuning seed's sam run being the best
+    trial; the report from the storage equals the one from the run folders."""
+    cfg = tiny_cfg(train__steps=4)
+    out = tmp_path / "cmp"
+    job = tune.make_job(
+        cfg, out, ["adamw", "sam"], [], trials=4, pruner="none", final_seeds=[0, 1], quiet=True
+    )
+    report = tune.run(job, jobs=2)
+    assert not report["stopped"]
+    trials = _trials(out, "compare/tune/sam")
+    assert len(trials) == 4 and all(t.state == st.TrialState.COMPLETE for t in trials)
+    assert sorted(t.user_attrs["slot"] for t in trials) == ["0", "1", "2", "3"]
+    dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(dirs)) == 4 and all((Path(d) / "result.json").is_file() for d in dirs)
+    runs = _trials(out, "compare/runs")
+    assert sorted(t.user_attrs["slot"] for t in runs) == [
+        "adamw s0",
+        "adamw s1",
+        "sam s0",
+        "sam s1",
+    ]
+    assert all(t.state == st.TrialState.COMPLETE for t in runs)
+    best = min(trials, key=lambda t: (t.value, t.number))
+    sam0 = next(t for t in runs if t.user_attrs["slot"] == "sam s0")
+    assert sam0.value == best.value and sam0.user_attrs["kind"] == "reuse"
+    sam1 = next(t for t in runs if t.user_attrs["slot"] == "sam s1")
+    assert sam1.user_attrs["overrides"] == best.params
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]) == {"adamw", "sam"} and "sam" in results["deltas_vs_adamw"]
+
+    from_storage = {p: (out / p).read_text() for p in ("tune.md", "results.md")}
+    from_json = json.loads((out / "results.json").read_text())
+    assert cli.main(["report", str(out)]) == 0  # from the run folders
+    assert {p: (out / p).read_text() for p in from_storage} == from_storage
+    assert json.loads((out / "results.json").read_text()) == from_json
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of its own (pgserver), its URL; skipped if it cannot start here."""
+    pgserver = pytest.importorskip("pgserver", reason="pgserver (flatlm[tune-postgres])")
+    pytest.importorskip("psycopg", reason="psycopg (flatlm[tune-postgres])")
+    try:
+        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    except Exception as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"the PostgreSQL server (pgserver) cannot start on this machine: {e}")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.mark.slow
+def test_postgres_two_workers_one_killed_mid_trial(postgres, corpus_file, tmp_path):
+    url, n = postgres, 4
+    out = tmp_path / "tune"
+    args = ["--method", "sam", "--trials", str(n), "--pruner", "none", "--storage", url,
+            "--study", "s", "--heartbeat", "1", "--out", str(out), "--quiet"]  # fmt: skip
+    argv = tiny_cli("tune", corpus_file, *args, train__steps="150", train__checkpoint_every="0")
+    workers = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    storage = st.open_storage(url, tmp_path)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline:
+            killed = _kill_one_mid_trial(storage, workers)
+            time.sleep(0.05)
+        assert killed is not None, "no trial was caught running"
+        survivor = next(w for w in workers if w.returncode is None)
+        _, err = survivor.communicate(timeout=400)
+        assert survivor.returncode == 0, err
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    study = st.open_study(storage, "s/tune/sam", create=False)
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == st.TrialState.COMPLETE]
+    assert len(done) == n
+    assert sorted(t.user_attrs["slot"] for t in done) == [str(i) for i in range(n)]  # once each
+    failed = [t for t in trials if t.state == st.TrialState.FAIL]
+    assert killed in [t.number for t in failed] and len(trials) == n + len(failed)
+    # Each failed trial was re-run in a folder of its own: the killed one, and any whose
+    # heartbeat the other worker found late on this busy machine (its own tell then fails).
+    for dead in failed:
+        rerun = next(t for t in done if t.system_attrs.get("failed_trial") == dead.number)
+        assert rerun.params == dead.params and rerun.user_attrs["slot"] == dead.user_attrs["slot"]
+        assert rerun.user_attrs["run_dir"] != dead.user_attrs["run_dir"]
+
+    # the report from the database alone equals the one from the run folders
+    assert cli.main(["report", "--storage", url, "--study", "s", "--out", str(tmp_path / "r")]) == 0
+    assert cli.main(["report", str(out)]) == 0
+    assert (tmp_path / "r" / "tune.md").read_text() == (out / "tune.md").read_text()
+    db = json.loads((tmp_path / "r" / "tune.json").read_text())["methods"]
+    folders = json.loads((out / "tune.json").read_text())["methods"]
+    assert db == folders and len(db["sam"]["trials"]) == n
+
+
+def _kill_one_mid_trial(storage, workers) -> int | None:
+    """SIGKILL the worker of a running trial that has started training, and return the
+    trial's number; None if no trial is running. The worker is stopped (SIGSTOP) first and
+    the trial checked again, so it cannot finish between the look and the kill."""
+    names = st.study_names(storage, "s")
+    if not names:
+        return None
+    study = st.open_study(storage, names[0], create=False)
+    for t in study.get_trials(states=(st.TrialState.RUNNING,)):
+        run_dir = t.user_attrs.get("run_dir")
+        victim = next((w for w in workers if w.pid == t.user_attrs.get("pid")), None)
+        if victim is None or not run_dir or not (Path(run_dir) / "config.json").is_file():
+            continue
+        victim.send_signal(signal.SIGSTOP)
+        if study.get_trials(states=(st.TrialState.RUNNING,)) and any(
+            x.number == t.number for x in study.get_trials(states=(st.TrialState.RUNNING,))
+        ):
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            return t.number
+        victim.send_signal(signal.SIGCONT)
+    return None
