@@ -189,6 +189,96 @@ MUTATIONS = [
         "        ok = perturbation.clean_ok",
         ("tests/optim/test_engine.py",),
     ),
+    # An independent review's survivors (issue 29), each now caught by a test against a value
+    # computed without the code under test.
+    Mutation(
+        "state layout: the skipped-step count read as 0",
+        f"{OPTIM}/state_layout.py",
+        '            int(first.get(PREFIX + "skipped_steps") or 0),',
+        "            0,",
+        ("tests/optim/test_state_layout.py",),
+    ),
+    Mutation(
+        "state layout (flatlm 0.2's): the skipped-step count read as 0",
+        f"{OPTIM}/state_layout.py",
+        '                int(state_dict.get("skipped_steps") or 0),',
+        "                0,",
+        ("tests/optim/test_state_layout.py",),
+    ),
+    Mutation(
+        "amsgrad: this step's moment started from the running maximum instead of v",
+        f"{OPTIM}/preconditioners.py",
+        '            second_moments.append(local(state["exp_avg_sq" if grads is not None else key]))',
+        "            second_moments.append(local(state[key]))",
+        ("tests/optim/test_functional.py",),
+    ),
+    Mutation(
+        "fsdp: the clipping coefficient not clamped at 1 (small gradients scaled up)",
+        f"{OPTIM}/engine.py",
+        "            coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)",
+        "            coef = self.max_grad_norm / (grad_norm + 1e-6)",
+        ("tests/optim/test_fsdp.py::test_a_max_grad_norm_above_the_gradient_norm_changes_nothing",),
+    ),
+    Mutation(
+        "hutchinson: the stderr's standard deviation divided by n instead of n − 1",
+        "src/flatlm/sharpness/solvers.py",
+        "    se = float(samples.std(unbiased=True) / math.sqrt(num_samples))",
+        "    se = float(samples.std(unbiased=False) / math.sqrt(num_samples))",
+        ("tests/sharpness/test_sharpness_spectra.py",),
+    ),
+    Mutation(
+        "hutch++: the stderr's standard deviation divided by n instead of n − 1",
+        "src/flatlm/sharpness/solvers.py",
+        "    se = float(samples.std(unbiased=True) / math.sqrt(n_g))",
+        "    se = float(samples.std(unbiased=False) / math.sqrt(n_g))",
+        ("tests/sharpness/test_sharpness_spectra.py",),
+    ),
+    Mutation(
+        "report: the regime taken from the first method listed, not AdamW",
+        "src/flatlm/lm/report.py",
+        "    row = summary.get(baseline) or next(iter(summary.values()), {})",
+        "    row = next(iter(summary.values()), {})",
+        ("tests/lm/test_verdicts.py",),
+    ),
+    Mutation(
+        "sharded checkpoint: the previous one loaded unverified",
+        "src/flatlm/lm/checkpoint.py",
+        "            _verify_sharded(prev)\n",
+        "",
+        (
+            "tests/lm/test_fsdp_workbench.py"
+            "::test_a_damaged_previous_checkpoint_is_verified_before_it_is_used",
+        ),
+    ),
+    Mutation(
+        "hf: clean_grad_norm copied after grad_norm was overwritten",
+        "src/flatlm/integrations/hf.py",
+        '            if "grad_norm" in logs:\n                logs["clean_grad_norm"] = logs["grad_norm"]\n'
+        '            logs["grad_norm"] = float(self._sam_grad_norm)\n',
+        '            logs["grad_norm"] = float(self._sam_grad_norm)\n'
+        '            if "grad_norm" in logs:\n                logs["clean_grad_norm"] = logs["grad_norm"]\n',
+        (
+            "tests/integrations/test_hf.py"
+            "::test_trainer_equals_the_hand_written_two_pass_loop[gpt2-sam]",
+        ),
+    ),
+    Mutation(
+        "hf: the generators left where the last perturbed pass ended",
+        "src/flatlm/integrations/hf.py",
+        "            end.restore()",
+        "            pass",
+        (
+            "tests/integrations/test_hf.py"
+            "::test_the_generators_end_where_the_clean_passes_left_them[theta-dependent]",
+        ),
+    ),
+    Mutation(
+        "workbench: the test loss computed on the validation split",
+        "src/flatlm/lm/train.py",
+        '    test_data = corpus.splits["test"]',
+        '    test_data = corpus.splits["val"]',
+        ("tests/lm/test_train.py::test_the_results_numbers_against_hand_computations",),
+    ),
 ]
 
 

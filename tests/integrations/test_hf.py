@@ -157,6 +157,7 @@ def hand_written_run(
     trainer: Trainer,
     loss_of,
     rho: float,
+    norms: dict[str, list[float]] | None = None,
 ) -> torch.nn.Module:
     """Each update written out by hand, with nothing from flatlm: the clean forward/backward of
     every micro-batch, ε from the accumulated gradient g, θ + ε, the second forward/backward
@@ -169,6 +170,8 @@ def hand_written_run(
     before it has any); (D²g, D²g) for gasam with its defaults, D = clip((s/RMS(s) + 1e-12)^α,
     1/100, 100), α = 1, s = √(EMA₀.₉₉(g²)/(1 − 0.99ᵗ)).
     ``loss_of(logits, mb, micro_batches)`` is the Trainer's loss of one micro-batch.
+    ``norms``, if given, receives per update ‖g‖ (``clean``), ‖ε‖ (``perturbation``) and the
+    perturbed gradient's norm before clipping (``perturbed``): what the Trainer's logs report.
     """
     args = trainer.args
     decay = set(trainer.get_decay_parameter_names(model))
@@ -225,6 +228,9 @@ def hand_written_run(
             clean = [p.detach().clone() for p in params]
             for p, ui in zip(params, u, strict=True):
                 p.add_(rho * ui / norm)
+            if norms is not None:
+                norms["clean"].append(float(global_norm(g)))
+                norms["perturbation"].append(float(rho * global_norm(u) / norm))
         for p in params:
             p.grad = None
         for mb, r in zip(micro_batches, dlogits, strict=True):  # the second pass, at θ + ε
@@ -236,6 +242,8 @@ def hand_written_run(
         with torch.no_grad():
             for p, c in zip(params, clean, strict=True):
                 p.copy_(c)
+        if norms is not None:
+            norms["perturbed"].append(float(global_norm([p.grad for p in params])))
         torch.nn.utils.clip_grad_norm_(params, args_max_grad_norm(trainer))
         adamw.step()
     return model
@@ -414,8 +422,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, method):
 LOOP_TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-def method_run(task: str, method: str, out) -> tuple[dict, dict | None]:
-    """(the Trainer's parameters, the hand-written loop's) after 3 updates of 2 micro-batches."""
+def method_run(task: str, method: str, out) -> tuple[dict, dict | None, list[dict], dict]:
+    """The Trainer's parameters, the hand-written loop's, the Trainer's training logs and the
+    loop's norms (``hand_written_run``), after 3 updates of 2 micro-batches."""
     model = (tiny_gpt2() if task == "gpt2" else tiny_bert()).double()
     data = lm_data(12) if task == "gpt2" else cls_data(12)
     initial = copy.deepcopy(model)
@@ -428,14 +437,16 @@ def method_run(task: str, method: str, out) -> tuple[dict, dict | None]:
         **({} if method == "adamw" else {"sam_rho": 0.2}),
     )
     trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     if method == "adamw":
-        return params_of(model), None
+        return params_of(model), None, logs, {}
     updates = [trainer.seen[i : i + 2] for i in range(0, len(trainer.seen), 2)]
     assert len(updates) == 3
+    norms: dict[str, list[float]] = {"clean": [], "perturbation": [], "perturbed": []}
     reference = hand_written_run(
-        method, initial, updates, trainer, hand_loss_of(task, trainer), rho=0.2
+        method, initial, updates, trainer, hand_loss_of(task, trainer), rho=0.2, norms=norms
     )
-    return params_of(model), params_of(reference)
+    return params_of(model), params_of(reference), logs, norms
 
 
 @pytest.fixture(scope="module")
@@ -460,9 +471,22 @@ def test_trainer_equals_the_hand_written_two_pass_loop(tmp_path, adamw_params, t
     the default max_grad_norm = 1: the Trainer's parameters equal the hand-written loop's, and
     are far from plain AdamW's (the method changed the update by much more than the tolerance).
     """
-    got, want = method_run(task, method, tmp_path)
+    got, want, logs, norms = method_run(task, method, tmp_path)
     for name in want:
         torch.testing.assert_close(got[name], want[name], **LOOP_TOL, msg=name)
+    # Every extra field of the training logs (logging_steps=1: one entry per update) against the
+    # loop's own norms: ‖g‖ of the clean pass (clean_grad_norm, what the Trainer reported), the
+    # perturbed gradient's before clipping (grad_norm), ‖ε‖ (perturbation_norm: ρ‖T²g‖/‖Tg‖ for
+    # asam, ρ for the others) and no skipped step.
+    assert len(logs) == 3
+    for key, field in [
+        ("clean", "clean_grad_norm"),
+        ("perturbed", "grad_norm"),
+        ("perturbation", "perturbation_norm"),
+    ]:
+        assert [e[field] for e in logs] == pytest.approx(norms[key], rel=1e-9), field
+    assert norms["clean"] != pytest.approx(norms["perturbed"], rel=1e-3)  # the fields differ
+    assert [e["skipped_steps"] for e in logs] == [0, 0, 0]
     # and not AdamW's: measured 0.06 away for every case here (≤ 2e-13 from the loop)
     assert max_abs_diff(got, adamw_params(task)) > 1e-4
 
@@ -499,6 +523,56 @@ class _StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_training_stop = True
         return control
+
+
+class RngAroundTheUpdate(TrainerCallback):
+    """The CPU generator's state after an update's clean passes (``on_pre_optimizer_step``) and
+    after the sharpness-aware update (``on_optimizer_step``). With ``theta_dependent``, every
+    forward also draws 1 random number at the update's clean θ and 3 anywhere else, as a model
+    whose randomness depends on the weights' values would (rejection sampling, value-dependent
+    routing); ordinary dropout draws a fixed count per forward."""
+
+    def __init__(self, model: torch.nn.Module, theta_dependent: bool):
+        self.first = next(model.parameters())
+        self.clean: torch.Tensor | None = None
+        self.after_clean: list[torch.Tensor] = []
+        self.after_update: list[torch.Tensor] = []
+        if theta_dependent:
+            model.register_forward_pre_hook(self._draw)
+
+    def _draw(self, module, args) -> None:
+        torch.rand(1 if torch.equal(self.first, self.clean) else 3)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clean = self.first.detach().clone()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.after_clean.append(torch.get_rng_state())
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.after_update.append(torch.get_rng_state())
+
+
+@pytest.mark.parametrize("theta_dependent", [False, True], ids=["dropout", "theta-dependent"])
+def test_the_generators_end_where_the_clean_passes_left_them(tmp_path, theta_dependent):
+    """The update leaves the CPU generator where the clean passes did, so a SAM run consumes
+    the random numbers an AdamW run would. Replaying each micro-batch's state before its second
+    pass already ensures this when a forward's draws do not depend on θ (dropout: the first
+    case, which passes without the final restore in _sharpness_aware_update); the restore is
+    what keeps it for a model whose draws do (the second case fails without it)."""
+    model = tiny_gpt2(dropout=0.1)
+    trainer = SharpnessAwareTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=lm_data(8),
+        sam_method="sam",
+    )
+    rng = RngAroundTheUpdate(model, theta_dependent)
+    trainer.add_callback(rng)
+    trainer.train()
+    assert len(rng.after_clean) == len(rng.after_update) == 2
+    for clean, update in zip(rng.after_clean, rng.after_update, strict=True):
+        assert torch.equal(clean, update)
 
 
 @pytest.mark.parametrize(("method", "dropout"), [("sam", 0.0), ("fsam", 0.0), ("gasam", 0.1)])

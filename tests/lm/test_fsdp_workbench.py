@@ -239,6 +239,22 @@ def test_a_damaged_shard_is_detected_and_the_previous_checkpoint_used(
         load_latest_sharded(stopped_copy / "checkpoint.dcp")
 
 
+def test_a_damaged_previous_checkpoint_is_verified_before_it_is_used(stopped_copy):
+    # The latest unusable (no manifest) and one bit of the previous one's shard flipped: its
+    # run state still reads, so only verifying the previous folder's files can refuse it.
+    from flatlm.lm.checkpoint import CheckpointError, load_latest_sharded
+
+    (stopped_copy / "checkpoint.dcp" / "manifest.json").unlink()
+    shard = stopped_copy / "checkpoint.prev.dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=r"no manifest\.json.*previous one.*SHA-256 of __0_0\.distcp"
+    ):
+        load_latest_sharded(stopped_copy / "checkpoint.dcp")
+
+
 def test_a_ddp_folder_is_not_resumed_as_fsdp(stopped_copy, corpus_file):
     from flatlm.lm.checkpoint import CheckpointError
 

@@ -151,3 +151,60 @@ def test_method_kwargs_apply_to_a_method_and_its_named_variants(tiny_cfg):
     opt = make_optimizer(build_model(cfg.model, 50), cfg.optim, grad_clip=1.0)
     assert opt.direction.alpha == 0.25  # from the table
     assert opt.ascent_steps == 2  # the name's option wins
+
+
+def test_the_results_numbers_against_hand_computations(tiny_cfg, tmp_path):
+    """result.json's losses and regime figures, and the first logged training loss and every
+    logged learning rate, recomputed here: the trained weights on each split's evenly spaced
+    windows (written out with numpy, the loss in float64), the first batch drawn from the run's
+    own seeded sampler at the initial weights, the schedule's closed form. The validation
+    split's loss is far from the test split's, so a swapped split cannot pass."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from flatlm.lm.checkpoint import load_trained
+
+    cfg = tiny_cfg(train__test_batches=3, train__eval_batches=3)
+    tc, block = cfg.train, cfg.model.block_size
+    result = train(cfg, tmp_path, quiet=True)
+    model, _, corpus, _ = load_trained(tmp_path)
+    model.eval()
+    n = tc.test_batches * tc.batch_size  # = eval_batches * batch_size
+
+    def windows(data, starts):
+        x = torch.tensor(np.stack([data[s : s + block] for s in starts]))
+        y = torch.tensor(np.stack([data[s + 1 : s + block + 1] for s in starts]))
+        return x, y
+
+    def loss_of(net, x, y) -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(net(x).double().flatten(0, 1), y.flatten()))
+
+    splits = {k: np.asarray(v, dtype=np.int64) for k, v in corpus.splits.items()}
+    losses = {
+        name: loss_of(model, *windows(data, np.linspace(0, len(data) - block - 1, n).astype(int)))
+        for name, data in splits.items()
+    }
+    for name in ("test", "val", "train"):
+        assert result[f"{name}_loss"] == pytest.approx(losses[name], rel=1e-6), name
+    assert result["test_ppl"] == pytest.approx(math.exp(losses["test"]), rel=1e-6)
+    assert abs(losses["test"] - losses["val"]) > 1e-3
+    seen = tc.steps * tc.batch_size * block
+    assert result["tokens_seen"] == seen and result["train_tokens"] == len(splits["train"])
+    assert result["epochs"] == pytest.approx(seen / len(splits["train"]), rel=1e-12)
+
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in records if r["split"] == "train"}
+    run, _ = train_mod._init_run(cfg, result["vocab_size"], torch.device("cpu"), 1)
+    starts = torch.randint(len(splits["train"]) - block, (tc.batch_size,), generator=run.sampler)
+    first = loss_of(run.model.eval(), *windows(splits["train"], starts.tolist()))
+    assert logged[1]["loss"] == pytest.approx(first, rel=1e-6)  # AdamW: the loss at θ₀
+    for step, record in logged.items():  # the lr of step s: warm-up, then cosine to 0.1 × lr
+        k = step - 1
+        if k < tc.warmup_steps:
+            factor = (k + 1) / tc.warmup_steps
+        else:
+            progress = (k - tc.warmup_steps) / (tc.steps - tc.warmup_steps)
+            r = tc.min_lr_ratio
+            factor = r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert record["lr"] == pytest.approx(cfg.optim.lr * factor, rel=1e-12), step

@@ -36,7 +36,8 @@ def _fake_comparison(out, val=VAL, seeds=(0, 1, 2), epochs=0.08, gap=0.3):
                 "method": method, "seed": seed, "status": "completed", "step": 10, "steps": 10,
                 "val_loss": v, "test_loss": v + 0.1, "val_ppl": 2.0**v, "test_ppl": 2.0**v,
                 "time_per_step_s": 0.01, "train_time_s": 0.1, "skipped_steps": 0,
-                "train_loss": v - gap, "epochs": epochs,
+                "train_loss": v - gap,
+                "epochs": epochs[method] if isinstance(epochs, dict) else epochs,
                 "final_sharpness": {"hessian.lambda_max": 10.0 + i},
             }  # fmt: skip
             (run / "result.json").write_text(json.dumps(result))
@@ -162,3 +163,18 @@ def test_runs_that_did_not_complete_are_listed_never_counted_as_completed(tmp_pa
         for x in lines
     )
     assert (tmp_path / "val_loss_by_seed.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_regime_is_adamws_when_adamw_is_not_listed_first(tmp_path):
+    # sam first; the regime (epochs, train loss, gap and the sentence) must be AdamW's, computed
+    # here from the runs' own figures, not the first method's.
+    val = {"sam": VAL["sam"], "adamw": VAL["adamw"]}
+    _fake_comparison(tmp_path, val=val, epochs={"sam": 25.0, "adamw": 0.08}, gap=1.5)
+    report = write_report(tmp_path)
+    reg = json.loads((tmp_path / "results.json").read_text())["regime"]
+    mean_val = statistics.fmean(VAL["adamw"])
+    assert reg["from"] == "adamw" and reg["epochs"] == pytest.approx(0.08)
+    assert reg["val_loss"] == pytest.approx(mean_val)
+    assert reg["train_loss"] == pytest.approx(mean_val - 1.5)
+    assert "distribution-shift regime" in report["table"]
+    assert "over-fitting regime" not in report["table"]

@@ -29,6 +29,7 @@ ACCUMULATION = [Spec(name, micro=2) for name in ("sam", "fsam", "pfsam", "gasam"
 PERTURB_EVERY = [Spec(name, {"perturb_every": 2}) for name in ("sam", "fsam", "psam", "gasam")]
 OPTIONS = [
     Spec("sam", {"max_grad_norm": 0.05}),
+    Spec("sam", {"max_grad_norm": 1e3}),  # far above ‖g‖: clipping must leave g alone
     Spec("gasam", {"ascent_steps": 2}),
     Spec("asam", {"eta": 0.1}),
 ]
@@ -86,6 +87,17 @@ def test_two_sharded_ranks_equal_one_unsharded_process_on_the_global_batch(shard
     for rank in range(2):
         for got, want in zip(sharded[rank][spec.key]["params"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # float64 model
+
+
+def test_a_max_grad_norm_above_the_gradient_norm_changes_nothing(sharded):
+    # clip_grad_norm_ only ever scales down: with the threshold far above ‖g‖ the sharded run
+    # equals one process that does not clip at all (a coefficient not clamped at 1 would scale
+    # every gradient up to norm 1000).
+    expected, _ = unsharded(Spec("sam"))
+    for rank in range(2):
+        got = sharded[rank][Spec("sam", {"max_grad_norm": 1e3}).key]["params"]
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_the_runs_moved_theta():

@@ -192,6 +192,56 @@ def test_preconditioned_amsgrad_uses_the_running_maximum(moment):
         torch.testing.assert_close(got, 0.2 * ui / norm, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("moment", ["current", "previous"])
+def test_preconditioned_amsgrad_where_the_running_maximum_far_exceeds_v(moment):
+    # β₂ = 0.5 forgets fast: one large-gradient step (loss × 10) sets max_exp_avg_sq, four
+    # small ones (× 0.01) shrink v to 1/16 of it, and the probe (× 20) has g² above the maximum
+    # in most coordinates, where this step's moment β₂v + (1−β₂)g² and the one started from the
+    # maximum instead differ by up to a factor of two: the test fails if either is swapped in.
+    beta2, eps_adam, rho = 0.5, 1e-8, 0.2
+    model = make_mlp()
+    opt = PreconditionedSAM(
+        model.parameters(),
+        torch.optim.Adam,
+        rho=rho,
+        lr=1e-3,
+        betas=(0.9, beta2),
+        amsgrad=True,
+        moment=moment,
+    )
+    for seed, scale in [(1, 10.0), (2, 0.01), (3, 0.01), (4, 0.01), (5, 0.01)]:
+        x, y = make_batch(seed=seed)
+        opt.step(forward=lambda x=x: model(x), loss_fn=lambda z, y=y, s=scale: s * ce(y)(z))
+    opt.zero_grad()
+    x, y = make_batch(seed=6)
+    (20.0 * ce(y)(model(x))).backward()
+
+    def reference(start_from_max: bool) -> list[torch.Tensor]:
+        u = []
+        for p in model.parameters():
+            st = opt.base_optimizer.state[p]
+            vmax, t = st["max_exp_avg_sq"], st["step"].item()
+            if moment == "current":
+                v = st["max_exp_avg_sq"] if start_from_max else st["exp_avg_sq"]
+                v = beta2 * v + (1 - beta2) * p.grad**2
+                vmax, t = torch.maximum(vmax, v), t + 1
+            u.append(p.grad / ((vmax / (1 - beta2**t)).sqrt() + eps_adam))
+        norm = _flat_norm(u)
+        return [rho * ui / norm for ui in u]
+
+    want = reference(start_from_max=False)
+    for got, w in zip(opt.perturbation(), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-15)
+    ratio = [
+        (st["max_exp_avg_sq"] / st["exp_avg_sq"]).min()
+        for st in map(opt.base_optimizer.state.get, model.parameters())
+    ]
+    assert min(ratio) > 10  # the maximum far above v everywhere
+    if moment == "current":  # the wrong start would move ε materially
+        wrong = reference(start_from_max=True)
+        assert _flat_norm([w - x for w, x in zip(want, wrong, strict=True)]) > 0.05 * rho
+
+
 @pytest.mark.parametrize("cls", [PreconditionedSAM, PreconditionedFunctionalSAM])
 def test_first_current_moment_step_preconditions_by_the_gradient_itself(cls):
     # No AdamW state yet: v = (1−β₂)g², bias-corrected for t = 1, is g²; P = |g| + eps, so

@@ -301,3 +301,68 @@ def test_a_checkpoint_written_by_flatlm_0_2_loads_and_continues_as_it_did():
         else:  # another CPU kind: the same trajectory up to float64 rounding
             for a, b in zip(params_of(model), expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --- non-zero optimizer-wide values through every round trip ---------------------------------
+
+SKIPPED, SINCE_FRESH = 2, 2  # what _with_scalars feeds: counted by hand, not read from flatlm
+
+
+def _with_scalars():
+    """GA-SAM, perturb_every=2, fed two NaN batches (both skipped, so the next step is fresh),
+    then a fresh step and a reuse: 2 skipped steps, 2 steps since the fresh perturbation."""
+    model, opt = _build("gasam_every2")
+    x, y = make_batch(seed=30)
+    nan_x = torch.full_like(x, float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NonFiniteStepWarning, twice
+        for _ in range(SKIPPED):
+            opt.step(forward=lambda: model(nan_x), loss_fn=ce(y))
+    _train(model, opt, range(31, 33))
+    opt.zero_grad(set_to_none=True)
+    assert opt.skipped_steps == SKIPPED and opt._schedule.since_fresh == SINCE_FRESH
+    return model, opt
+
+
+def _same_scalars(fresh) -> None:
+    assert fresh.skipped_steps == SKIPPED
+    assert fresh._schedule.since_fresh == SINCE_FRESH
+
+
+def test_non_zero_scalars_survive_state_dict_and_load_state_dict():
+    _, opt = _with_scalars()
+    sd = opt.state_dict()
+    assert {g["flatlm_skipped_steps"] for g in sd["param_groups"]} == {SKIPPED}
+    assert {g["flatlm_steps_since_fresh_perturbation"] for g in sd["param_groups"]} == {SINCE_FRESH}
+    _, fresh = _build("gasam_every2", seed=1)
+    fresh.load_state_dict(copy.deepcopy(sd))
+    _same_scalars(fresh)
+
+
+def test_non_zero_scalars_survive_flatlm_0_2s_layout():
+    legacy = torch.load(V0_2, weights_only=True)
+    saved, spec = legacy["optimizer"], dict(legacy["spec"])
+    saved = {**saved, "skipped_steps": SKIPPED, "steps_since_fresh_perturbation": SINCE_FRESH}
+    opt = create(spec.pop("name"), make_mlp(seed=3), **spec)
+    opt.load_state_dict(saved)
+    assert opt.skipped_steps == SKIPPED and opt._schedule.since_fresh == SINCE_FRESH
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["default", "full_state_dict"])
+def test_non_zero_scalars_survive_get_and_set_optimizer_state_dict(full):
+    options = StateDictOptions(full_state_dict=full)
+    model, opt = _with_scalars()
+    osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    fresh_model, fresh = _build("gasam_every2", seed=1)
+    set_optimizer_state_dict(fresh_model, fresh, osd, options=options)
+    _same_scalars(fresh)
+
+
+def test_non_zero_scalars_survive_dcp_save_and_load(tmp_path):
+    model, opt = _with_scalars()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    fresh_model, fresh = _build("gasam_every2", seed=1)
+    target = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+    dcp.load(target, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(fresh_model, fresh, target["optim"])
+    _same_scalars(fresh)

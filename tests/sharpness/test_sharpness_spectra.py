@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from sharpness_refs import (
 )
 
 from flatlm.sharpness import (
+    CurvatureOperator,
     exact_trace,
     ggn_operator,
     hessian_operator,
@@ -177,6 +179,39 @@ def test_trace_exact_and_estimators() -> None:
     assert abs(h2.value - tr) < 4 * h2.stderr
     assert h2.stderr < h1.stderr
     assert h1.num_matvecs == m and h2.num_matvecs == m
+
+
+def _recording_operator(A: torch.Tensor) -> tuple[CurvatureOperator, list[torch.Tensor]]:
+    """A @ V for a dense symmetric A, keeping every block of probes it is given."""
+    seen: list[torch.Tensor] = []
+
+    def matmat(V: torch.Tensor) -> torch.Tensor:
+        seen.append(V.clone())
+        return A @ V
+
+    return CurvatureOperator("dense", matmat, [("a", torch.zeros(A.shape[0]).double())]), seen
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "hutch++"])
+def test_trace_stderr_is_the_sample_standard_deviation_over_root_n(estimator) -> None:
+    # The probes the estimator multiplied, read back from the operator; the samples vᵀAv and
+    # their stderr recomputed with Python's statistics.stdev (n − 1 in the denominator).
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    A = B + B.T
+    op, seen = _recording_operator(A)
+    if estimator == "hutchinson":
+        est = hutchinson_trace(op, 5, seed=3)
+        V = torch.cat(seen, dim=1)
+        top = 0.0
+    else:
+        est = hutchpp_trace(op, 9, seed=3)  # 3 sketch, 3 on the sketch's basis Q, 3 deflated
+        Q, V = seen[1], seen[2]
+        top = float(torch.trace(Q.T @ A @ Q))
+    samples = [float(v @ A @ v) for v in V.T]
+    n = len(samples)
+    assert est.value == pytest.approx(top + statistics.fmean(samples), rel=1e-12)
+    assert est.stderr == pytest.approx(statistics.stdev(samples) / math.sqrt(n), rel=1e-12)
 
 
 def test_ggn_trace_exact() -> None:

@@ -387,7 +387,8 @@ class SharpnessAwareTrainerMixin:
             sam.abort_step()  # θ must not stay perturbed
             raise
         finally:
-            # The generators end where the clean pass left them, as if there were one pass.
+            # The generators end where the clean pass left them, as if there were one pass
+            # (replay alone ends there only if a forward's draws do not depend on θ).
             end.restore()
 
         overflow = self._unscale_perturbed()

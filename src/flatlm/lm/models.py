@@ -26,23 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatlm.lm.config import GPT_SIZES as GPT_SIZES  # the named sizes, defined with the config
+from flatlm.lm.config import LSTM_SIZES as LSTM_SIZES
 from flatlm.lm.config import ModelConfig
-
-GPT_SIZES: dict[str, tuple[int, int, int]] = {  # name: (n_layer, n_head, n_embd)
-    "micro": (2, 2, 64),
-    "tiny": (2, 4, 128),
-    "small": (4, 4, 256),
-    "medium": (6, 6, 384),
-    "large": (8, 8, 512),
-    "xl": (12, 12, 576),
-}
-LSTM_SIZES: dict[str, tuple[int, int]] = {  # name: (n_layer, hidden)
-    "micro": (1, 128),
-    "tiny": (2, 256),
-    "small": (2, 512),
-    "medium": (2, 650),
-    "large": (2, 1024),
-}
+from flatlm.lm.config import resolve_dims as resolve_dims
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,26 +135,6 @@ class LSTMLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.drop(self.wte(idx)))
         return self.head(self.drop(out))
-
-
-def resolve_dims(cfg: ModelConfig) -> dict[str, int]:
-    """Named size plus explicit overrides -> concrete dims (also stored in checkpoints)."""
-    table = GPT_SIZES if cfg.arch == "gpt" else LSTM_SIZES
-    if cfg.size not in table and not (cfg.n_layer and cfg.n_embd):
-        names = ", ".join(table)
-        raise ValueError(f"unknown {cfg.arch} size '{cfg.size}' (choose from {names})")
-    if cfg.arch == "gpt":
-        n_layer, n_head, n_embd = GPT_SIZES.get(cfg.size, (0, 0, 0))
-        dims = {
-            "n_layer": cfg.n_layer or n_layer,
-            "n_head": cfg.n_head or n_head or 1,
-            "n_embd": cfg.n_embd or n_embd,
-        }
-        if dims["n_embd"] % dims["n_head"]:
-            raise ValueError(f"model.n_embd={dims['n_embd']} not divisible by n_head")
-        return dims
-    n_layer, hidden = LSTM_SIZES.get(cfg.size, (0, 0))
-    return {"n_layer": cfg.n_layer or n_layer, "n_embd": cfg.n_embd or hidden}
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -174,9 +174,9 @@ class WandbTracker:
                 resume="allow",
             )
         except Exception as e:  # wandb's own errors (no login for "online", ...): one line
-            from flatlm.lm.config import ConfigError
-
-            raise ConfigError(
+            # A ValueError (ConfigError's base, which the CLI prints as one line): this module
+            # sits below flatlm.lm.config, which checks train.log against TRACKERS.
+            raise ValueError(
                 f"train.log names 'wandb' but wandb.init failed in mode {mode!r}: "
                 f'{type(e).__name__}: {e} (train.wandb_mode = "offline" needs no account)'
             ) from e
