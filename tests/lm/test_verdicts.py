@@ -178,3 +178,38 @@ def test_the_regime_is_adamws_when_adamw_is_not_listed_first(tmp_path):
     assert reg["train_loss"] == pytest.approx(mean_val - 1.5)
     assert "distribution-shift regime" in report["table"]
     assert "over-fitting regime" not in report["table"]
+
+
+def test_the_summary_rows_against_statistics_of_the_runs(tmp_path):
+    # Each run's figures varied by seed; results.json's summary recomputed here with the
+    # statistics module from the values written, not from the report's code.
+    _fake_comparison(tmp_path)
+    written: dict[str, list[dict]] = {m: [] for m in VAL}
+    for run in sorted((tmp_path / "runs").iterdir()):
+        result = json.loads((run / "result.json").read_text())
+        i = result["seed"]
+        result |= {
+            "test_loss": result["val_loss"] + 0.1 * (i + 1),
+            "time_per_step_s": 0.01 * (i + 1) * (2 if result["method"] == "sam" else 1),
+            "train_time_s": 0.1 * (i + 2),
+            "skipped_steps": i,
+        }
+        (run / "result.json").write_text(json.dumps(result))
+        written[result["method"]].append(result)
+    write_report(tmp_path)
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    base_time = statistics.fmean(r["time_per_step_s"] for r in written["adamw"])
+    for method, runs in written.items():
+        row = summary[method]
+        for key in ("val_loss", "test_loss", "time_per_step_s"):
+            xs = [r[key] for r in runs]
+            assert row[key] == pytest.approx(statistics.fmean(xs), rel=1e-12), (method, key)
+            assert row[key + "_std"] == pytest.approx(statistics.stdev(xs), rel=1e-12)
+        assert row["val_ppl"] == pytest.approx(statistics.fmean(2.0**v for v in VAL[method]))
+        assert row["train_time_s"] == pytest.approx(statistics.fmean([0.2, 0.3, 0.4]))
+        assert row["skipped_steps"] == 0 + 1 + 2
+        assert row["seeds"] == [0, 1, 2]
+        assert row["lambda_max"] == pytest.approx(11.0) and row["lambda_max_std"] == 1.0
+        want = statistics.fmean(r["time_per_step_s"] for r in runs) / base_time
+        assert row["time_vs_adamw"] == pytest.approx(want, rel=1e-12)
+    assert summary["sam"]["time_vs_adamw"] == pytest.approx(2.0)
