@@ -214,9 +214,9 @@ MUTATIONS = [
     ),
     Mutation(
         "fsdp: the clipping coefficient not clamped at 1 (small gradients scaled up)",
-        f"{OPTIM}/engine.py",
-        "            coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)",
-        "            coef = self.max_grad_norm / (grad_norm + 1e-6)",
+        f"{OPTIM}/sharded.py",
+        "        coef = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)",
+        "        coef = max_norm / (grad_norm + 1e-6)",
         ("tests/optim/test_fsdp.py::test_a_max_grad_norm_above_the_gradient_norm_changes_nothing",),
     ),
     Mutation(
