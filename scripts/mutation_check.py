@@ -196,7 +196,10 @@ MUTATIONS = [
         f"{OPTIM}/state_layout.py",
         '            int(first.get(PREFIX + "skipped_steps") or 0),',
         "            0,",
-        ("tests/optim/test_state_layout.py",),
+        (
+            "tests/optim/test_state_layout.py",
+            "tests/reliability/test_divergence.py::test_skipped_steps_are_counted_across_a_resume",
+        ),
     ),
     Mutation(
         "state layout (flatlm 0.2's): the skipped-step count read as 0",

@@ -46,3 +46,34 @@ def test_the_cli_exits_3_with_a_line_naming_the_divergence(tiny_argv, tmp_path, 
     assert cli.main(tiny_argv(tmp_path, "--set", "optim.lr=1e30")) == 3
     err = capsys.readouterr().err
     assert "diverged: non-finite final val_loss" in err and err.count("\n") == 1
+
+
+def test_skipped_steps_are_counted_across_a_resume(tiny_cfg, tmp_path, monkeypatch):
+    # SAM over 6 steps with NaN logits at steps 1, 2 (before a stop after step 3) and 4, 5
+    # (after the resume): 4 of 6 steps skipped, counted here, so the run is diverged although
+    # its final losses are finite. Losing the first half's count on resume would say
+    # "completed" with 2 skipped.
+    import flatlm.lm.train as train_mod
+
+    real_step, calls = train_mod.train_step, []
+
+    def step_with_nan_logits(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) not in (1, 2, 4, 5):
+            return real_step(model, *args, **kwargs)
+        hook = model.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+        try:
+            return real_step(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(train_mod, "train_step", step_with_nan_logits)
+    cfg = tiny_cfg(optim__method="sam")
+    part = train(cfg, tmp_path, quiet=True, stop_after=3)
+    assert (part["status"], part["skipped_steps"]) == ("stopped", 2)
+    result = train(cfg, tmp_path, quiet=True, resume=True)
+    assert len(calls) == 6 and result["step"] == 6
+    assert result["skipped_steps"] == 4
+    assert math.isfinite(result["val_loss"]) and math.isfinite(result["test_loss"])
+    assert result["status"] == "diverged"
+    assert result["reason"] == "4 of 6 steps skipped for a non-finite loss or gradient"
