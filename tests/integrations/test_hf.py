@@ -716,6 +716,8 @@ def test_grad_scaler_overflow_in_second_pass_skips_the_step(tmp_path, method):
         assert torch.equal(p, before[name]), name
     assert scaler.get_scale() == 2.0**9
     assert trainer.sam_optimizer.skipped_steps == 1
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["skipped_steps"] for entry in logged] == [1]  # the one overflow planted
     # Fused AdamW skips on the device: its state may exist, but no step was counted.
     assert all(float(s["step"]) == 0 for s in trainer.sam_optimizer.base_optimizer.state.values())
     assert trainer.optimizer.step_was_skipped  # so the LR scheduler did not step
