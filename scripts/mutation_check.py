@@ -155,8 +155,8 @@ MUTATIONS = [
     Mutation(
         "ε from the last micro-batch's gradient only",
         f"{OPTIM}/engine.py",
-        "        self._graph_checked |= not one_pass\n",
-        "        self._graph_checked |= not one_pass\n"
+        "        self._graph_checked |= self.functional and not one_pass\n",
+        "        self._graph_checked |= self.functional and not one_pass\n"
         "        self.zero_grad(set_to_none=True)\n"
         "        passes.clean_pass(micro[-1:], functional=False, scaler=scaler, rng_devices=None)\n",
         ("tests/optim/test_accumulation.py",),
@@ -281,6 +281,48 @@ MUTATIONS = [
         '    test_data = corpus.splits["test"]',
         '    test_data = corpus.splits["val"]',
         ("tests/lm/test_train.py::test_the_results_numbers_against_hand_computations",),
+    ),
+    Mutation(
+        "policies: ρ = 0 in every group still runs two passes",
+        f"{OPTIM}/engine.py",
+        '        if all(float(g["rho"]) == 0.0 for g in self.param_groups):',
+        "        if False:",
+        ("tests/optim/test_policies.py",),
+    ),
+    Mutation(
+        "policies: step counts not restored from a checkpoint",
+        f"{OPTIM}/engine.py",
+        "        self._counts = dict(zip(KINDS, scalars.step_counts, strict=True))",
+        "        self._counts = dict.fromkeys(KINDS, 0)",
+        ("tests/optim/test_policies.py",),
+    ),
+    Mutation(
+        "LookSAM: g_v = g_s, not its part orthogonal to g",
+        f"{OPTIM}/policies.py",
+        "    out = torch._foreach_mul(clean, (-coef).to(clean[0].dtype))",
+        "    out = torch._foreach_mul(clean, 0.0)",
+        ("tests/optim/test_policies.py",),
+    ),
+    Mutation(
+        "AE-SAM: the threshold without c_t·σ",
+        f"{OPTIM}/policies.py",
+        "grad_sq_norm >= self.mean + self.threshold() * math.sqrt(self.var)",
+        "grad_sq_norm >= self.mean",
+        ("tests/optim/test_policies.py",),
+    ),
+    Mutation(
+        "interval: fresh on t % k == 0 instead of composer's (t + 1) % k == 0",
+        f"{OPTIM}/policies.py",
+        "        return FRESH if (self.t + 1) % self.every == 0 else PLAIN",
+        "        return FRESH if self.t % self.every == 0 else PLAIN",
+        ("tests/optim/test_policies.py",),
+    ),
+    Mutation(
+        "RST: every step draws step 0's number",
+        f"{OPTIM}/policies.py",
+        'return random.Random(f"{self.seed}:{self.t}").random()',
+        'return random.Random(f"{self.seed}:0").random()',
+        ("tests/optim/test_policies.py",),
     ),
 ]
 

@@ -247,12 +247,19 @@ def test_an_all_zero_gradient_gives_no_perturbation_and_no_nan(name):
     assert_bitwise_equal(params_of(model), before)  # AdamW without decay, zero gradient
 
 
+def _with_idle_group(model):
+    idle = torch.nn.Parameter(torch.zeros(1))
+    return [{"params": list(model.parameters())}, {"params": [idle], "rho": 0.5}]
+
+
 @pytest.mark.parametrize("perturb_every", [1, 2])
 @pytest.mark.parametrize("cls", [SAM, FunctionalSAM])
 def test_both_passes_see_the_same_dropout_mask(cls, perturb_every):
     # With ρ = 0 the perturbed point is θ, so the second pass reproduces the clean gradient
     # exactly if, and only if, it sees the same dropout mask (with perturb_every=2 the second step
     # reuses the direction: Functional-SAM's no-grad clean forward must see that mask too).
+    # ρ = 0 in *every* group would make the step plain (one pass): a group of one parameter
+    # that never has a gradient keeps ρ > 0, so both passes run, at ε = 0.
     x, y = make_batch()
     ref = make_mlp(dropout=0.5)
     torch.manual_seed(11)
@@ -265,7 +272,7 @@ def test_both_passes_see_the_same_dropout_mask(cls, perturb_every):
 
     model = make_mlp(dropout=0.5)
     torch.manual_seed(11)
-    opt = cls(model.parameters(), rho=0.0, lr=0.01, perturb_every=perturb_every)
+    opt = cls(_with_idle_group(model), rho=0.0, lr=0.01, perturb_every=perturb_every)
     for _ in range(3):
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     assert_bitwise_equal(params_of(model), params_of(ref))
@@ -273,7 +280,9 @@ def test_both_passes_see_the_same_dropout_mask(cls, perturb_every):
 
     model = make_mlp(dropout=0.5)
     torch.manual_seed(11)
-    opt = cls(model.parameters(), rho=0.0, lr=0.01, replay_rng=False, perturb_every=perturb_every)
+    opt = cls(
+        _with_idle_group(model), rho=0.0, lr=0.01, replay_rng=False, perturb_every=perturb_every
+    )
     for _ in range(3):
         opt.step(forward=lambda: model(x), loss_fn=ce(y))
     assert any(

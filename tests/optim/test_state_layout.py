@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flatlm.optim import create
-from flatlm.optim.state_layout import PREFIX, SCALARS
+from flatlm.optim.state_layout import OPTIONAL_SCALARS, PREFIX, SCALARS
 from helpers.optim import assert_bitwise_equal, ce, make_batch, make_mlp, params_of
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -100,7 +100,8 @@ def test_the_layout_is_torchs_with_the_methods_state_and_values_prefixed():
     assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
     for group, base_group in zip(sd["param_groups"], base["param_groups"], strict=True):
         assert {k: v for k, v in group.items() if not k.startswith(PREFIX)} == base_group
-        assert {k for k in group if k.startswith(PREFIX)} == {PREFIX + s for s in SCALARS}
+        expected = {PREFIX + s for s in (*SCALARS, *OPTIONAL_SCALARS)}
+        assert {k for k in group if k.startswith(PREFIX)} == expected
         assert group["flatlm_method"] == "GASAM"
         assert group["flatlm_skipped_steps"] == 0
         assert group["flatlm_steps_since_fresh_perturbation"] == 1

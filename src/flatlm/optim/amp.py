@@ -20,6 +20,7 @@ __all__ = [
     "can_skip_on_device",
     "inverse_scale",
     "poison_if",
+    "record_unscaled",
     "scaled_backward",
     "step_or_skip",
     "step_or_skip_on_device",
@@ -99,6 +100,24 @@ def unscale_perturbed_(
     ``update()``, and the step is skipped."""
     poison_if(grads, clean_overflow)
     scaler.unscale_(optimizer)
+
+
+def record_unscaled(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, found_inf: Tensor
+) -> None:
+    """Tell ``scaler`` that ``optimizer``'s gradients are unscaled (by :func:`unscale_clean_`)
+    with overflow flag ``found_inf``, as ``scaler.unscale_`` records it, so ``update()`` backs
+    off on an overflow: a step with one pass has no perturbed gradients to hand to
+    ``unscale_``, and unscaling twice would divide twice."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is not OptState.READY:
+        raise RuntimeError("the scaler already unscaled this optimizer's gradients this step")
+    assert scaler._scale is not None
+    flag = found_inf.reshape(()).to(device=scaler._scale.device, dtype=torch.float32)
+    state["found_inf_per_device"] = {scaler._scale.device: flag}
+    state["stage"] = OptState.UNSCALED
 
 
 def step_or_skip_on_device(base: torch.optim.Optimizer, ok: Tensor) -> Tensor:

@@ -25,8 +25,19 @@ import torch
 from torch import Tensor
 
 from flatlm.optim import amp, dcp, passes, sharded, state_layout
-from flatlm.optim.directions import Direction
-from flatlm.optim.perturbation import Perturbation, ReuseSchedule
+from flatlm.optim.directions import Direction, global_norm
+from flatlm.optim.perturbation import Perturbation
+from flatlm.optim.policies import (
+    DECIDE,
+    FRESH,
+    KINDS,
+    PLAIN,
+    REUSE,
+    StepPolicy,
+    add_correction_,
+    make_policy,
+    orthogonal_part,
+)
 from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.validation import (
     base_params,
@@ -41,7 +52,7 @@ from flatlm.optim.validation import (
     lightning_hint,
     require_classic_protocol,
     require_clean_gradient,
-    require_fresh_every_step,
+    require_policy_protocol,
 )
 
 __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
@@ -69,11 +80,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             norm, so their sum stays in the set), the descent gradient taken at the last point.
         max_grad_norm: clip the gradient handed to the base optimizer (the perturbed one).
         perturb_every: make a fresh ε only every k-th step (flatlm's own rule, neither LookSAM
-            nor composer's ``interval``; docs/algorithms.md). The steps in between reuse the last
-            ε's unit direction times the group's current ρ and skip the clean backward: one
-            forward–backward at θ + ε (the returned loss is then L(θ+ε); the functional methods
-            add a no-grad clean forward for r(θ)). Costs one parameter copy, saved in
-            ``state_dict``; GA-SAM's EMA only sees the clean gradients.
+            nor composer's ``interval``; the policy ``reuse_direction``). The steps in between
+            reuse the last ε's unit direction times the group's current ρ and skip the clean
+            backward: one forward–backward at θ + ε (the returned loss is then L(θ+ε)).
+        policy: which steps are fresh (two passes), reuse (one) or plain (the base step), a
+            :class:`~flatlm.optim.policies.StepPolicy` or its name (docs/algorithms.md, "Step
+            policies"); every step fresh by default. A step with ρ = 0 in every group is plain
+            whatever the policy: one forward–backward and the base optimizer's own step.
         replay_rng: replay the clean pass's CPU/CUDA RNG state for the second pass, so dropout
             masks match and both passes evaluate one function.
         skip_nonfinite: skip the whole step (θ and all state unchanged) when a pass gives a
@@ -98,6 +111,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         ascent_steps: int = 1,
         max_grad_norm: float | None = None,
         perturb_every: int = 1,
+        policy: str | StepPolicy | None = None,
         replay_rng: bool = True,
         skip_nonfinite: bool = True,
         distributed: str = "sync",
@@ -124,7 +138,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.functional = functional
         self.ascent_steps = ascent_steps
         self.max_grad_norm = max_grad_norm
-        self.perturb_every = perturb_every
+        self.policy = make_policy(policy, perturb_every)
+        self.perturb_every = (
+            getattr(self.policy, "every", 1) if self.policy.reuses == "direction" else 1
+        )
         self.replay_rng = replay_rng
         self.skip_nonfinite = skip_nonfinite
         self.distributed = distributed
@@ -133,12 +150,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
         if not direction.needs_gradient:
-            check_one_pass_options(ascent_steps, perturb_every, distributed)
+            check_one_pass_options(ascent_steps, self.policy, distributed)
+        if self.policy.name in ("looksam", "aesam") and distributed == "local":
+            raise ValueError(
+                f"policy {self.policy.name} needs the all-reduced clean gradient on every rank "
+                "(each rank must decide and update alike): use distributed='sync'"
+            )
         self._perturbation = Perturbation(
-            direction, geometry, ascent_steps=ascent_steps, keep_direction=perturb_every > 1
+            direction, geometry, ascent_steps=ascent_steps, keep_direction=self.perturb_every > 1
         )
         self._skipped = amp.SkipCount()
-        self._schedule = ReuseSchedule(perturb_every)
+        self._schedule = self.policy  # (perturb_every's since_fresh, as the state layout reads)
+        self._counts = dict.fromkeys(KINDS, 0)
+        self._kind: str | None = None  # the kind of a step first_step began
+        self._kept_clean: tuple[list[Tensor], list[Tensor]] | None = None
         self._last_step_taken: bool | None = None
         self._graph_checked = False  # the functional methods' loss graph, checked once
 
@@ -190,14 +215,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         check_closure_origin(closure)
         require_classic_protocol(self.functional, type(self).__name__, "step(closure)")
-        require_fresh_every_step(self.perturb_every, "step(closure)")
-        if self.direction.needs_gradient:
-            require_clean_gradient(self._grads(), "step(closure)")
+        require_policy_protocol(self.policy, "step(closure)")
+        if self._begin_classic("step(closure)") != FRESH:
+            self.second_step()  # the caller's clean gradient: one pass, no closure call
+            return None
         closure = torch.enable_grad()(closure)
         loss = None
         try:
             for k in range(self.ascent_steps):
-                self._perturbation.ascend(self.param_groups, self.state, first=k == 0)
+                if k > 0:
+                    self._perturbation.ascend(self.param_groups, self.state, first=False)
                 self.zero_grad(set_to_none=True)
                 loss = closure()
         except BaseException:
@@ -208,8 +235,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     @sharded.over_shards
-    def first_step(self, zero_grad: bool = False, *, functional_vjp: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, functional_vjp: bool = False) -> bool:
         """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``.
+
+        Returns whether it did: False when the policy makes this step plain (or a LookSAM
+        reuse), or ρ is 0 in every group: θ stays, and ``second_step()`` steps the base optimizer
+        with the gradient then in ``p.grad`` (the clean one if the second pass is skipped; a
+        second pass at θ gives it again).
 
         The functional methods refuse this protocol unless ``functional_vjp=True``: the caller
         then promises to run the second pass as ``logits.backward(r)`` with the clean pass's
@@ -220,20 +252,40 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """
         if not functional_vjp:
             require_classic_protocol(self.functional, type(self).__name__, "first_step()")
-        require_fresh_every_step(self.perturb_every, "first_step()")
+        require_policy_protocol(self.policy, "first_step()")
         if self.ascent_steps > 1:
             raise RuntimeError("ascent_steps > 1 needs step(closure) or step(forward=, loss_fn=)")
-        if self.direction.needs_gradient:
-            require_clean_gradient(self._grads(), "first_step()")
-        self._perturbation.ascend(self.param_groups, self.state, first=True)
+        fresh = self._begin_classic("first_step()") == FRESH
         if zero_grad:
             self.zero_grad(set_to_none=True)
+        return fresh
+
+    def _begin_classic(self, what: str) -> str:
+        """The kind of a classic-protocol step from the caller's clean gradient; θ → θ + ε if
+        fresh."""
+        kind = self._plan()
+        if kind != PLAIN and self.direction.needs_gradient:
+            require_clean_gradient(self._grads(), what)
+        if kind == DECIDE:
+            kind = self.policy.decide(self._clean_sq_norm())
+        self._kind = kind
+        if kind == FRESH:
+            self._keep_clean()
+            self._perturbation.ascend(self.param_groups, self.state, first=True)
+        return kind
 
     @torch.no_grad()
     @sharded.over_shards
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore θ exactly and step the base optimizer with the gradient now in ``p.grad``."""
-        self._descend(warn=True)
+        kind, self._kind = self._kind or FRESH, None
+        if kind == FRESH:
+            self._descend(warn=True)
+        else:
+            if kind == REUSE:
+                self._correct()
+            self._update(None, warn=True)
+        self._end_step(kind)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -252,6 +304,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """
         by_param = self._perturbation.epsilon(self.param_groups, self.state)
         return [by_param.get(p) for group in self.param_groups for p in group["params"]]
+
+    @property
+    def step_counts(self) -> dict[str, int]:
+        """Steps taken so far by kind, ``{"fresh": ..., "reuse": ..., "plain": ...}`` (host
+        ints, no sync; skipped steps included: their passes were paid). Saved in checkpoints."""
+        return dict(self._counts)
 
     @property
     def skipped_steps(self) -> int:
@@ -293,6 +351,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return (
             not self.direction.stateful
             and not self.sharding.active
+            and not self.policy.keeps_clean_gradient
             and amp.can_skip_on_device(self.base_optimizer, self.param_groups)
         )
 
@@ -308,22 +367,26 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer layout, which ``torch.distributed.checkpoint`` reads and reshards
         like any optimizer's (:mod:`~flatlm.optim.state_layout`): ``state`` by parameter index,
-        each entry the base optimizer's (AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``) with this
-        method's own merged in under ``flatlm_`` keys (GA-SAM's ``flatlm_grad_sq_ema``,
-        ``perturb_every``'s ``flatlm_perturb_direction``); ``param_groups`` with
-        ``flatlm_method``, ``flatlm_skipped_steps`` and ``flatlm_steps_since_fresh_perturbation``
+        each entry the base optimizer's with this method's own merged in under ``flatlm_`` keys
+        (GA-SAM's ``flatlm_grad_sq_ema``, the policy's stored tensor); ``param_groups`` with
+        flatlm's optimizer-wide values (method, skipped steps, step counts, the policy's state)
         in every group."""
         return state_layout.to_standard(
             self.base_optimizer.state_dict(),
             super().state_dict()["state"],
             state_layout.Scalars(
-                type(self).__name__, self.skipped_steps, self._schedule.since_fresh
+                type(self).__name__,
+                self.skipped_steps,
+                self.policy.since_fresh,
+                tuple(self._counts[k] for k in KINDS),
+                self.policy.dumps(),
             ),
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``: torch's layout, keyed by index or (from
-        ``torch.distributed.checkpoint``) by parameter name, or flatlm 0.2's layout."""
+        ``torch.distributed.checkpoint``) by parameter name, or flatlm 0.2's layout. A policy's
+        state saved by another policy is not used (that policy's stored tensors are dropped)."""
         check_state_dict(state_dict, type(self).__name__, self.param_groups)
         parts = state_layout.split(state_dict)  # flatlm's group entries are left out of both
         self.base_optimizer.load_state_dict(parts.base)
@@ -332,17 +395,23 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             {"state": parts.method_state, "param_groups": parts.base["param_groups"]}
         )
         self.param_groups = self.base_optimizer.param_groups
-        self._skipped = amp.SkipCount(parts.scalars.skipped_steps)
-        self._schedule.load(parts.scalars.steps_since_fresh_perturbation)
-        if self.perturb_every == 1:  # a direction saved with perturb_every > 1 is not used here
-            Perturbation.drop_stored(self.state)
+        scalars = parts.scalars
+        self._skipped = amp.SkipCount(scalars.skipped_steps)
+        self._counts = dict(zip(KINDS, scalars.step_counts, strict=True))
+        saved = state_layout.policy_name(scalars.policy)
+        if saved == self.policy.name:
+            self.policy.loads(scalars.policy)  # type: ignore[arg-type]
+        elif saved is None and self.policy.reuses == "direction":  # before policies were saved
+            since = scalars.steps_since_fresh_perturbation
+            self.policy.since_fresh = None if since is None else int(since)
+        Perturbation.drop_other_stored(self.state, self.policy.stored)
 
     def _init_checkpoint_state(self) -> None:
         """Every entry a checkpoint of this optimizer holds (:mod:`~flatlm.optim.dcp`)."""
 
         def init_stored(params: list[Tensor]) -> None:
-            if self.perturb_every > 1:
-                Perturbation.stored(self.state, params)
+            if self.policy.stored is not None:
+                Perturbation.stored(self.state, params, self.policy.stored)
 
         dcp.init_state(
             self.param_groups,
@@ -361,26 +430,29 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None,
         no_sync: Callable[[], AbstractContextManager] | None,
     ) -> Tensor:
-        """Both passes over the micro-batches, then the update."""
+        """The passes the step's kind needs over the micro-batches, then the update."""
         scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         check_distributed_mode(  # inside step's reducing(self.sharding)
             self.distributed, sharded=sharded.reduces(), scaler=scaler is not None, no_sync=no_sync
         )
-        reuse = not self._schedule.fresh_due()
-        # One gradient pass only: ε reused (perturb_every) or made without a gradient (momentum).
-        one_pass = reuse or not self.direction.needs_gradient
+        kind = self._plan()
+        # One gradient pass, at θ + ε: ε reused (perturb_every) or made without a gradient.
+        one_pass = kind == REUSE and self.policy.reuses == "direction"
+        one_pass |= kind == FRESH and not self.direction.needs_gradient
+        # A step that may run a second pass records what the replay needs.
+        may_perturb = one_pass or kind in (FRESH, DECIDE)
         self.zero_grad(set_to_none=True)
         clean = passes.clean_pass(
             micro,
-            functional=self.functional,
+            functional=self.functional and may_perturb,
             scaler=scaler,
             no_sync=no_sync,
-            local=self.distributed == "local",
-            rng_devices=self._cuda_devices() if self.replay_rng else None,
+            local=self.distributed == "local" and may_perturb,
+            rng_devices=self._cuda_devices() if self.replay_rng and may_perturb else None,
             parameter_grads=not one_pass,
             check_graph=self.functional and not self._graph_checked and not one_pass,
         )
-        self._graph_checked |= not one_pass
+        self._graph_checked |= self.functional and not one_pass
         clean_overflow = None
         if scaler is not None:
             # One pass: no parameter has a clean gradient to unscale (a fresh or just-loaded
@@ -391,12 +463,28 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 if one_pass
                 else amp.unscale_clean_(self._grads(), scaler)
             )
+        if kind == DECIDE:
+            kind = self.policy.decide(self._clean_sq_norm())
+        if kind != FRESH and not one_pass:  # plain, or LookSAM's correction: no second pass
+            if kind == REUSE:
+                self._correct()
+            if scaler is not None:
+                assert clean_overflow is not None
+                amp.record_unscaled(scaler, self, clean_overflow)
+            self._update(clean.ok, warn=scaler is None)
+            if scaler is not None:
+                scaler.update()
+            self._end_step(kind)
+            assert clean.loss is not None
+            return clean.loss
+        if kind == FRESH:
+            self._keep_clean()
 
         ok = clean.ok
         perturbed_loss = None
         try:  # an error in a perturbed pass must not leave θ perturbed
             for k in range(1 if one_pass else self.ascent_steps):
-                if reuse:
+                if kind == REUSE:
                     self._perturbation.ascend_stored(self.param_groups, self.state)
                 else:
                     self._perturbation.ascend(self.param_groups, self.state, first=k == 0)
@@ -413,7 +501,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._descend(warn=scaler is None, ok=ok)
         if scaler is not None:
             scaler.update()
-        self._schedule.advance(reused=reuse, taken=self._last_step_taken)
+        self._end_step(kind)
         loss = clean.loss if clean.loss is not None else perturbed_loss
         assert loss is not None
         return loss
@@ -428,8 +516,21 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         perturbation.restore()
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
+        orthogonal = self._orthogonal_part()  # LookSAM's g_v, kept if the step is taken
+        self._update(ok, warn)
+        if orthogonal is not None and self._last_step_taken:
+            params, values = orthogonal
+            stored = Perturbation.stored(self.state, params, self.policy.stored)  # type: ignore[arg-type]
+            torch._foreach_copy_(stored, values)
+
+    @torch.no_grad()
+    def _update(self, ok: Tensor | None, warn: bool) -> None:
+        """Clip, then step the base optimizer on the gradient in ``p.grad``, or skip the step if
+        it or ``ok`` (the passes' finiteness, None: nothing to add) is non-finite."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = sharded.clip_grad_norm_(params, self.max_grad_norm, ok, self._device())
+        device = self._device()
+        ok = torch.ones((), dtype=torch.bool, device=device) if ok is None else ok
+        grad_norm = sharded.clip_grad_norm_(params, self.max_grad_norm, ok, device)
         taken = amp.step_or_skip(
             self.base_optimizer,
             ok & torch.isfinite(grad_norm),
@@ -439,14 +540,63 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         )
         self._last_step_taken = taken
         # On the device (taken None) the rule is stateless: nothing to keep.
-        perturbation.finish(self.state, taken=bool(taken))
+        self._perturbation.finish(self.state, taken=bool(taken))
         if taken is False and warn:  # not for an fp16 overflow: routine while GradScaler scales
             warnings.warn(
                 f"{type(self).__name__}: non-finite loss or gradient, step skipped "
                 f"(parameters and optimizer state unchanged; {self.skipped_steps} skipped so far)",
                 NonFiniteStepWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
+
+    # --- the policy's parts of a step --------------------------------------------------------
+
+    def _plan(self) -> str:
+        """This step's kind: plain when ρ is 0 in every group, else the policy's."""
+        if all(float(g["rho"]) == 0.0 for g in self.param_groups):
+            return PLAIN
+        return self.policy.plan()
+
+    def _end_step(self, kind: str) -> None:
+        self._counts[kind] += 1
+        self.policy.advance(kind, self._last_step_taken)
+
+    def _clean_sq_norm(self) -> float:
+        """‖g‖² of the clean gradient: AE-SAM's statistic, one host read per step."""
+        return float(global_norm(sharded.locals_of(self._grads())) ** 2)
+
+    def _keep_clean(self) -> None:
+        """A copy of the clean gradient, for a policy that combines it with the perturbed one."""
+        self._kept_clean = None
+        if self.policy.keeps_clean_gradient:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads = sharded.locals_of([p.grad for p in params])  # type: ignore[misc]
+            self._kept_clean = (params, [g.clone() for g in grads])
+
+    def _orthogonal_part(self) -> tuple[list[Tensor], list[Tensor]] | None:
+        kept, self._kept_clean = self._kept_clean, None
+        if kept is None or not kept[0]:
+            return None
+        params, clean = kept
+        perturbed = [
+            sharded.local(p.grad) if p.grad is not None else torch.zeros_like(c)
+            for p, c in zip(params, clean, strict=True)
+        ]
+        return params, orthogonal_part(perturbed, clean)
+
+    def _correct(self) -> None:
+        """LookSAM between fresh steps: g ← g + α‖g‖/‖g_v‖·g_v on the clean gradient."""
+        key = self.policy.stored
+        params = [
+            p
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and key in self.state.get(p, {})
+        ]
+        if params:
+            grads = sharded.locals_of([p.grad for p in params])  # type: ignore[misc]
+            stored = Perturbation.stored(self.state, params, key)  # type: ignore[arg-type]
+            add_correction_(grads, stored, self.policy.alpha)  # type: ignore[attr-defined]
 
     @property
     def sharding(self) -> sharded.Sharding:
@@ -471,5 +621,5 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return (
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
-            + (f", perturb_every={self.perturb_every})" if self.perturb_every > 1 else ")")
+            + (f", policy={self.policy!r})" if not self.policy.every_step else ")")
         )

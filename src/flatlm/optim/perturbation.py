@@ -20,9 +20,11 @@ from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.sharded import like_param, local, local_state, locals_of
 from flatlm.optim.validation import check_dense, check_group_rhos
 
-__all__ = ["Gathered", "Perturbation", "ReuseSchedule", "inverse_norm"]
+__all__ = ["Gathered", "Perturbation", "inverse_norm"]
 
 STORED = "perturb_direction"
+#: Every policy's per-parameter stored tensor (flatlm.optim.policies: ``StepPolicy.stored``).
+STORED_KEYS = (STORED, "looksam_gv")
 State = MutableMapping[Tensor, dict[str, Any]]
 
 
@@ -258,14 +260,23 @@ class Perturbation:
                 st.pop(STORED, None)
 
     @staticmethod
-    def stored(state: State, params: list[Tensor]) -> list[Tensor]:
-        """δ per parameter (ε = ρ·δ) as local shards, allocated on first use (sharded like the
-        parameter); kept in ``state`` for checkpoints."""
+    def drop_other_stored(state: State, key: str | None) -> None:
+        """Forget every policy's stored tensor but ``key``'s (a checkpoint of another policy)."""
+        for st in state.values():
+            for other in STORED_KEYS:
+                if other != key:
+                    st.pop(other, None)
+
+    @staticmethod
+    def stored(state: State, params: list[Tensor], key: str = STORED) -> list[Tensor]:
+        """A policy's stored tensor per parameter (δ with ε = ρ·δ by default) as local shards,
+        allocated as zeros on first use (sharded like the parameter); kept in ``state`` for
+        checkpoints."""
         for p in params:
             st = state[p]
-            if STORED not in st:
-                st[STORED] = like_param(torch.zeros_like(local(p)), p)
-        return [local(state[p][STORED]) for p in params]
+            if key not in st:
+                st[key] = like_param(torch.zeros_like(local(p)), p)
+        return [local(state[p][key]) for p in params]
 
     # --- the clean copy --------------------------------------------------------------------
 
@@ -285,31 +296,3 @@ class Perturbation:
 def _rule_state(state: State, params: list[Tensor]) -> list[Any]:
     """What a rule reads of its saved state, per parameter, as local shards."""
     return [local_state(state.get(p, {})) for p in params]
-
-
-@dataclass
-class ReuseSchedule:
-    """``perturb_every=k``: a fresh ε every k-th step, the stored direction reused in between.
-
-    ``since_fresh`` counts the steps since the last fresh ε was taken (None: one is due).
-    """
-
-    every: int
-    since_fresh: int | None = None
-
-    def fresh_due(self) -> bool:
-        return self.every == 1 or self.since_fresh is None or self.since_fresh >= self.every
-
-    def advance(self, reused: bool, taken: bool | None) -> None:
-        """After a step; ``taken`` False: skipped on the host path, None: not known (a skip on
-        the device needs no sync). A skipped fresh step leaves no direction worth reusing."""
-        if self.every == 1:
-            return
-        if reused:
-            assert self.since_fresh is not None
-            self.since_fresh += 1
-        else:
-            self.since_fresh = None if taken is False else 1
-
-    def load(self, since_fresh: int | None) -> None:
-        self.since_fresh = None if since_fresh is None or self.every == 1 else int(since_fresh)

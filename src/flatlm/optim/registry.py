@@ -27,6 +27,7 @@ from flatlm.optim.methods import (
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
 )
+from flatlm.optim.policies import SPEC_OPTIONS, make_policy
 
 __all__ = [
     "METHODS",
@@ -44,6 +45,7 @@ ENGINE_OPTIONS: dict[str, type] = {
     "rho": float,
     "max_grad_norm": float,
     "perturb_every": int,
+    **SPEC_OPTIONS,
     "ascent_steps": int,
     "replay_rng": bool,
     "skip_nonfinite": bool,
@@ -245,6 +247,9 @@ def create(
     ``"adamw"`` gives a plain AdamW; the sharpness-aware options (``rho``, ``max_grad_norm``) are
     then ignored if None and an error otherwise. A None value means "the method's default".
     Options in the name (``"gasam:alpha=-1"``) take precedence over keyword arguments.
+    The step-policy options (``policy``, ``every``, ``looksam_alpha``, ``aesam_*``, ``rst_*``,
+    ``policy_seed``, ``total_steps``; :data:`flatlm.optim.policies.SPEC_OPTIONS`) build the
+    engine's ``policy`` (``"sam:policy=looksam,every=5"``).
     """
     key, overrides = parse_method(name)
     info = _INFO[key]
@@ -262,4 +267,8 @@ def create(
         if extra:
             raise ValueError(f"plain AdamW takes no sharpness-aware options, got {extra}")
         return torch.optim.AdamW(params, **kwargs)
+    policy_options = {k: kwargs.pop(k) for k in list(kwargs) if k in SPEC_OPTIONS}
+    if policy_options:  # the spec's policy options make one StepPolicy (perturb_every too)
+        name = policy_options.pop("policy", None)
+        kwargs["policy"] = make_policy(name, kwargs.pop("perturb_every", 1), **policy_options)
     return info.cls(params, base_optimizer, **kwargs)

@@ -10,14 +10,18 @@ reads a torch optimizer's checkpoint understand::
      "param_groups": [{"lr": ..., "rho": ..., ...,
                        "flatlm_method": "GASAM", "flatlm_skipped_steps": 0,
                        "flatlm_steps_since_fresh_perturbation": 1,
+                       "flatlm_fresh_steps": 7, "flatlm_reuse_steps": 0,
+                       "flatlm_plain_steps": 3, "flatlm_policy": '{"name": ..., "t": 10}',
                        "params": [0, 1]},
                       ...]}
 
 Each parameter's entry is the base optimizer's entry with the method's own state merged in, its
 keys prefixed with :data:`PREFIX` so they cannot collide with the base's (GA-SAM's ``step`` and
 Adam's). The optimizer-wide values (the method's name, the count of skipped steps, the steps since
-the last fresh perturbation) are in every parameter group under :data:`PREFIX` keys, because
-``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``. The prefix has no ``.``:
+the last fresh perturbation, the steps taken by kind, the step policy's host state as JSON) are
+in every parameter group under :data:`PREFIX` keys, because ``get_optimizer_state_dict`` keeps
+only ``state`` and ``param_groups``. The step counts and the policy's state came later
+(:data:`OPTIONAL_SCALARS`): a checkpoint without them loads with zero counts and a fresh policy. The prefix has no ``.``:
 ``torch.distributed.checkpoint`` joins nested keys with dots when it flattens a state dict.
 
 flatlm 0.2's layout (still loaded)::
@@ -31,18 +35,24 @@ Pure functions on plain dicts; the keys of ``state`` are whatever the groups' ``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: The kinds of step, in the order of ``Scalars.step_counts`` (flatlm.optim.policies.KINDS).
+KINDS = ("fresh", "reuse", "plain")
+
 __all__ = [
     "LEGACY_KEYS",
+    "OPTIONAL_SCALARS",
     "PREFIX",
     "SCALARS",
     "Parts",
     "Scalars",
     "is_legacy",
     "method_of",
+    "policy_name",
     "split",
     "to_standard",
     "without_flatlm_keys",
@@ -54,6 +64,8 @@ PREFIX = "flatlm_"
 
 #: The optimizer-wide values kept in every parameter group, as ``PREFIX + name``.
 SCALARS = ("method", "skipped_steps", "steps_since_fresh_perturbation")
+#: Written since step policies, optional when loading: ``PREFIX + name``.
+OPTIONAL_SCALARS = ("fresh_steps", "reuse_steps", "plain_steps", "policy")
 
 #: The keys that mark flatlm 0.2's layout (both are always there).
 LEGACY_KEYS = ("base", "method_state")
@@ -66,6 +78,10 @@ class Scalars:
     method: str | None
     skipped_steps: int = 0
     steps_since_fresh_perturbation: int | None = None
+    #: Steps taken by kind: (fresh, reuse, plain).
+    step_counts: tuple[int, int, int] = (0, 0, 0)
+    #: The step policy's ``dumps()`` (None: not recorded).
+    policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,10 @@ def to_standard(
         merged = state.setdefault(key, {})
         merged.update({PREFIX + name: value for name, value in entry.items()})
     values = {PREFIX + name: getattr(scalars, name) for name in SCALARS}
+    values.update(
+        {PREFIX + name + "_steps": n for name, n in zip(KINDS, scalars.step_counts, strict=True)}
+    )
+    values[PREFIX + "policy"] = scalars.policy
     groups = [
         {**{k: v for k, v in group.items() if k != "params"}, **values, "params": group["params"]}
         for group in base["param_groups"]
@@ -122,6 +142,8 @@ def split(state_dict: Mapping[str, Any]) -> Parts:
                 state_dict.get("flatlm_method"),
                 int(state_dict.get("skipped_steps") or 0),
                 _optional_int(state_dict.get("steps_since_fresh_perturbation")),
+                _counts(state_dict, ""),
+                state_dict.get("policy"),
             ),
         )
     base_state: dict[Any, dict[str, Any]] = {}
@@ -140,6 +162,8 @@ def split(state_dict: Mapping[str, Any]) -> Parts:
             first.get(PREFIX + "method"),
             int(first.get(PREFIX + "skipped_steps") or 0),
             _optional_int(first.get(PREFIX + "steps_since_fresh_perturbation")),
+            _counts(first, PREFIX),
+            first.get(PREFIX + "policy"),
         ),
     )
 
@@ -160,6 +184,16 @@ def without_flatlm_keys(group: Mapping[str, Any]) -> dict[str, Any]:
 
 def _ours(key: Any) -> bool:
     return isinstance(key, str) and key.startswith(PREFIX)
+
+
+def policy_name(policy: str | None) -> str | None:
+    """The name in a saved policy state (None: none saved)."""
+    return None if policy is None else json.loads(policy).get("name")
+
+
+def _counts(entries: Mapping[str, Any], prefix: str) -> tuple[int, int, int]:
+    c = [int(entries.get(f"{prefix}{kind}_steps") or 0) for kind in KINDS]
+    return c[0], c[1], c[2]
 
 
 def _optional_int(value: Any) -> int | None:

@@ -24,7 +24,7 @@ __all__ = [
     "flat_params",
     "require_classic_protocol",
     "require_clean_gradient",
-    "require_fresh_every_step",
+    "require_policy_protocol",
 ]
 
 
@@ -133,13 +133,14 @@ def check_step_arguments(
         raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
 
 
-def check_one_pass_options(ascent_steps: int, perturb_every: int, distributed: str) -> None:
+def check_one_pass_options(ascent_steps: int, policy: Any, distributed: str) -> None:
     """A rule that needs no clean gradient (the momentum methods) runs one gradient pass a step
     already; the options that trade or spend clean backward passes mean nothing for it."""
-    if perturb_every > 1:
+    if not policy.every_step:
         raise ValueError(
-            "perturb_every > 1 saves the clean backward, and this method (ε along the momentum) "
-            "runs none: it costs one gradient pass every step already. Leave perturb_every at 1"
+            f"step policy {policy.name} trades or decides on the clean backward, and this method "
+            "(ε along the momentum) runs none: it costs one gradient pass every step already. "
+            "Leave perturb_every at 1 and policy unset (ρ = 0 still gives plain steps)"
         )
     if ascent_steps > 1:
         raise ValueError(
@@ -189,8 +190,10 @@ def require_classic_protocol(functional: bool, name: str, what: str) -> None:
         )
 
 
-def require_fresh_every_step(perturb_every: int, what: str) -> None:
-    if perturb_every > 1:
+def require_policy_protocol(policy: Any, what: str) -> None:
+    """``perturb_every``'s reuse skips the clean backward, which the classic protocols have
+    already run (the other policies decide on, or reuse with, the caller's clean gradient)."""
+    if policy.reuses == "direction":
         raise RuntimeError(
             f"perturb_every > 1 saves the clean backward, which {what} has already run: use "
             "step(forward=lambda: model(x), loss_fn=...)"
