@@ -298,7 +298,7 @@ MUTATIONS = [
     ),
     Mutation(
         "LookSAM: g_v = g_s, not its part orthogonal to g",
-        f"{OPTIM}/policies.py",
+        f"{OPTIM}/combination.py",
         "    out = torch._foreach_mul(clean, (-coef).to(clean[0].dtype))",
         "    out = torch._foreach_mul(clean, 0.0)",
         ("tests/optim/test_policies.py",),

@@ -194,7 +194,12 @@ def worker(rank: int, world: int, port: int, out: str, specs: list[Spec]) -> Non
 # --- checkpoints through torch.distributed.checkpoint ----------------------------------------
 
 #: (method, options) checkpointed: SAM, GA-SAM's EMA with a stored direction, PSAM's use of P.
-CHECKPOINTED = [("sam", {}), ("gasam", {"perturb_every": 2}), ("psam", {})]
+CHECKPOINTED = [
+    ("sam", {}),
+    ("gasam", {"perturb_every": 2}),
+    ("psam", {}),
+    ("sam:policy=looksam,every=2", {}),  # g_v stored sharded, resumed mid-cycle
+]
 
 
 def dcp_save(model: nn.Module, opt: Any, path: str) -> None:

@@ -742,3 +742,48 @@ def test_grad_scaler_overflow_in_clean_pass_drops_that_update(tmp_path):
     assert trainer.sam_optimizer.skipped_steps == 0  # the scaler skipped it, not the engine
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert trainer.sam_optimizer.state_dict()["state"]  # the second update stepped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "counts"),
+    [
+        ({"policy": "looksam", "every": 2}, {"fresh": 2, "reuse": 2, "plain": 0}),
+        ({"policy": "interval", "every": 2}, {"fresh": 2, "reuse": 0, "plain": 2}),
+    ],
+)
+def test_a_step_policy_runs_in_the_trainer_and_counts(tmp_path, kwargs, counts):
+    """The Trainer path with a policy equals flatlm's own step with it (its plain and LookSAM
+    steps skip the replay: the clean gradient is the update's), and counts each kind."""
+    rho = 0.1
+    model = tiny_gpt2()
+    initial = copy.deepcopy(model)
+    trainer = Recording(
+        model=model,
+        args=make_args(tmp_path, max_steps=4, max_grad_norm=1.0),
+        train_dataset=lm_data(16),
+        sam_method="sam",
+        sam_rho=rho,
+        sam_kwargs=kwargs,
+    )
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    trainer.train()
+    assert trainer.sam_optimizer.step_counts == counts
+    assert len(calls) == 4 * 2 + counts["fresh"] * 2  # a replay of 2 micro-batches per fresh step
+    updates = [trainer.seen[i : i + 2] for i in range(0, 8, 2)]
+    reference, _ = reference_run(
+        "sam",
+        initial,
+        updates,
+        trainer,
+        lr=1e-2,
+        weight_decay=0.1,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        rho=rho,
+        max_grad_norm=1.0,
+        **kwargs,
+    )
+    got, want = params_of(model), params_of(reference)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

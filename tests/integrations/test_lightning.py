@@ -579,3 +579,23 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         accuracy = (model(namespace["x"]).argmax(1) == namespace["y"]).float().mean()
     assert accuracy > 0.6  # it learns (chance: 0.25; measured 0.84)
+
+
+@pytest.mark.parametrize(
+    "method", ["sam:policy=aesam,total_steps=4", "fsam:policy=looksam,every=2"]
+)
+def test_a_step_policy_runs_under_lightning_and_counts(method):
+    """A policy in the method spec: Lightning's steps equal the engine's, bit for bit, and the
+    optimizer counts each kind of step."""
+    net = make_net(dropout=0.2)
+    initial = copy.deepcopy(net)
+    module = LitNet(net, method, data=dataset(16))
+    trainer = fit(module, max_steps=4)
+    ref, ref_opt = engine_run(
+        initial, method, [[tuple(b)] for b, _ in module.seen], OPT, [r for _, r in module.seen]
+    )
+    assert_same(net, ref)
+    counts = trainer.optimizers[0].step_counts
+    assert counts == ref_opt.step_counts and sum(counts.values()) == 4
+    if "looksam" in method:
+        assert counts == {"fresh": 2, "reuse": 2, "plain": 0}

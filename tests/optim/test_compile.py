@@ -77,10 +77,14 @@ def one_pass_grads(model: nn.Module, rng: torch.Tensor) -> tuple[list[torch.Tens
 
 def base_step_grads(model: nn.Module, method: str, rng: torch.Tensor, **kw) -> list[torch.Tensor]:
     """The gradient the base optimizer steps with, in a step at ρ = 0 from RNG state ``rng``:
-    with the same masks in both passes it is the clean gradient itself."""
+    with the same masks in both passes it is the clean gradient itself. (ρ = 0 in every group
+    would be a plain one-pass step: a group of one parameter that never has a gradient keeps
+    ρ > 0, so both passes run, at ε = 0.)"""
     params = [p.detach().clone() for p in model.parameters()]
     buffers = copy.deepcopy(model.state_dict())
-    opt = create(method, model.parameters(), rho=0.0, lr=0.1, **kw)
+    idle = nn.Parameter(torch.zeros(1))
+    groups = [{"params": list(model.parameters())}, {"params": [idle], "rho": 0.5}]
+    opt = create(method, groups, rho=0.0, lr=0.1, **kw)
     seen: list[list[torch.Tensor]] = []
     opt.base_optimizer.register_step_pre_hook(
         lambda o, a, k: seen.append([p.grad.clone() for p in model.parameters()])
@@ -118,24 +122,39 @@ def test_both_passes_of_a_compiled_model_see_the_same_dropout_masks(compiled, me
 def test_no_recompilation_after_the_warm_up(compiled):
     """Each kind of pass compiles once (the forward with gradients, fsam's no-grad clean forward
     under perturb_every, the frozen batch-norm variant); after that, steps of every method
-    compile nothing (Dynamo's frame and graph counters, and error_on_recompile)."""
+    compile nothing (Dynamo's frame and graph counters, and error_on_recompile): neither the
+    step policies' plain and reuse steps nor switching ρ between 0 (a plain step) and > 0."""
     _, model = compiled
     state = copy.deepcopy(model.state_dict())
-    specs = ["sam", "fsam", "gasam", "fsam:perturb_every=2", "sam:perturb_every=2"]
+    specs = [
+        "sam",
+        "fsam",
+        "gasam",
+        "fsam:perturb_every=2",
+        "sam:perturb_every=2",
+        "fsam:policy=looksam,every=2",
+        "sam:policy=interval,every=2",
+    ]
     opts = {name: create(name, model.parameters(), lr=1e-3) for name in specs}
+    toggled = [create(name, model.parameters(), lr=1e-3) for name in ("fsam", "gasam", "msam")]
 
     def steps(n: int) -> None:
-        for _ in range(n):
+        for i in range(n):
             for opt in opts.values():
                 opt.step(forward=lambda: model(X), loss_fn=ce)
             opts["sam"].step(forward=update_stats_once(model, lambda: model(X)), loss_fn=ce)
+            for opt in toggled:  # ρ > 0, then ρ = 0 (plain), then ρ > 0 ...
+                for g in opt.param_groups:
+                    g["rho"] = 0.05 if i % 2 == 0 else 0.0
+                opt.step(forward=lambda: model(X), loss_fn=ce)
 
-    steps(2)  # warm-up: a reuse step of each perturb_every run, the frozen variant
+    steps(2)  # warm-up: a reuse step of each perturb_every run, the frozen variant, ρ = 0
     warm = compile_counts()
     assert warm.graphs >= 3
     with torch._dynamo.config.patch(error_on_recompile=True):
         steps(3)
     assert compile_counts() == warm
+    assert toggled[0].step_counts == {"fresh": 3, "reuse": 0, "plain": 2}
     model.load_state_dict(state)
 
 

@@ -16,7 +16,19 @@ from helpers.distributed import ddp_worker, global_batches
 from helpers.optim import make_mlp
 
 SAM_METHODS = [m for m in METHODS if m != "adamw"]
-SPECS = [(m, "sync", 1) for m in SAM_METHODS] + [("fsam", "sync", 2), ("sam", "local", 1)]
+# Step policies: every rank takes the same decisions (AE-SAM from the all-reduced ‖g‖², RST from
+# its seed) and LookSAM's g_v from the all-reduced gradients.
+POLICY_SPECS = [
+    ("sam:policy=looksam,every=2", "sync", 1),
+    ("fsam:policy=aesam,aesam_c_start=0,aesam_c_end=0", "sync", 2),
+    ("sam:policy=rst,rst_p=0.5,policy_seed=2", "sync", 1),
+]
+SPECS = (
+    [(m, "sync", 1) for m in SAM_METHODS]
+    + [("fsam", "sync", 2)]
+    + POLICY_SPECS
+    + [("sam", "local", 1)]
+)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 

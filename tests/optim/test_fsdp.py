@@ -33,18 +33,28 @@ OPTIONS = [
     Spec("gasam", {"ascent_steps": 2}),
     Spec("asam", {"eta": 0.1}),
 ]
-EQUAL = EVERY_METHOD + ACCUMULATION + PERTURB_EVERY + OPTIONS
+# Step policies: LookSAM's g_v (inner products over shards, stored sharded), AE-SAM's ‖g‖² over
+# shards (every rank decides alike), RST's draws, and ρ = 0's plain step (its clipping sharded).
+POLICIES = [
+    Spec("sam", {"policy": "looksam", "every": 2}),
+    Spec("fsam", {"policy": "looksam", "every": 2}, micro=2),
+    Spec("sam", {"policy": "aesam", "aesam_c_start": 0.0, "aesam_c_end": 0.0}),
+    Spec("sam", {"policy": "rst", "rst_p": 0.5, "policy_seed": 1}),
+    Spec("gasam", {"rho": 0.0, "max_grad_norm": 0.05}),
+]
+EQUAL = EVERY_METHOD + ACCUMULATION + PERTURB_EVERY + OPTIONS + POLICIES
 POISONED = [
     Spec("sam", poison_step=1),
     Spec("gasam", poison_step=1),
     Spec("sam", poison_step=1, poison="loss"),
     Spec("fsam", poison_step=1, poison="loss"),
 ]
-# rho = 0 with dropout: θ + ε = θ, so the perturbed pass equals the clean one only if its dropout
+# rho = 1e-300 with dropout: θ + ε = θ bit for bit (ε is far below θ's last bit; ρ = 0 would
+# make the step plain, one pass), so the perturbed pass equals the clean one only if its dropout
 # masks are replayed, and the step then equals AdamW's with the same masks.
 DROPOUT = [
-    Spec("sam", {"rho": 0.0}, dropout=0.5),
-    Spec("sam", {"rho": 0.0, "replay_rng": False}, dropout=0.5),
+    Spec("sam", {"rho": 1e-300}, dropout=0.5),
+    Spec("sam", {"rho": 1e-300, "replay_rng": False}, dropout=0.5),
     Spec("adamw", dropout=0.5),
 ]
 BF16 = [

@@ -209,7 +209,7 @@ class SharpnessAwareTrainerMixin:
                 "before the optimizer sees the step. Use flatlm's step(forward=, loss_fn=) loop "
                 "or flatlm.integrations.accelerate.AcceleratedStep for it (docs/hf.md)"
             )
-        if int(merged.get("perturb_every", 1)) > 1:
+        if int(merged.get("perturb_every", 1)) > 1 or merged.get("policy") == "reuse_direction":
             raise ValueError(
                 "perturb_every > 1 skips the clean backward, which the Trainer has already run "
                 "when the optimizer steps; use flatlm's step(forward=, loss_fn=) loop for it"
@@ -377,21 +377,25 @@ class SharpnessAwareTrainerMixin:
             else:
                 self._functional_pass(mb, record.dlogits)
 
-        sam.first_step(zero_grad=True, functional_vjp=sam.functional)
-        try:
-            # Same inputs and RNG as the clean pass; DDP all-reduces once, with the last one.
-            passes.replay(
-                [mb.record for mb in stash], run, partial(self.accelerator.no_sync, model)
-            )
-        except BaseException:
-            sam.abort_step()  # θ must not stay perturbed
-            raise
-        finally:
-            # The generators end where the clean pass left them, as if there were one pass
-            # (replay alone ends there only if a forward's draws do not depend on θ).
-            end.restore()
+        # False: the step policy (or ρ = 0) makes this step plain or a LookSAM reuse: the clean
+        # gradient, already unscaled by GradScaler.step, is the one; no second pass.
+        perturbed = sam.first_step(functional_vjp=sam.functional)
+        if perturbed:
+            sam.zero_grad(set_to_none=True)
+            try:
+                # Same inputs and RNG as the clean pass; DDP all-reduces once, with the last one.
+                passes.replay(
+                    [mb.record for mb in stash], run, partial(self.accelerator.no_sync, model)
+                )
+            except BaseException:
+                sam.abort_step()  # θ must not stay perturbed
+                raise
+            finally:
+                # The generators end where the clean pass left them, as if there were one pass
+                # (replay alone ends there only if a forward's draws do not depend on θ).
+                end.restore()
 
-        overflow = self._unscale_perturbed()
+        overflow = self._unscale_perturbed() if perturbed else False
         params = [p for g in sam.param_groups for p in g["params"] if p.grad is not None]
         # FSDP2: this rank's shards, their squares summed over the shard group (a plain tensor).
         with sharded.reducing(sam.sharding):

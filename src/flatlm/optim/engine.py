@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatlm.optim import amp, dcp, passes, sharded, state_layout
+from flatlm.optim import amp, combination, dcp, passes, sharded, state_layout
 from flatlm.optim.directions import Direction, global_norm
 from flatlm.optim.perturbation import Perturbation
 from flatlm.optim.policies import (
@@ -34,9 +34,7 @@ from flatlm.optim.policies import (
     PLAIN,
     REUSE,
     StepPolicy,
-    add_correction_,
     make_policy,
-    orthogonal_part,
 )
 from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.validation import (
@@ -163,7 +161,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._schedule = self.policy  # (perturb_every's since_fresh, as the state layout reads)
         self._counts = dict.fromkeys(KINDS, 0)
         self._kind: str | None = None  # the kind of a step first_step began
-        self._kept_clean: tuple[list[Tensor], list[Tensor]] | None = None
+        self._kept_clean: combination.Kept | None = None  # a fresh step's g, if the policy asks
         self._last_step_taken: bool | None = None
         self._graph_checked = False  # the functional methods' loss graph, checked once
 
@@ -516,12 +514,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         perturbation.restore()
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
-        orthogonal = self._orthogonal_part()  # LookSAM's g_v, kept if the step is taken
+        kept, self._kept_clean = self._kept_clean, None
+        orthogonal = combination.orthogonal_of(kept) if kept is not None else None  # LookSAM
         self._update(ok, warn)
-        if orthogonal is not None and self._last_step_taken:
-            params, values = orthogonal
-            stored = Perturbation.stored(self.state, params, self.policy.stored)  # type: ignore[arg-type]
-            torch._foreach_copy_(stored, values)
+        if orthogonal is not None and self._last_step_taken:  # kept only if the step is taken
+            combination.store(self.state, orthogonal, self.policy.stored)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def _update(self, ok: Tensor | None, warn: bool) -> None:
@@ -561,42 +558,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._counts[kind] += 1
         self.policy.advance(kind, self._last_step_taken)
 
+    def _keep_clean(self) -> None:
+        if self.policy.keeps_clean_gradient:
+            self._kept_clean = combination.keep_clean(self.param_groups)
+
+    def _correct(self) -> None:
+        """LookSAM between fresh steps: the stored g_v added to the clean gradient."""
+        alpha = self.policy.alpha  # type: ignore[attr-defined]
+        combination.correct_(self.param_groups, self.state, self.policy.stored, alpha)  # type: ignore[arg-type]
+
     def _clean_sq_norm(self) -> float:
         """‖g‖² of the clean gradient: AE-SAM's statistic, one host read per step."""
         return float(global_norm(sharded.locals_of(self._grads())) ** 2)
-
-    def _keep_clean(self) -> None:
-        """A copy of the clean gradient, for a policy that combines it with the perturbed one."""
-        self._kept_clean = None
-        if self.policy.keeps_clean_gradient:
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            grads = sharded.locals_of([p.grad for p in params])  # type: ignore[misc]
-            self._kept_clean = (params, [g.clone() for g in grads])
-
-    def _orthogonal_part(self) -> tuple[list[Tensor], list[Tensor]] | None:
-        kept, self._kept_clean = self._kept_clean, None
-        if kept is None or not kept[0]:
-            return None
-        params, clean = kept
-        perturbed = [
-            sharded.local(p.grad) if p.grad is not None else torch.zeros_like(c)
-            for p, c in zip(params, clean, strict=True)
-        ]
-        return params, orthogonal_part(perturbed, clean)
-
-    def _correct(self) -> None:
-        """LookSAM between fresh steps: g ← g + α‖g‖/‖g_v‖·g_v on the clean gradient."""
-        key = self.policy.stored
-        params = [
-            p
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and key in self.state.get(p, {})
-        ]
-        if params:
-            grads = sharded.locals_of([p.grad for p in params])  # type: ignore[misc]
-            stored = Perturbation.stored(self.state, params, key)  # type: ignore[arg-type]
-            add_correction_(grads, stored, self.policy.alpha)  # type: ignore[attr-defined]
 
     @property
     def sharding(self) -> sharded.Sharding:

@@ -17,9 +17,9 @@ checkpoints, FSDP2 and ``torch.distributed.checkpoint`` treat them like Adam's m
 A step whose ρ is 0 in every group is ``PLAIN`` whatever the policy says (the engine's rule),
 and still counts as a step of the policy's clock ``t``.
 
-The gradient-combination maths of LookSAM (:func:`orthogonal_part`, :func:`add_correction_`)
-are pure foreach functions at the end; a later combination rule that needs both the clean g and
-the perturbed g_s (GSAM, WSAM) goes beside them and sets ``keeps_clean_gradient``.
+LookSAM's gradient maths (g_v, the correction) are in :mod:`~flatlm.optim.combination`; a later
+rule that needs both the clean g and the perturbed g_s (GSAM, WSAM) goes there and its policy
+sets ``keeps_clean_gradient``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,6 @@ import math
 import random
 from typing import Any, ClassVar
 
-import torch
-from torch import Tensor
-
-from flatlm.optim import sharded
-from flatlm.optim.directions import global_norm
 from flatlm.optim.state_layout import KINDS
 
 __all__ = [
@@ -50,9 +45,7 @@ __all__ = [
     "RandomSwitch",
     "ReuseDirection",
     "StepPolicy",
-    "add_correction_",
     "make_policy",
-    "orthogonal_part",
 ]
 
 FRESH, REUSE, PLAIN = KINDS
@@ -426,29 +419,3 @@ def make_policy(
         options.get("total_steps"),
         options.get("policy_seed", 0),
     )
-
-
-# --- LookSAM's gradient maths (pure; local shards, global sums under FSDP2) --------------------
-
-
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """⟨a, b⟩ over every tensor (and every shard inside ``sharded.reducing``), ≥ float32."""
-    dtype = torch.promote_types(a[0].dtype, torch.float32)
-    partial = torch.stack([(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a, b, strict=True)])
-    return sharded.sum_over_shards(partial.sum())
-
-
-def orthogonal_part(perturbed: list[Tensor], clean: list[Tensor]) -> list[Tensor]:
-    """g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g (new tensors); g = 0 gives g_v = g_s."""
-    sq = _dot(clean, clean)
-    coef = _dot(perturbed, clean) / sq.clamp_min(torch.finfo(sq.dtype).tiny)
-    out = torch._foreach_mul(clean, (-coef).to(clean[0].dtype))
-    torch._foreach_add_(out, perturbed)
-    return out
-
-
-def add_correction_(grads: list[Tensor], stored: list[Tensor], alpha: float) -> None:
-    """g ← g + α·(‖g‖/‖g_v‖)·g_v in place; ‖g_v‖ = 0 adds nothing."""
-    gv_norm = global_norm(stored)
-    coef = alpha * global_norm(grads) / gv_norm.clamp_min(torch.finfo(gv_norm.dtype).tiny)
-    torch._foreach_add_(grads, torch._foreach_mul(stored, coef.to(grads[0].dtype)))

@@ -1,0 +1,91 @@
+"""Gradient combinations: update directions made from the clean gradient g and the perturbed
+one g_s, for the step policies that need both (LookSAM now; a GSAM or WSAM rule goes beside it).
+
+The engine keeps a copy of the clean gradient (:func:`keep_clean`) only on a fresh step of a
+policy that asks for it (``StepPolicy.keeps_clean_gradient``). Everything works on this rank's
+local shards; inner products and norms add their partial sums over the shards inside
+``sharded.reducing`` (FSDP2), so every rank gets the global values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flatlm.optim import sharded
+from flatlm.optim.directions import global_norm
+from flatlm.optim.perturbation import Perturbation
+
+__all__ = ["Kept", "add_correction_", "correct_", "keep_clean", "orthogonal_of", "orthogonal_part"]
+
+State = MutableMapping[Tensor, dict[str, Any]]
+
+
+@dataclass
+class Kept:
+    """Per-parameter tensors (local shards) of the parameters that had a gradient."""
+
+    params: list[Tensor]
+    values: list[Tensor]
+
+
+def _with_grad(groups: list[dict[str, Any]]) -> list[Tensor]:
+    return [p for g in groups for p in g["params"] if p.grad is not None]
+
+
+def keep_clean(groups: list[dict[str, Any]]) -> Kept:
+    """A copy of the clean gradient now in ``p.grad`` (the perturbed pass overwrites it)."""
+    params = _with_grad(groups)
+    return Kept(params, [sharded.local(p.grad).clone() for p in params])  # type: ignore[arg-type]
+
+
+def orthogonal_of(kept: Kept) -> Kept:
+    """LookSAM's g_v from the kept clean g and the perturbed g_s now in ``p.grad`` (zero where
+    a parameter lost its gradient)."""
+    perturbed = [
+        sharded.local(p.grad) if p.grad is not None else torch.zeros_like(c)
+        for p, c in zip(kept.params, kept.values, strict=True)
+    ]
+    return Kept(kept.params, orthogonal_part(perturbed, kept.values) if kept.params else [])
+
+
+def store(state: State, kept: Kept, key: str) -> None:
+    """Keep ``kept`` in the optimizer's state under ``key`` (sharded like the parameters)."""
+    if kept.params:
+        torch._foreach_copy_(Perturbation.stored(state, kept.params, key), kept.values)
+
+
+def correct_(groups: list[dict[str, Any]], state: State, key: str, alpha: float) -> None:
+    """LookSAM between fresh steps: g ← g + α‖g‖/‖g_v‖·g_v on the gradient in ``p.grad``, for
+    the parameters with a stored g_v."""
+    params = [p for p in _with_grad(groups) if key in state.get(p, {})]
+    if params:
+        grads = sharded.locals_of([p.grad for p in params])  # type: ignore[misc]
+        add_correction_(grads, Perturbation.stored(state, params, key), alpha)
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """⟨a, b⟩ over every tensor (and every shard inside ``sharded.reducing``), ≥ float32."""
+    dtype = torch.promote_types(a[0].dtype, torch.float32)
+    partial = torch.stack([(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a, b, strict=True)])
+    return sharded.sum_over_shards(partial.sum())
+
+
+def orthogonal_part(perturbed: list[Tensor], clean: list[Tensor]) -> list[Tensor]:
+    """g_v = g_s − (⟨g_s, g⟩/‖g‖²)·g (new tensors); g = 0 gives g_v = g_s."""
+    sq = _dot(clean, clean)
+    coef = _dot(perturbed, clean) / sq.clamp_min(torch.finfo(sq.dtype).tiny)
+    out = torch._foreach_mul(clean, (-coef).to(clean[0].dtype))
+    torch._foreach_add_(out, perturbed)
+    return out
+
+
+def add_correction_(grads: list[Tensor], stored: list[Tensor], alpha: float) -> None:
+    """g ← g + α·(‖g‖/‖g_v‖)·g_v in place; ‖g_v‖ = 0 adds nothing."""
+    gv_norm = global_norm(stored)
+    coef = alpha * global_norm(grads) / gv_norm.clamp_min(torch.finfo(gv_norm.dtype).tiny)
+    torch._foreach_add_(grads, torch._foreach_mul(stored, coef.to(grads[0].dtype)))
