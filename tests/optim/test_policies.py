@@ -328,3 +328,34 @@ def test_policy_specs_are_parsed_strictly():
     opt = create("fsam:policy=aesam,aesam_c_start=0,aesam_c_end=0", make_mlp().parameters())
     assert isinstance(opt.policy, AESAM)
     assert make_policy(perturb_every=2).name == "reuse_direction"
+
+
+def test_rho_zero_with_an_fp16_scaler_is_the_plain_scaled_step_and_backs_off_on_overflow():
+    """The plain step under GradScaler is torch's recipe: scale, backward, unscale_, clip, step
+    (skipped on an overflow), update; here with an overflow at the second step."""
+    x, y = make_batch()
+    xs = [x, torch.full_like(x, float("inf")), x]  # the middle step overflows
+
+    def loss_of(model, xb):
+        return F.cross_entropy(model(xb), y)
+
+    ref = make_mlp()
+    base = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    for xb in xs:
+        base.zero_grad()
+        ref_scaler.scale(loss_of(ref, xb)).backward()
+        ref_scaler.unscale_(base)
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.1, foreach=True)
+        ref_scaler.step(base)
+        ref_scaler.update()
+
+    model = make_mlp()
+    opt = create("sam", model.parameters(), rho=0.0, lr=0.05, max_grad_norm=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    for xb in xs:
+        opt.step(forward=lambda xb=xb: model(xb), loss_fn=ce(y), grad_scaler=scaler)
+    assert_bitwise_equal(params_of(model), params_of(ref))
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert opt.skipped_steps == 1
+    assert opt.step_counts == {"fresh": 0, "reuse": 0, "plain": 3}

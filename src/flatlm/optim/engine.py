@@ -41,8 +41,8 @@ from flatlm.optim.validation import (
     base_params,
     check_closure_origin,
     check_distributed_mode,
-    check_one_pass_options,
     check_options,
+    check_policy,
     check_rho,
     check_state_dict,
     check_step_arguments,
@@ -147,18 +147,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.sharding  # noqa: B018 (checks the parameters now)
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
-        if not direction.needs_gradient:
-            check_one_pass_options(ascent_steps, self.policy, distributed)
-        if self.policy.name in ("looksam", "aesam") and distributed == "local":
-            raise ValueError(
-                f"policy {self.policy.name} needs the all-reduced clean gradient on every rank "
-                "(each rank must decide and update alike): use distributed='sync'"
-            )
+        check_policy(self.policy, direction.needs_gradient, ascent_steps, distributed)
         self._perturbation = Perturbation(
             direction, geometry, ascent_steps=ascent_steps, keep_direction=self.perturb_every > 1
         )
         self._skipped = amp.SkipCount()
-        self._schedule = self.policy  # (perturb_every's since_fresh, as the state layout reads)
         self._counts = dict.fromkeys(KINDS, 0)
         self._kind: str | None = None  # the kind of a step first_step began
         self._kept_clean: combination.Kept | None = None  # a fresh step's g, if the policy asks
@@ -292,6 +285,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Undo a started step: θ copied back (bit for bit), nothing stepped; a no-op when no
         step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
         self._perturbation.abort()
+        self._kind = self._kept_clean = None
 
     @torch.no_grad()
     @sharded.over_shards

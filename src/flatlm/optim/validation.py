@@ -18,6 +18,7 @@ __all__ = [
     "check_group_rhos",
     "check_one_pass_options",
     "check_options",
+    "check_policy",
     "check_rho",
     "check_state_dict",
     "check_step_arguments",
@@ -131,6 +132,18 @@ def check_step_arguments(
             raise TypeError("step(forward=...) also needs loss_fn=...")
     elif micro_batches is not None or grad_scaler is not None or no_sync is not None:
         raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
+
+
+def check_policy(policy: Any, needs_gradient: bool, ascent_steps: int, distributed: str) -> None:
+    """The step policy and the options it cannot run with; :func:`check_one_pass_options` for a
+    rule that needs no clean gradient."""
+    if policy.name in ("looksam", "aesam") and distributed == "local":
+        raise ValueError(
+            f"policy {policy.name} needs the all-reduced clean gradient on every rank (each rank "
+            "must decide and update alike): use distributed='sync'"
+        )
+    if not needs_gradient:
+        check_one_pass_options(ascent_steps, policy, distributed)
 
 
 def check_one_pass_options(ascent_steps: int, policy: Any, distributed: str) -> None:
