@@ -282,14 +282,24 @@ def test_counts_survive_a_round_trip_with_nonzero_values():
     assert fresh.policy.t == 5
 
 
-def test_looksam_with_micro_batches_and_fp16_scaler_equals_the_unscaled_full_batch():
-    # Scaling by 2^k and unscaling is exact, so the scaled run equals the unscaled one.
+@pytest.mark.parametrize(
+    ("spec", "counts"),
+    [
+        ("sam:policy=looksam,every=2", {"fresh": 3, "reuse": 2, "plain": 0}),
+        ("sam:policy=interval,every=2", {"fresh": 2, "reuse": 0, "plain": 3}),
+        ("fsam:policy=aesam,total_steps=5", None),
+        ("sam:policy=rst,rst_p=0.5,policy_seed=4", None),
+    ],
+)
+def test_policies_with_micro_batches_and_fp16_scaler_equal_the_unscaled_full_batch(spec, counts):
+    # Scaling by 2^k and unscaling is exact, so the scaled run equals the unscaled one (AE-SAM
+    # decides on the unscaled clean gradient, so on the same numbers).
     x, y = make_batch()
     micro = [(x[:8], y[:8]), (x[8:], y[8:])]
 
     def run(scaler, micro_batches):
         model = make_mlp()
-        opt = create("sam:policy=looksam,every=2", model.parameters(), rho=RHO, lr=0.05)
+        opt = create(spec, model.parameters(), rho=RHO, lr=0.05)
         for _ in range(5):
             if micro_batches:
                 opt.step(
@@ -304,9 +314,9 @@ def test_looksam_with_micro_batches_and_fp16_scaler_equals_the_unscaled_full_bat
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     scaled, opt = run(scaler, True)
-    plain, _ = run(None, True)
+    plain, plain_opt = run(None, True)
     assert_bitwise_equal(params_of(scaled), params_of(plain))
-    assert opt.step_counts == {"fresh": 3, "reuse": 2, "plain": 0}
+    assert opt.step_counts == plain_opt.step_counts == (counts or opt.step_counts)
     assert scaler.get_scale() > 2.0**10  # update() ran every step (growth_interval=1)
     whole, _ = run(None, False)
     for a, b in zip(params_of(whole), params_of(plain), strict=True):

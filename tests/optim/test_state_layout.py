@@ -307,6 +307,7 @@ def test_a_checkpoint_written_by_flatlm_0_2_loads_and_continues_as_it_did():
 # --- non-zero optimizer-wide values through every round trip ---------------------------------
 
 SKIPPED, SINCE_FRESH = 2, 2  # what _with_scalars feeds: counted by hand, not read from flatlm
+COUNTS = {"fresh": 3, "reuse": 1, "plain": 0}  # the two skipped fresh steps, a fresh, a reuse
 
 
 def _with_scalars():
@@ -321,13 +322,14 @@ def _with_scalars():
             opt.step(forward=lambda: model(nan_x), loss_fn=ce(y))
     _train(model, opt, range(31, 33))
     opt.zero_grad(set_to_none=True)
-    assert opt.skipped_steps == SKIPPED and opt._schedule.since_fresh == SINCE_FRESH
+    assert opt.skipped_steps == SKIPPED and opt.policy.since_fresh == SINCE_FRESH
     return model, opt
 
 
 def _same_scalars(fresh) -> None:
     assert fresh.skipped_steps == SKIPPED
-    assert fresh._schedule.since_fresh == SINCE_FRESH
+    assert fresh.policy.since_fresh == SINCE_FRESH
+    assert fresh.step_counts == COUNTS
 
 
 def test_non_zero_scalars_survive_state_dict_and_load_state_dict():
@@ -346,7 +348,7 @@ def test_non_zero_scalars_survive_flatlm_0_2s_layout():
     saved = {**saved, "skipped_steps": SKIPPED, "steps_since_fresh_perturbation": SINCE_FRESH}
     opt = create(spec.pop("name"), make_mlp(seed=3), **spec)
     opt.load_state_dict(saved)
-    assert opt.skipped_steps == SKIPPED and opt._schedule.since_fresh == SINCE_FRESH
+    assert opt.skipped_steps == SKIPPED and opt.policy.since_fresh == SINCE_FRESH
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["default", "full_state_dict"])

@@ -186,7 +186,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         pass, and ``distributed="local"`` keeps the clean pass local.
 
         ``step(closure)``: the davda54/sam protocol: the caller has run the clean forward and
-        backward; ``closure`` (forward + backward) runs at the perturbed point. Returns its loss.
+        backward; ``closure`` (forward + backward) runs at the perturbed point. Returns its loss;
+        a plain step (ρ = 0, or the policy's) steps on the clean gradient and returns None.
 
         A momentum method (``msam``; ``mfsam``/``mpfsam`` need ``forward=``) runs no clean
         backward: ``step(forward=...)`` returns L(θ+ε) for ``msam``, the clean loss of a no-grad
