@@ -324,6 +324,81 @@ MUTATIONS = [
         'return random.Random(f"{self.seed}:0").random()',
         ("tests/optim/test_policies.py",),
     ),
+    Mutation(
+        "family: WSAM weighs the sharpness by γ, not γ/(1−γ)",
+        f"{OPTIM}/combination.py",
+        "        weight = self.gamma / (1.0 - self.gamma)",
+        "        weight = self.gamma",
+        ("tests/optim/test_family.py::test_wsam_is_the_gradient_of_the_weighted_sharpness",),
+    ),
+    Mutation(
+        "family: GSAM adds α·g_⊥ instead of subtracting it",
+        f"{OPTIM}/combination.py",
+        "        torch._foreach_add_(perturbed, vertical, alpha=-self.alpha)",
+        "        torch._foreach_add_(perturbed, vertical, alpha=self.alpha)",
+        (
+            "tests/optim/test_family.py::test_gsam_descends_on_the_sam_gradient_minus_the_orthogonal_part_of_the_clean_one",
+        ),
+    ),
+    Mutation(
+        "family: GSAM's g_⊥ is g_s's part orthogonal to g (LookSAM's), not g's orthogonal to g_s",
+        f"{OPTIM}/combination.py",
+        "        vertical = orthogonal_part(clean, perturbed)",
+        "        vertical = orthogonal_part(perturbed, clean)",
+        (
+            "tests/optim/test_family.py::test_gsam_equals_pytorch_optimizers_gsam_with_its_proportion_scheduler",
+        ),
+    ),
+    Mutation(
+        "family: the engine keeps the clean gradient but never applies the gradient rule",
+        f"{OPTIM}/engine.py",
+        "            combination.combine_(kept, self.gradient_rule)",
+        "            pass",
+        (
+            "tests/optim/test_family.py::test_wsam_equals_pytorch_optimizers_coupled_wsam_and_differs_from_its_decoupled_default",
+        ),
+    ),
+    Mutation(
+        "family: the clean gradient is kept only for LookSAM (no rule ever runs)",
+        f"{OPTIM}/engine.py",
+        "        if self.policy.keeps_clean_gradient or self.gradient_rule is not None:",
+        "        if self.policy.keeps_clean_gradient:",
+        (
+            "tests/optim/test_family.py::test_the_classic_two_phase_protocol_combines_too",
+            "tests/optim/test_family.py::test_micro_batches_combine_the_accumulated_gradients",
+        ),
+    ),
+    Mutation(
+        "family: FriendlySAM starts its EMA at (1 − λ)·g instead of g",
+        f"{OPTIM}/directions.py",
+        "        momenta: list[Tensor] = [g.clone() for g in grads]  # m = g where none is saved yet",
+        "        momenta: list[Tensor] = [g * (1.0 - self.lmbda) for g in grads]",
+        (
+            "tests/optim/test_family.py::test_friendlysam_perturbs_along_the_gradient_minus_its_ema",
+            "tests/optim/test_family.py::test_friendlysam_equals_pytorch_optimizers_friendlysam",
+        ),
+    ),
+    Mutation(
+        "family: FriendlySAM ignores σ·m (plain SAM)",
+        f"{OPTIM}/directions.py",
+        "            scaled = torch._foreach_mul(old, self.sigma)",
+        "            scaled = torch._foreach_mul(old, 0.0)",
+        ("tests/optim/test_family.py::test_friendlysam_perturbs_along_the_gradient_minus_its_ema",),
+    ),
+    Mutation(
+        "family: GCSAM removes each tensor's global mean, not each row's",
+        f"{OPTIM}/directions.py",
+        "            g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))",
+        "            g.sub_(g.mean())",
+        ("tests/optim/test_family.py::test_gcsam_perturbs_along_the_centralized_gradient",),
+    ),
+    Mutation(
+        "family: ρ does not follow the learning rate",
+        f"{OPTIM}/schedules.py",
+        '            group["rho"] = low + (base - low) * (group["lr"] - self.lr_min) / (lr_max - self.lr_min)',
+        '            group["rho"] = base',
+        ("tests/optim/test_family.py::test_gsam_rho_follows_the_learning_rate_schedule",),
+    ),
 ]
 
 

@@ -14,6 +14,8 @@ SAM_METHODS = [m for m in METHODS if m != "adamw"]
 MOMENTUM_METHODS = ["msam", "mfsam", "mpfsam"]
 #: The methods that make ε from a clean gradient (two gradient passes a step).
 GRADIENT_METHODS = [m for m in SAM_METHODS if m not in MOMENTUM_METHODS]
+#: The methods whose update combines the clean and perturbed gradients (no perturb_every).
+COMBINING_METHODS = ["wsam", "gsam"]
 
 
 def forward_calls(name: str) -> int:
@@ -25,7 +27,10 @@ def forward_calls(name: str) -> int:
 POISON_CASES = [(n, call) for n in SAM_METHODS for call in range(forward_calls(n))]
 #: (method, perturb_every) for the values each method accepts.
 PERTURB_EVERY_CASES = [
-    (n, k) for n in SAM_METHODS for k in (1, 2) if k == 1 or n in GRADIENT_METHODS
+    (n, k)
+    for n in SAM_METHODS
+    for k in (1, 2)
+    if k == 1 or (n in GRADIENT_METHODS and n not in COMBINING_METHODS)
 ]
 
 

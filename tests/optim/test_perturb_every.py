@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, vjp
 
 from flatlm.optim import NonFiniteStepWarning, create
 from helpers.optim import (
+    COMBINING_METHODS,
     GRADIENT_METHODS,
     SpyAdamW,
     SpySGD,
@@ -22,7 +23,9 @@ from helpers.optim import (
     params_of,
 )
 
-SAM_METHODS = GRADIENT_METHODS  # the momentum methods refuse perturb_every (test_momentum.py)
+# The momentum methods refuse perturb_every (test_momentum.py), and so do WSAM and GSAM, which
+# need a clean and a perturbed gradient every fresh step (test_family.py).
+SAM_METHODS = [m for m in GRADIENT_METHODS if m not in COMBINING_METHODS]
 FUNCTIONAL = {"fsam", "pfsam"}
 PRECONDITIONED = {"psam", "pfsam"}
 

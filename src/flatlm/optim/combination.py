@@ -1,14 +1,17 @@
 """Gradient combinations: update directions made from the clean gradient g and the perturbed
-one g_s, for the step policies that need both (LookSAM now; a GSAM or WSAM rule goes beside it).
+one g_s: LookSAM's stored g_v (a step policy), and the gradient rules of WSAM and GSAM, which
+replace g_s by a combination of both before the base optimizer steps (:class:`GradientRule`).
 
 The engine keeps a copy of the clean gradient (:func:`keep_clean`) only on a fresh step of a
-policy that asks for it (``StepPolicy.keeps_clean_gradient``). Everything works on this rank's
+policy that asks for it (``StepPolicy.keeps_clean_gradient``) or of a method with a gradient
+rule. Everything works on this rank's
 local shards; inner products and norms add their partial sums over the shards inside
 ``sharded.reducing`` (FSDP2), so every rank gets the global values.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,18 @@ from flatlm.optim import sharded
 from flatlm.optim.directions import global_norm
 from flatlm.optim.perturbation import Perturbation
 
-__all__ = ["Kept", "add_correction_", "correct_", "keep_clean", "orthogonal_of", "orthogonal_part"]
+__all__ = [
+    "GradientRule",
+    "Kept",
+    "SurrogateGap",
+    "WeightedSharpness",
+    "add_correction_",
+    "combine_",
+    "correct_",
+    "keep_clean",
+    "orthogonal_of",
+    "orthogonal_part",
+]
 
 State = MutableMapping[Tensor, dict[str, Any]]
 
@@ -89,3 +103,60 @@ def add_correction_(grads: list[Tensor], stored: list[Tensor], alpha: float) -> 
     gv_norm = global_norm(stored)
     coef = alpha * global_norm(grads) / gv_norm.clamp_min(torch.finfo(gv_norm.dtype).tiny)
     torch._foreach_add_(grads, torch._foreach_mul(stored, coef.to(grads[0].dtype)))
+
+
+class GradientRule:
+    """How a fresh step's update gradient is made from the clean g and the perturbed g_s."""
+
+    def validate(self) -> None:
+        """Raise at construction for options out of range."""
+        return None
+
+    def __call__(self, perturbed: list[Tensor], clean: list[Tensor]) -> None:
+        """Overwrite ``perturbed`` (g_s, local shards) with the update gradient."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WeightedSharpness(GradientRule):
+    """WSAM (Yue et al., KDD 2023): the gradient of L + γ/(1−γ)·(L(θ+ε) − L(θ)), the
+    sharpness weighted by γ/(1−γ): g + γ/(1−γ)·(g_s − g) (γ = ½ is SAM, γ = 0 the base)."""
+
+    gamma: float = 0.9
+
+    def validate(self) -> None:
+        if not 0.0 <= self.gamma < 1.0:
+            raise ValueError(f"gamma must be in [0, 1), got {self.gamma!r}")
+
+    def __call__(self, perturbed: list[Tensor], clean: list[Tensor]) -> None:
+        weight = self.gamma / (1.0 - self.gamma)
+        # g_s + (1 − w)(g − g_s) = g + w(g_s − g)
+        torch._foreach_lerp_(perturbed, clean, 1.0 - weight)
+
+
+@dataclass(frozen=True)
+class SurrogateGap(GradientRule):
+    """GSAM (Zhuang et al., ICLR 2022): g_s − α·g_⊥, g_⊥ = g − (⟨g, g_s⟩/‖g_s‖²)·g_s the part
+    of the clean gradient orthogonal to g_s (norms and inner products global, over every
+    group and shard): descending on the surrogate gap without changing the SAM loss to first
+    order."""
+
+    alpha: float = 0.4
+
+    def validate(self) -> None:
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+
+    def __call__(self, perturbed: list[Tensor], clean: list[Tensor]) -> None:
+        vertical = orthogonal_part(clean, perturbed)
+        torch._foreach_add_(perturbed, vertical, alpha=-self.alpha)
+
+
+def combine_(kept: Kept, rule: GradientRule) -> None:
+    """Apply ``rule`` to the gradients now in ``p.grad`` (the perturbed ones) with the kept
+    clean ones, for the parameters that have both."""
+    pairs = [
+        (p.grad, c) for p, c in zip(kept.params, kept.values, strict=True) if p.grad is not None
+    ]
+    if pairs:
+        rule(sharded.locals_of([g for g, _ in pairs]), [c for _, c in pairs])  # type: ignore[misc]

@@ -15,7 +15,12 @@ scaled by T           T² g                   T g
 preconditioned        P⁻¹ g                  P⁻¹ g
 momentum (MSAM)       −m                     −m
   preconditioned      −P⁻¹ m                 −P⁻¹ m
+FriendlySAM           g − σ m                g − σ m
+GCSAM                 GC(g)                  GC(g)
 ====================  =====================  ===============
+
+(FriendlySAM's m is its own EMA of past clean gradients; GC subtracts from each row of a
+weight its mean, Yong et al. 2020.)
 
 A momentum rule (``needs_gradient = False``) takes the base optimizer's momentum m, which exists
 before the step, in place of a clean gradient: its ``source`` supplies the vectors the engine
@@ -49,8 +54,10 @@ from flatlm.optim.preconditioners import (
 
 __all__ = [
     "AdaptiveDirection",
+    "CentralizedDirection",
     "Direction",
     "EuclideanDirection",
+    "FriendlyDirection",
     "GradientStrengthDirection",
     "MomentumDirection",
     "PreconditionedDirection",
@@ -100,11 +107,14 @@ class Prepared:
 
     ``scale``: T of a scaled rule, whose corruption set is ‖ε ⊘ T‖ ≤ ρ. ``precond``: P per parameter (None: P = I). ``new_state``: the
     rule's per-parameter state after this step, by key, aligned with the parameters.
+    ``shift``: a vector taken from the gradient before it is used (FriendlySAM's σ·m; None
+    where there is none).
     """
 
     scale: list[Tensor] | None = None
     precond: list[Tensor | None] | None = None
     new_state: dict[str, list[Tensor]] | None = None
+    shift: list[Tensor | None] | None = None
 
 
 class Direction:
@@ -382,3 +392,76 @@ class GradientStrengthDirection(ScaledDirection):
                 strength, rms.pow(self.alpha).clamp(1 / self.max_scale, self.max_scale)
             )
         return strength, {"grad_sq_ema": emas, "step": steps}
+
+
+@dataclass(frozen=True)
+class FriendlyDirection(Direction):
+    """FriendlySAM (Li et al., CVPR 2024): ε ∝ d = g − σ·m, the batch-specific part of the
+    gradient, m an EMA of the clean gradients with momentum λ (``lmbda``).
+
+    As the authors' code (nblt/F-SAM) does it: at a parameter's first step m = g and d = g (SAM);
+    after that d = g − σ·m_{t−1}, then m_t = λ·m_{t−1} + (1 − λ)·g. m is saved only if the step
+    is taken (a skipped step leaves it as it was).
+    """
+
+    sigma: float = 1.0
+    lmbda: float = 0.9
+    stateful: ClassVar[bool] = True
+
+    def validate(self, geometry: BaseGeometry) -> None:
+        if not (math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        if not 0.0 <= self.lmbda < 1.0:
+            raise ValueError(f"lmbda must be in [0, 1), got {self.lmbda!r}")
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: ParamState,
+        geometry: BaseGeometry,
+    ) -> Prepared:
+        seen = [i for i, st in enumerate(state) if "friendly_momentum" in st]
+        momenta: list[Tensor] = [g.clone() for g in grads]  # m = g where none is saved yet
+        shift: list[Tensor | None] = [None] * len(grads)
+        if seen:
+            old = [state[i]["friendly_momentum"] for i in seen]
+            scaled = torch._foreach_mul(old, self.sigma)
+            new = torch._foreach_mul(old, self.lmbda)
+            torch._foreach_add_(new, [grads[i] for i in seen], alpha=1.0 - self.lmbda)
+            for i, s, m in zip(seen, scaled, new, strict=True):
+                shift[i], momenta[i] = s, m
+        return Prepared(new_state={"friendly_momentum": momenta}, shift=shift)
+
+    def __call__(
+        self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        assert prepared.shift is not None
+        pairs = [(g, s) for g, s in zip(grads, prepared.shift, strict=True) if s is not None]
+        if pairs:
+            torch._foreach_sub_([g for g, _ in pairs], [s for _, s in pairs])
+        return grads, grads
+
+
+def centralize_(grads: list[Tensor]) -> None:
+    """Gradient centralisation (Yong et al., ECCV 2020) in place: each tensor of two or more
+    dimensions loses its mean over every dimension but the first (each output row's mean); 1-D
+    tensors (biases, gains) are left as they are. Under FSDP2 a shard holds whole rows (dim-0
+    sharding), so the means are local."""
+    for g in grads:
+        if g.dim() > 1:
+            g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+
+
+@dataclass(frozen=True)
+class CentralizedDirection(Direction):
+    """GCSAM (Hassan et al. 2025): SAM with the clean gradient centralised before ε is made,
+    ε = ρ·GC(g)/‖GC(g)‖ (:func:`centralize_`); the descent gradient is the perturbed one as
+    it is."""
+
+    def __call__(
+        self, params: list[Tensor], grads: list[Tensor], prepared: Prepared
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        centralize_(grads)
+        return grads, grads

@@ -41,6 +41,7 @@ from flatlm.optim.validation import (
     base_params,
     check_closure_origin,
     check_distributed_mode,
+    check_gradient_rule,
     check_options,
     check_policy,
     check_rho,
@@ -73,6 +74,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             and state are used as they are.
         rho: perturbation radius ρ ≥ 0.
         direction: the rule that makes ε's direction (see :mod:`flatlm.optim.directions`).
+        gradient_rule: how a fresh step's update gradient is made from the clean g and the
+            perturbed g_s (WSAM, GSAM: :mod:`flatlm.optim.combination`); None: g_s as it is.
         functional: take J(θ+ε)ᵀ r(θ) at the perturbed point instead of ∇L(θ+ε).
         ascent_steps: K normalised ascent steps of size ρ/K (each in the corruption set's own
             norm, so their sum stays in the set), the descent gradient taken at the last point.
@@ -105,6 +108,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         *,
         rho: float,
         direction: Direction,
+        gradient_rule: combination.GradientRule | None = None,
         functional: bool = False,
         ascent_steps: int = 1,
         max_grad_norm: float | None = None,
@@ -148,6 +152,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         geometry = BaseGeometry(self.base_optimizer)
         direction.validate(geometry)
         check_policy(self.policy, direction.needs_gradient, ascent_steps, distributed)
+        check_gradient_rule(gradient_rule, self.policy, direction.needs_gradient, distributed)
+        self.gradient_rule = gradient_rule
         self._perturbation = Perturbation(
             direction, geometry, ascent_steps=ascent_steps, keep_direction=self.perturb_every > 1
         )
@@ -510,7 +516,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
         kept, self._kept_clean = self._kept_clean, None
-        orthogonal = combination.orthogonal_of(kept) if kept is not None else None  # LookSAM
+        orthogonal = None
+        if kept is not None and self.policy.keeps_clean_gradient:  # LookSAM
+            orthogonal = combination.orthogonal_of(kept)
+        if kept is not None and self.gradient_rule is not None:  # WSAM, GSAM
+            combination.combine_(kept, self.gradient_rule)
         self._update(ok, warn)
         if orthogonal is not None and self._last_step_taken:  # kept only if the step is taken
             combination.store(self.state, orthogonal, self.policy.stored)  # type: ignore[arg-type]
@@ -554,7 +564,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.policy.advance(kind, self._last_step_taken)
 
     def _keep_clean(self) -> None:
-        if self.policy.keeps_clean_gradient:
+        if self.policy.keeps_clean_gradient or self.gradient_rule is not None:
             self._kept_clean = combination.keep_clean(self.param_groups)
 
     def _correct(self) -> None:
@@ -589,5 +599,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return (
             f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, "
             f"rho={self.defaults['rho']}, direction={self.direction}, functional={self.functional}"
+            + (f", gradient_rule={self.gradient_rule}" if self.gradient_rule is not None else "")
             + (f", policy={self.policy!r})" if not self.policy.every_step else ")")
         )

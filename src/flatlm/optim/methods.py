@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatlm.optim.combination import SurrogateGap, WeightedSharpness
 from flatlm.optim.directions import (
     AdaptiveDirection,
+    CentralizedDirection,
     EuclideanDirection,
+    FriendlyDirection,
     GradientStrengthDirection,
     MomentumDirection,
     PreconditionedDirection,
@@ -20,8 +23,12 @@ from flatlm.optim.engine import SharpnessAwareOptimizer
 __all__ = [
     "ASAM",
     "GASAM",
+    "GCSAM",
+    "GSAM",
     "MSAM",
     "SAM",
+    "WSAM",
+    "FriendlySAM",
     "FunctionalSAM",
     "MomentumFunctionalSAM",
     "MomentumPreconditionedFunctionalSAM",
@@ -208,3 +215,82 @@ class MomentumPreconditionedFunctionalSAM(MSAM):
 
     _functional = True
     _preconditioned = True
+
+
+class WSAM(SharpnessAwareOptimizer):
+    """WSAM (Yue et al., KDD 2023): ε = ρ g/‖g‖ as SAM, the base optimizer stepped with
+    g + γ/(1−γ)·(g_s − g), the gradient of L + γ/(1−γ)·(L(θ+ε) − L(θ)). γ = ½ is SAM.
+    The coupled form (the base optimizer sees the weighted gradient); the authors' default
+    ``decouple=True`` is not this (docs/algorithms.md)."""
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = 0.05,
+        gamma: float = 0.9,
+        **kw: Any,
+    ):
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            direction=EuclideanDirection(),
+            gradient_rule=WeightedSharpness(gamma),
+            **kw,
+        )
+
+
+class GSAM(SharpnessAwareOptimizer):
+    """GSAM (Zhuang et al., ICLR 2022): ε = ρ g/‖g‖ as SAM, the base optimizer stepped with
+    g_s − α·g_⊥, g_⊥ the part of the clean g orthogonal to g_s. The paper ties ρ to the LR
+    (ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)): build
+    :class:`flatlm.optim.schedules.RhoFollowsLR` (``rho_schedule=lr`` in a spec)."""
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = 0.05,
+        alpha: float = 0.4,
+        **kw: Any,
+    ):
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            direction=EuclideanDirection(),
+            gradient_rule=SurrogateGap(alpha),
+            **kw,
+        )
+
+
+class FriendlySAM(SharpnessAwareOptimizer):
+    """FriendlySAM (Li et al., CVPR 2024): ε = ρ d/‖d‖ with d = g − σ·m, m an EMA (momentum
+    ``lmbda``) of past clean gradients; the first step is SAM's (m = g)."""
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        **kw: Any,
+    ):
+        direction = FriendlyDirection(sigma=sigma, lmbda=lmbda)
+        super().__init__(params, base_optimizer, rho=rho, direction=direction, **kw)
+
+
+class GCSAM(SharpnessAwareOptimizer):
+    """GCSAM: SAM with ε = ρ·GC(g)/‖GC(g)‖, GC the gradient centralisation of each tensor with
+    two or more dimensions (its rows' means removed)."""
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = AdamW,
+        rho: float = 0.05,
+        **kw: Any,
+    ):
+        super().__init__(params, base_optimizer, rho=rho, direction=CentralizedDirection(), **kw)

@@ -19,8 +19,12 @@ import torch
 from flatlm.optim.methods import (
     ASAM,
     GASAM,
+    GCSAM,
+    GSAM,
     MSAM,
     SAM,
+    WSAM,
+    FriendlySAM,
     FunctionalSAM,
     MomentumFunctionalSAM,
     MomentumPreconditionedFunctionalSAM,
@@ -112,6 +116,10 @@ _INFO: dict[str, MethodInfo] = {
         MethodInfo("msam", MSAM, {"preconditioned": bool}, clean_backward=False),
         MethodInfo("mfsam", MomentumFunctionalSAM, clean_backward=False),
         MethodInfo("mpfsam", MomentumPreconditionedFunctionalSAM, clean_backward=False),
+        MethodInfo("wsam", WSAM, {"gamma": float}),
+        MethodInfo("gsam", GSAM, {"alpha": float}),
+        MethodInfo("friendlysam", FriendlySAM, {"sigma": float, "lmbda": float}),
+        MethodInfo("gcsam", GCSAM),
     )
 }
 

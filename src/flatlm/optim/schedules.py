@@ -20,7 +20,8 @@ fraction f covers the steps k with k ≥ f·total, taken as the decimal the user
 (``fraction_to_step(0.1, 600) == 60``, not 61 from binary rounding).
 
 The workbench and method specs name a schedule by a string (:func:`parse_rho_schedule`):
-``window:START:END``, ``linear:START:END[:FROM:TO]``, ``cosine:START:END[:FROM:TO]`` or
+``window:START:END``, ``linear:START:END[:FROM:TO]``, ``cosine:START:END[:FROM:TO]``,
+``lr[:FROM]`` (ρ follows the learning rate, GSAM's rule: :class:`RhoFollowsLR`) or
 ``constant``; START and END are fractions, or step numbers written with a trailing ``s``
 (``window:0s:60s``). No ``,`` or ``=``, so a schedule fits in a spec:
 ``"sam:rho=2,rho_schedule=window:0:0.1"``.
@@ -39,6 +40,7 @@ import torch
 __all__ = [
     "RHO_SCHEDULES",
     "RhoCosine",
+    "RhoFollowsLR",
     "RhoLambda",
     "RhoLinear",
     "RhoSchedule",
@@ -237,6 +239,40 @@ class RhoCosine(RhoLinear):
     shape = staticmethod(cosine_factor)
 
 
+class RhoFollowsLR(RhoScheduler):
+    """ρ tied to the learning rate, GSAM's rule (Zhuang et al. 2022, their ``ProportionScheduler``):
+    per group, ρ_t = ρ_min + (ρ_max − ρ_min)·(lr_t − lr_min)/(lr_max − lr_min) with ρ_max the
+    group's ``initial_rho``, ρ_min = ``begin``·ρ_max, lr_max the group's ``initial_lr`` (set by
+    torch's LR schedulers; else its LR when this is built) and lr_min = ``lr_min``.
+
+    It reads ``group["lr"]`` when it steps: step the LR scheduler first (as the workbench and
+    the module's example do), so ρ_t and lr_t belong to the same step."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        begin: float = 0.0,
+        lr_min: float = 0.0,
+        last_step: int = -1,
+    ):
+        if not (math.isfinite(begin) and 0.0 <= begin <= 1.0):
+            raise ValueError(f"begin={begin!r} (ρ_min as a fraction of ρ) must be in [0, 1]")
+        self.begin, self.lr_min = float(begin), float(lr_min)
+        self.max_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        for lr_max in self.max_lrs:
+            if not lr_max > self.lr_min:
+                raise ValueError(
+                    f"lr_min={lr_min!r} must be below every group's initial LR ({lr_max!r})"
+                )
+        super().__init__(optimizer, last_step)
+
+    def _apply(self) -> None:
+        groups = self.optimizer.param_groups
+        for group, base, lr_max in zip(groups, self.base_rhos, self.max_lrs, strict=True):
+            low = self.begin * base
+            group["rho"] = low + (base - low) * (group["lr"] - self.lr_min) / (lr_max - self.lr_min)
+
+
 # ----------------------------------------------------------------------------- by name
 
 
@@ -246,6 +282,7 @@ RHO_SCHEDULES: dict[str, type[RhoScheduler] | None] = {
     "window": RhoWindow,
     "linear": RhoLinear,
     "cosine": RhoCosine,
+    "lr": RhoFollowsLR,
 }
 
 
@@ -284,9 +321,22 @@ def parse_rho_schedule(spec: str) -> RhoSchedule:
     """``"window:0:0.1"`` -> ``RhoSchedule("window", 0.0, 0.1)``; a ValueError naming the problem
     for an unknown name, a missing or extra field, a bound outside [0, 1], or start ≥ end."""
     name, *fields = [part.strip() for part in spec.strip().split(":")]
-    forms = "window:START:END, linear:START:END[:FROM:TO], cosine:START:END[:FROM:TO], constant"
+    forms = (
+        "window:START:END, linear:START:END[:FROM:TO], cosine:START:END[:FROM:TO], lr[:FROM], "
+        "constant"
+    )
     if name not in RHO_SCHEDULES:
         raise ValueError(f"unknown ρ schedule {name!r} in {spec!r}; choose one of: {forms}")
+    if name == "lr":
+        if len(fields) > 1:
+            raise ValueError(f"ρ schedule {spec!r} has {len(fields)} fields; the form is lr[:FROM]")
+        try:
+            begin = float(fields[0]) if fields else 0.0
+        except ValueError:
+            raise ValueError(f"ρ schedule {spec!r}: FROM must be a number") from None
+        if not (math.isfinite(begin) and 0.0 <= begin <= 1.0):
+            raise ValueError(f"ρ schedule {spec!r}: FROM (ρ_min / ρ) must be in [0, 1]")
+        return RhoSchedule(name, begin=begin)
     if name == "constant":
         if fields:
             raise ValueError(f"ρ schedule 'constant' takes no bounds, got {spec!r}")
@@ -327,6 +377,8 @@ def build_rho_schedule(
         if schedule.in_steps
         else (schedule.start, schedule.end)
     )
+    if cls is RhoFollowsLR:
+        return RhoFollowsLR(optimizer, begin=schedule.begin)
     if cls is RhoWindow:
         return RhoWindow(optimizer, start, end, total)
     assert issubclass(cls, RhoLinear)

@@ -15,6 +15,7 @@ __all__ = [
     "check_closure_origin",
     "check_dense",
     "check_distributed_mode",
+    "check_gradient_rule",
     "check_group_rhos",
     "check_one_pass_options",
     "check_options",
@@ -144,6 +145,26 @@ def check_policy(policy: Any, needs_gradient: bool, ascent_steps: int, distribut
         )
     if not needs_gradient:
         check_one_pass_options(ascent_steps, policy, distributed)
+
+
+def check_gradient_rule(rule: Any, policy: Any, needs_gradient: bool, distributed: str) -> None:
+    """A gradient rule (WSAM, GSAM) combines a fresh step's clean and perturbed gradients: the
+    step policies whose steps in between have no such pair, and the modes without a clean
+    gradient shared by every rank, cannot run it."""
+    if rule is None:
+        return
+    rule.validate()
+    if policy.reuses is not None:
+        raise ValueError(
+            f"step policy {policy.name} reuses a stored perturbation between fresh steps, which "
+            f"gives no clean and perturbed gradient pair for {type(rule).__name__} to combine: "
+            "use every_step, interval, aesam or rst"
+        )
+    if not needs_gradient or distributed == "local":
+        raise ValueError(
+            f"{type(rule).__name__} combines the all-reduced clean gradient with the perturbed "
+            "one: it needs a direction rule that reads the gradient and distributed='sync'"
+        )
 
 
 def check_one_pass_options(ascent_steps: int, policy: Any, distributed: str) -> None:
