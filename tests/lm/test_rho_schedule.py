@@ -56,6 +56,33 @@ def test_window_sets_rho_per_step_and_resume_mid_window_is_bit_exact(
     assert saved["optim"]["method"] == "sam:rho=0.5,rho_schedule=window:0.25:0.75"
 
 
+def test_gsam_rho_follows_the_learning_rate_and_resumes_bit_exact(tiny_cfg, tmp_path, monkeypatch):
+    # rho_schedule=lr: ρ_k = ρ·lr_k/lr_max with the LR the step runs with (GSAM's rule).
+    cfg = tiny_cfg(optim__method="gsam:rho=0.5,rho_schedule=lr", train__steps=6)
+    seen: list[tuple[float, float]] = []
+    real_step = train_mod.train_step
+
+    def spy(model, opt, *args, **kwargs):
+        group = opt.param_groups[0]
+        seen.append((group["rho"], group["lr"] / group["initial_lr"]))
+        return real_step(model, opt, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    train(cfg, tmp_path / "a", quiet=True)
+    assert len({lr for _, lr in seen}) > 2  # the LR moved
+    assert [rho for rho, _ in seen] == pytest.approx([0.5 * lr for _, lr in seen], rel=1e-12)
+    first = list(seen)
+    seen.clear()
+    train(cfg, tmp_path / "b", quiet=True, stop_after=3)
+    train(cfg, tmp_path / "b", quiet=True, resume=True)
+    assert seen == first
+    a, b = (
+        torch.load(p / "checkpoint.pt", weights_only=True)["model"]
+        for p in (tmp_path / "a", tmp_path / "b")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_config_key_applies_and_a_changed_schedule_is_refused_on_resume(
     tiny_cfg, tmp_path, monkeypatch
 ):

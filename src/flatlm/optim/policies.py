@@ -17,9 +17,9 @@ checkpoints, FSDP2 and ``torch.distributed.checkpoint`` treat them like Adam's m
 A step whose ρ is 0 in every group is ``PLAIN`` whatever the policy says (the engine's rule),
 and still counts as a step of the policy's clock ``t``.
 
-LookSAM's gradient maths (g_v, the correction) are in :mod:`~flatlm.optim.combination`; a later
-rule that needs both the clean g and the perturbed g_s (GSAM, WSAM) goes there and its policy
-sets ``keeps_clean_gradient``.
+LookSAM's gradient maths (g_v, the correction) are in :mod:`~flatlm.optim.combination`, beside
+the gradient rules of WSAM and GSAM (a method's ``gradient_rule``, not a policy), which combine
+a fresh step's clean g and perturbed g_s.
 """
 
 from __future__ import annotations
