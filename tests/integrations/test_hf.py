@@ -338,7 +338,7 @@ def test_missing_transformers_gives_install_hint():
 # --- the numbers --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", SAM_METHODS)
+@pytest.mark.parametrize("method", [*SAM_METHODS, "wsam", "gsam", "friendlysam", "gcsam"])
 def test_trainer_equals_engine_step_with_accumulation_and_clipping(tmp_path, method):
     """Two updates of two micro-batches each: the Trainer path is flatlm's own step, and the
     gradient AdamW receives (the perturbed one) is clipped to max_grad_norm."""
