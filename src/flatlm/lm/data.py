@@ -279,18 +279,80 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- cache
 
 
-def _write_tokens(path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type) -> int:
-    """Stream token ids to ``path`` piece by piece (never the whole split in memory)."""
-    n = 0
+def _write_tokens(
+    path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type
+) -> tuple[int, str]:
+    """Stream token ids to ``path`` piece by piece (never the whole split in memory); returns
+    their number and the SHA-256 of the file."""
+    n, sha = 0, hashlib.sha256()
     with atomic_write(path, "wb") as f:
         for i in range(0, len(pieces), 64):
             chunk = pieces[i : i + 64]
             for p, ids in zip(chunk, tok.encode_batch([p.text for p in chunk]), strict=True):
                 if p.ends_doc:
                     ids = [*ids, tok.eot_id]
-                np.asarray(ids, dtype=dtype).tofile(f)
+                data = np.asarray(ids, dtype=dtype).tobytes()
+                f.write(data)
+                sha.update(data)
                 n += len(ids)
-    return n
+    return n, sha.hexdigest()
+
+
+class CacheError(ValueError):
+    """A token cache that does not hold what its ``meta.json`` says; the message names the
+    file and the fix (delete the folder: the next run rebuilds it)."""
+
+
+def _scan_tokens(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """The SHA-256 of a token file and its largest id (-1 if empty), in one pass."""
+    sha, top = hashlib.sha256(), -1
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            sha.update(block)
+            usable = len(block) - len(block) % dtype.itemsize
+            if usable:
+                top = max(top, int(np.frombuffer(block[:usable], dtype=dtype).max()))
+    return sha.hexdigest(), top
+
+
+def verify_cache(directory: Path, meta: dict, vocab_size: int) -> dict:
+    """Check every split's token file against ``meta.json`` before a run reads it: its length,
+    its SHA-256 (caches written before checksums get theirs now, added to ``meta.json``) and
+    every id below the tokeniser's vocabulary. Returns the meta (with the checksums)."""
+    fix = f"delete the folder {directory} and run again to rebuild it"
+    dtype = np.dtype(meta["dtype"])
+    if meta.get("vocab_size") != vocab_size:
+        raise CacheError(
+            f"token cache {directory / 'tokenizer.json'} has {vocab_size} tokens but "
+            f"{directory / 'meta.json'} says {meta.get('vocab_size')}: the cache is damaged; {fix}"
+        )
+    sums = dict(meta.get("sha256") or {})
+    for split in SPLITS:
+        path, tokens = directory / f"{split}.bin", int(meta["tokens"][split])
+        size = path.stat().st_size if path.is_file() else None
+        if size != tokens * dtype.itemsize:
+            held = "is missing" if size is None else f"holds {size // dtype.itemsize} tokens"
+            raise CacheError(
+                f"token cache {path} {held} but {directory / 'meta.json'} says {tokens}: the "
+                f"cache is damaged or was cut short; {fix}"
+            )
+        digest, top = _scan_tokens(path, dtype)
+        if split in sums and sums[split] != digest:
+            raise CacheError(
+                f"token cache {path} is damaged: its SHA-256 does not match the one in "
+                f"{directory / 'meta.json'}; {fix}"
+            )
+        if top >= vocab_size:
+            raise CacheError(
+                f"token cache {path} holds token id {top}, not below the vocabulary of "
+                f"{vocab_size}: the cache is damaged; {fix}"
+            )
+        sums[split] = digest
+    if sums != meta.get("sha256"):  # an older cache, now verified as far as it can be
+        meta = meta | {"sha256": sums}
+        with contextlib.suppress(OSError):  # a read-only cache stays usable
+            atomic_write_text(directory / "meta.json", json.dumps(meta, indent=1))
+    return meta
 
 
 @dataclass
@@ -331,14 +393,16 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
                 tok = BPETokenizer.train(train_texts, cfg.vocab_size)
             tok.save(directory / "tokenizer.json")
             dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-            sizes = {
+            written = {
                 s: _write_tokens(directory / f"{s}.bin", tok, splits[s], dtype) for s in SPLITS
             }
+            sizes = {s: n for s, (n, _) in written.items()}
             meta = {"dtype": np.dtype(dtype).name, "tokens": sizes, "vocab_size": tok.vocab_size}
             meta |= {"corpus": cfg.corpus, "fingerprint": fp}
+            meta["sha256"] = {s: digest for s, (_, digest) in written.items()}
             atomic_write_text(meta_path, json.dumps(meta, indent=1))
-    meta = json.loads(meta_path.read_text())
-    tok = load_tokenizer(directory / "tokenizer.json")
+    meta, tok = _read_cache(directory)
+    meta = verify_cache(directory, meta, tok.vocab_size)
     arrays = {}
     for s in SPLITS:
         n = meta["tokens"][s]
@@ -348,6 +412,28 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
             else np.zeros(0, dtype=meta["dtype"])
         )
     return Corpus(tok, arrays, fp, directory)
+
+
+def _read_cache(directory: Path) -> tuple[dict, Tokenizer]:
+    """``meta.json`` and the tokeniser of a cache folder, or a CacheError naming the file."""
+    fix = f"delete the folder {directory} and run again to rebuild it"
+    for name in ("meta.json", "tokenizer.json"):
+        path = directory / name
+        try:
+            if name == "meta.json":
+                meta = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(meta, dict) or not {"dtype", "tokens"} <= set(meta):
+                    raise ValueError("not a flatlm cache meta.json")
+                np.dtype(meta["dtype"])
+                [int(meta["tokens"][s]) for s in SPLITS]
+            else:
+                tok = load_tokenizer(path)
+        except Exception as e:
+            raise CacheError(
+                f"token cache {path} is unreadable ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); {fix}"
+            ) from e
+    return meta, tok
 
 
 @contextlib.contextmanager

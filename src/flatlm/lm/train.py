@@ -36,6 +36,7 @@ from flatlm.lm._process import default_threads, stop_on_signals, torch_threads
 from flatlm.lm.checkpoint import (
     RunState,
     checkpoint_path,
+    has_checkpoint,
     resume_run,
     resume_sharded,
     save_checkpoint,
@@ -246,18 +247,42 @@ def _train(
         # Every rank resumes from rank 0's folder; under FSDP2 every rank also writes its shards
         # there (one filesystem for all ranks).
         ckpt = checkpoint_path(out, cfg.train.strategy)
+        resume_from = ckpt if resume else None
         with contextlib.ExitStack() as stack:
             if where.rank > 0:  # only rank 0 writes logs: the others into a throwaway folder
                 prefix = f"flatlm-rank{where.rank}-"
                 out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
             with own_folder(out, RUN_FILES):
+                if resume_from is None:  # every rank: all must stop alike
+                    refuse_to_overwrite(ckpt.parent)
                 if sharded and where.rank == 0:  # a killed sharded write's leftover
                     shutil.rmtree(sharded_temp(ckpt), ignore_errors=True)
                 save_to = ckpt if sharded else out / "checkpoint.pt"
-                resume_from = ckpt if resume else None
                 return _run(
                     cfg, out, save_to, resume_from, quiet, corpus, stop_after, where, on_eval
                 )
+
+
+def refuse_to_overwrite(out: Path) -> None:
+    """Without ``--resume``, a folder holding a run (its result or a checkpoint) is not
+    trained into: a new run there would replace its records. A FolderError names the run."""
+    from flatlm.lm._io import FolderError
+
+    result_path = out / "result.json"
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text())
+            what = f"a {result['status']} run (step {result['step']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "a run (result.json)"
+    elif has_checkpoint(out):
+        what = "a run that was stopped (its checkpoint)"
+    else:
+        return
+    raise FolderError(
+        f"{out} holds {what}: a new run would replace it; pass --resume to continue (or "
+        "re-evaluate) that run, or use another --out"
+    )
 
 
 def _run(

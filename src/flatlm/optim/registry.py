@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flatlm.optim.validation import check_param_lists
 from flatlm.optim.methods import (
     ASAM,
     GASAM,
@@ -154,13 +155,17 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     method. Each option must be one the method takes, with a value of its type (``true``/
     ``false`` for switches, whole numbers for counts); anything else is a ValueError naming it.
     """
-    name, _, rest = spec.partition(":")
+    name, colon, rest = spec.partition(":")
     info = method_info(name)
     options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    if colon and not rest.strip():  # "sam:" is a typo for something, not "sam"
+        raise ValueError(f"{spec!r} has a ':' but no options: write {name!r} or {name}:key=value")
+    for item in (part.strip() for part in rest.split(",") if colon):
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"bad method option {item!r} in {spec!r}: expected key=value")
+        if k.strip() in options:  # the later would win silently
+            raise ValueError(f"option {k.strip()!r} is given twice in {spec!r}: give it once")
         options[k.strip()] = _parse_value(v.strip())
     check_options(info.name, options, where=f"in {spec!r}")
     return info.name, options
@@ -274,6 +279,8 @@ def create(
         extra = sorted(set(kwargs) - set(ADAMW_OPTIONS))
         if extra:
             raise ValueError(f"plain AdamW takes no sharpness-aware options, got {extra}")
+        params = list(params)
+        check_param_lists(params)
         return torch.optim.AdamW(params, **kwargs)
     policy_options = {k: kwargs.pop(k) for k in list(kwargs) if k in SPEC_OPTIONS}
     if policy_options:  # the spec's policy options make one StepPolicy (perturb_every too)

@@ -19,6 +19,7 @@ __all__ = [
     "check_group_rhos",
     "check_one_pass_options",
     "check_options",
+    "check_param_lists",
     "check_policy",
     "check_rho",
     "check_state_dict",
@@ -38,6 +39,24 @@ def check_rho(rho: object) -> None:
         or rho < 0
     ):
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+
+
+def check_param_lists(params: list[Any]) -> None:
+    """Refuse a parameter listed twice in one group: torch only warns, and then steps it twice
+    per step (with SAM, perturbs it twice too). Across groups torch itself refuses."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    for i, group in enumerate(groups):
+        items = group.get("params", []) if isinstance(group, dict) else []
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        seen: set[int] = set()
+        for p in items:
+            p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs
+            if id(p) in seen:
+                raise ValueError(
+                    f"param_groups[{i}] lists a parameter of shape {tuple(p.shape)} twice: it "
+                    "would be updated twice per step; list each parameter once"
+                )
+            seen.add(id(p))
 
 
 def check_group_rhos(groups: list[dict[str, Any]]) -> None:
@@ -119,6 +138,7 @@ def base_params(params: Any, base_optimizer: Any, base_kwargs: dict[str, Any], n
     params = list(params)
     if not params:
         raise ValueError(f"{name} got an empty parameter list")
+    check_param_lists(params)
     return params
 
 
