@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_ERROR, EXIT_DIVERGED, EXIT_STOPPED = 2, 3, 130  # besides 0; main's docstring says when
+EXIT_FAILED = 1  # a run's process was killed or crashed (not an interrupt, not bad input)
 # name -> (help, argument specs, handler); filled by @subcommand in definition order.
 SUBCOMMANDS: dict[str, tuple[str, tuple[tuple[tuple, dict], ...], Handler]] = {}
 # Argument groups several subcommands share; refer to them by name in ``arg`` lists.
@@ -217,12 +218,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 reports
         return 0
     print(report["table"], end="")
+    if report["missing"] and not report.get("interrupted") and report.get("failed"):
+        return _say_failed_runs(args, out, report["failed"])
     if report["missing"]:
         print(f"interrupted: {len(report['missing'])} runs unfinished; continue with:")
         print(f"  {_resume_command(args, out)}")
         return EXIT_STOPPED
     print("wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
+
+
+def _say_failed_runs(args: argparse.Namespace, out: str, failed: list[str]) -> int:
+    """Runs whose worker process died (killed, crashed): not an interrupt of the sweep. One
+    line: which runs, why, and the command that runs them again."""
+    runs = "run" if len(failed) == 1 else "runs"
+    print(
+        f"flatlm compare: error: {len(failed)} {runs} failed ({'; '.join(failed)}); the others "
+        f"are done; run the failed ones again with: {_resume_command(args, out)}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 @subcommand(
@@ -388,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code: 0 done, 2 an error in a config, data, checkpoint or
-    folder (one line on stderr naming it), 3 a run that diverged, 130 stopped by Ctrl-C."""
+    folder (one line on stderr naming it), 3 a run that diverged, 130 stopped by Ctrl-C, 1 a run
+    of a comparison failed (its worker process was killed or crashed; one line naming it)."""
     from flatlm._extras import MissingExtraError
 
     try:

@@ -106,18 +106,36 @@ def own_folder(folder: Path, temp_names: Iterable[str] = ()) -> Iterator[Path]:
     included), so a lock whose ``flock`` is free and whose pid no longer runs is stale, and is
     taken over with a :class:`StaleLockWarning`.
     """
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _unusable(folder, e) from e
-    fd = _acquire(folder / LOCK_NAME)
+    try:
+        fd = _acquire(folder / LOCK_NAME)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    ok = False
     try:
         remove_temp_files(folder, temp_names)
         yield folder
+        ok = True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(folder / LOCK_NAME)  # before the flock goes: see _acquire's retry
         os.close(fd)
+        if not ok:  # an error before anything was written leaves no empty folder behind
+            _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this process made, innermost first, as long as they are empty."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def _unusable(folder: Path, e: OSError) -> FolderError:

@@ -106,7 +106,12 @@ def save_checkpoint(
     }
     with atomic_write(path, "wb", durable=True, backup=previous_checkpoint(path)) as f:
         sealed = _Sealed(f)
-        torch.save(state, sealed)
+        try:
+            torch.save(state, sealed)
+        except RuntimeError:
+            if sealed.error is not None:  # torch reports a failed write as a zip position error
+                raise sealed.error from None
+            raise
         sealed.seal()
 
 
@@ -152,6 +157,7 @@ class _Sealed:
 
     def __init__(self, f: IO[bytes]):
         self.f, self.sha, self.tail = f, hashlib.sha256(), b""
+        self.error: OSError | None = None  # the first failed write (a full disk)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -170,7 +176,11 @@ class _Sealed:
 
     def _pass(self, data: bytes | memoryview) -> None:
         self.sha.update(data)
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def seal(self) -> None:
         """The comment length into the last record, then the digest as the comment."""
@@ -232,6 +242,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a flatlm LM checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint of either kind against its SHA-256(s) without loading it: a
+    ``CheckpointError`` naming what is wrong."""
+    if path.is_dir():
+        problems = sharded_problems(path)
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return
+    try:
+        with open(path, "rb") as f:
+            _verify(f, path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
 
 
 def load_latest_checkpoint(path: Path) -> dict[str, Any]:
@@ -480,8 +505,8 @@ def sharded_problems(path: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
         return [f"checkpoint {path} has an unreadable {MANIFEST_NAME} ({e})"]
     if RUN_STATE_NAME not in files or ".metadata" not in files:
         return [f"checkpoint {path} is not a flatlm sharded checkpoint (its manifest lacks files)"]
+    problems = _unlisted(path, files, manifest.get("world_size"))
     rank, world = share
-    problems = []
     for name in sorted(files)[rank::world]:
         file = path / name
         if not file.is_file():
@@ -492,6 +517,20 @@ def sharded_problems(path: Path, share: tuple[int, int] = (0, 1)) -> list[str]:
                 f"match the one in its {MANIFEST_NAME}"
             )
     return problems
+
+
+def _unlisted(path: Path, files: dict[str, Any], world_size: Any) -> list[str]:
+    """Files that the manifest should list and does not: every file in the folder (one not
+    listed cannot be verified, and ``dcp.load`` would read it) and the shard of every rank
+    that saved (``__<rank>_0.distcp``, torch.distributed.checkpoint's name)."""
+    present = {p.name for p in path.iterdir()} - {MANIFEST_NAME}
+    ranks = range(world_size) if isinstance(world_size, int) and world_size > 0 else range(0)
+    expected = {f"__{r}_0.distcp" for r in ranks}
+    return [
+        f"checkpoint {path} is not verifiable: its {MANIFEST_NAME} does not list {name}"
+        + ("" if name in present else f" (of rank {name[2:].split('_')[0]}, also missing)")
+        for name in sorted((present | expected) - set(files))
+    ]
 
 
 def _verify_sharded(path: Path) -> None:

@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import statistics
 import sys
 import threading
@@ -48,17 +49,19 @@ from flatlm.lm._process import (
     stop_on_signals,
     torch_threads,
 )
-from flatlm.lm.checkpoint import has_checkpoint
+from flatlm.lm._io import FolderError, own_folder
+from flatlm.lm.checkpoint import CheckpointError, checkpoint_path, has_checkpoint, verify_checkpoint
 from flatlm.lm.config import (
     RESUME_ALLOWED,
     RunConfig,
     check_device_present,
+    check_threads_present,
     config_from_dict,
     setting_changes,
 )
 from flatlm.lm.data import prepare_corpus
 from flatlm.lm.report import PROBE_FILE, run_dir, write_report
-from flatlm.lm.train import train
+from flatlm.lm.train import refuse_to_overwrite, train
 
 # A run's result.json status that --resume continues; any other status is a finished outcome
 # ("completed", "diverged", ...), reused as it is.
@@ -169,12 +172,67 @@ def compare(
 ) -> dict[str, Any]:
     """Train every (method, seed) with otherwise identical settings; returns the report
     (``summary``, ``table``, ``plots``, ``files``) plus ``missing`` (the run folders --resume
-    would continue) and ``aborted`` (a second interrupt killed the runs).
+    would continue), ``failed`` ("<method> s<seed>: why" of each run whose worker process died),
+    ``interrupted`` (an interrupt stopped the sweep) and ``aborted`` (a second interrupt killed
+    the runs).
+
+    The comparison folder is this process's until the call returns (its ``run.lock``, as a
+    run folder's): a second comparison into it gets a ``FolderError``. Without ``resume`` a
+    folder holding runs is refused; with it, a finished run is reused only once its
+    checkpoint is verified.
 
     ``probe`` (with ``jobs > 1``) times each method alone after the sweep for the report's
     ms/step; ``stream`` receives the progress (default stderr; nothing with ``quiet``)."""
     check_device_present(cfg.train.device)
+    check_threads_present(cfg.train.threads)
     out = Path(out_dir)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 owns the folder
+        return _compare(cfg, out, methods, seeds, jobs, quiet, resume, probe, stream)
+    with own_folder(out, ("compare.json", PROBE_FILE)):
+        _check_folder_runs(cfg, out, methods, seeds, resume)
+        return _compare(cfg, out, methods, seeds, jobs, quiet, resume, probe, stream)
+
+
+def _check_folder_runs(
+    cfg: RunConfig, out: Path, methods: list[str], seeds: list[int], resume: bool
+) -> None:
+    """Before any run: without ``resume`` no run folder may hold a run (it would be replaced);
+    with it, every finished run to be reused has a checkpoint that verifies (as
+    ``flatlm train --resume`` would check it)."""
+    for method in methods:
+        for seed in seeds:
+            folder = run_dir(out, method, seed)
+            if not resume:
+                try:
+                    refuse_to_overwrite(folder)
+                except FolderError as e:
+                    raise FolderError(
+                        f"{out} holds runs of a comparison ({e}); pass --resume to reuse its "
+                        "finished runs and continue the others, or use another --out"
+                    ) from None
+                continue
+            ckpt = checkpoint_path(folder, cfg.train.strategy)
+            if _finished(_result(folder)) and ckpt.exists():
+                try:
+                    verify_checkpoint(ckpt)
+                except CheckpointError as e:
+                    raise CheckpointError(
+                        f"cannot reuse the finished run {folder}: {e}; delete {folder} to run "
+                        "it again"
+                    ) from None
+
+
+def _compare(
+    cfg: RunConfig,
+    out: Path,
+    methods: list[str],
+    seeds: list[int],
+    jobs: int,
+    quiet: bool,
+    resume: bool,
+    probe: bool,
+    stream: TextIO | None,
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank runs this loop, one distributed run at a time; rank 0 writes.
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -230,10 +288,11 @@ def compare(
     if not main_rank:  # rank 0 writes the runs' results and the report
         return {"summary": {}, "table": "", "plots": [], "files": [], "missing": []}
     missing = [t.out for t in tasks if not _finished(_result(Path(t.out)))]
+    outcome = {"missing": missing, "failed": progress.failures(), "interrupted": stop.is_set()}
     if aborted or len(missing) == len(tasks):
         empty = {"summary": {}, "table": "", "plots": [], "files": []}
-        return empty | {"missing": missing, "aborted": aborted}
-    return write_report(out) | {"missing": missing, "aborted": False}
+        return empty | outcome | {"aborted": aborted}
+    return write_report(out) | outcome | {"aborted": False}
 
 
 def _threads(cfg: RunConfig, jobs: int) -> tuple[int, str]:
@@ -346,7 +405,7 @@ def _run_workers(tasks: list[Task], jobs: int, stop: Flag, progress: SweepProgre
                         kind, payload = w.conn.recv()
                     except (EOFError, OSError):  # the process died in the middle of the run
                         w.proc.join(5)
-                        reason = f"its worker process died (exit code {w.proc.exitcode})"
+                        reason = _death(w.proc.exitcode)
                         progress.finished(task, {"status": "failed", "reason": reason})
                         w.task = None
                         continue
@@ -372,6 +431,18 @@ def _run_workers(tasks: list[Task], jobs: int, stop: Flag, progress: SweepProgre
             w.conn.close()
     if error is not None:
         raise error
+
+
+def _death(exitcode: int | None) -> str:
+    """Why a worker process ended in the middle of a run, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        killer = " (by another process, or the out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"its worker process was killed by {name}{killer}"
+    return f"its worker process died (exit code {exitcode})"
 
 
 def _dispatch(w: _Worker, queue: list[Task], stop: Flag, progress: SweepProgress) -> None:
@@ -489,6 +560,15 @@ class SweepProgress:
             self.skipped_units += self._units(task)
         self.say(self._line(task, result))
         self._refresh()
+
+    def failures(self) -> list[str]:
+        """"<method> s<seed>: why" of every run that failed in this sweep."""
+        names = {t.out: t.name for t in self.tasks}
+        return [
+            f"{names[out]}: {result.get('reason') or 'no reason given'}"
+            for out, result in self.done.items()
+            if result.get("status") == "failed"
+        ]
 
     def notice_stop(self, stop: Flag) -> None:
         """Say once, while runs are running, that the sweep is stopping."""

@@ -150,6 +150,7 @@ class TrainConfig:
 
 
 STRATEGIES = ("ddp", "fsdp")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass
@@ -441,6 +442,19 @@ def check_device_present(name: str) -> None:
         )
 
 
+def check_threads_present(n: int) -> None:
+    """Before training: no more torch threads than this machine has CPUs (more only slow a run,
+    and very many crash the process: OpenMP cannot start them)."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        raise ConfigError(
+            f"config key 'train.threads' is {n} but this machine has {cpus} CPUs; use at most "
+            f"{cpus} (0 = flatlm chooses)"
+        )
+
+
 def _check_model(cfg: ModelConfig) -> None:
     """A size this architecture has, and dims that fit (what ``build_model`` will need)."""
     try:
@@ -553,6 +567,12 @@ def validate(cfg: RunConfig) -> None:
         (tc.sharpness_every >= 0, "train.sharpness_every", "must be >= 0 (0 = off)"),
         (tc.sharpness_batches > 0, "train.sharpness_batches", "must be > 0"),
         (tc.sharpness_iters > 0, "train.sharpness_iters", "must be > 0"),
+        (0 <= tc.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}] (2**63 - 1)"),
+        (
+            all(0 <= seed <= MAX_SEED for seed in cc.seeds),
+            "compare.seeds",
+            f"must each be in [0, {MAX_SEED}] (2**63 - 1)",
+        ),
         (cc.jobs > 0, "compare.jobs", "must be > 0"),
         (len(set(cc.methods)) == len(cc.methods), "compare.methods", "must not repeat a method"),
         (len(set(cc.seeds)) == len(cc.seeds), "compare.seeds", "must not repeat a seed"),

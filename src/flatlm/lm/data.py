@@ -470,6 +470,13 @@ def _check_length(data: np.ndarray, block_size: int, split: str) -> None:
         )
 
 
+def check_windows_fit(splits: dict[str, np.ndarray], block_size: int) -> None:
+    """Every split holds a window of ``block_size + 1`` tokens (a ValueError naming the split
+    and the fix otherwise): checked before a model of that context length is built."""
+    for split, data in splits.items():
+        _check_length(data, block_size, split)
+
+
 def _windows(data: np.ndarray, starts: Iterable[int], block_size: int):
     idx = np.stack([np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts])
     t = torch.from_numpy(idx)

@@ -14,6 +14,7 @@ rank 0 (double backward through ``fully_shard`` crashed the process here).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -49,12 +50,13 @@ from flatlm.lm.config import (
     RunConfig,
     TrainConfig,
     check_device_present,
+    check_threads_present,
     config_from_dict,
     method_options,
     optimizer_kwargs,
     rho_schedule,
 )
-from flatlm.lm.data import Corpus, get_batch, prepare_corpus, train_split
+from flatlm.lm.data import Corpus, check_windows_fit, get_batch, prepare_corpus, train_split
 from flatlm.lm.diagnostics import SharpnessLogger, regime_figures, rng_preserved
 from flatlm.lm.evaluate import Batches, autocast, evaluate, fixed_batches, lm_loss
 from flatlm.lm.models import GPT, LSTMLM, build_model, count_params
@@ -223,14 +225,49 @@ def train(
     the call returns: another process training into it gets a ``FolderError``.
     """
     check_device_present(cfg.train.device)
+    check_threads_present(cfg.train.threads)
     check_trackers(cfg.train.log)  # a missing package names its extra before anything runs
     threads = cfg.train.threads
     if threads == 0:  # torch's default oversubscribes a busy machine: take this process's share
         threads, why = default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if not quiet and int(os.environ.get("RANK", "0")) == 0:
             print(f"flatlm train: {why}", file=sys.stderr, flush=True)
-    with torch_threads(threads):
+    with torch_threads(threads), _resource_errors(Path(out_dir)):
         return _train(cfg, Path(out_dir), resume, quiet, corpus, stop_after, on_eval)
+
+
+# A full disk, a quota or a file size limit (ulimit -f): the write failed, the folder is as the
+# atomic writes left it (the previous checkpoint kept).
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def _resource_errors(out: Path) -> Iterator[None]:
+    """A full disk or memory as one line naming the fix (exit code 2), not a traceback."""
+    from flatlm.lm._io import FolderError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        then = (
+            f"resume with --resume (the last checkpoint in {out} is kept)"
+            if has_checkpoint(out)
+            else "run again"
+        )
+        raise FolderError(
+            f"cannot write {e.filename or out}: {e.strerror} (a full disk or a file size "
+            f"limit); free space, then {then}"
+        ) from e
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in first:
+            raise
+        raise ConfigError(
+            f"out of memory: {first[:200]}; use a smaller model.size, model.block_size or "
+            "train.batch_size"
+        ) from e
 
 
 def _train(
@@ -300,6 +337,7 @@ def _run(
     rank, world, device = where
     corpus = corpus or prepare_corpus(cfg.data)
     train_data = train_split(corpus, cfg.data)  # data.train_tokens: the last N tokens only
+    check_windows_fit({**corpus.splits, "train": train_data}, block)  # before the model is built
     run, forward_model = _init_run(cfg, corpus.vocab_size, device, world)
     val_batches = fixed_batches(
         corpus.splits["val"], tc.eval_batches, tc.batch_size, block, "val", device
