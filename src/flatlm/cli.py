@@ -364,8 +364,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     from flatlm.lm._io import atomic_write_text
     from flatlm.lm.diagnostics import checkpoint_sharpness, format_sharpness
 
-    if args.batches < 1:
-        raise ValueError("--batches must be >= 1")
+    _check_sharpness_args(args)
     report = checkpoint_sharpness(
         args.checkpoint,
         splits=args.split,
@@ -386,6 +385,24 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     print(format_sharpness(report), end="")
     print(f"wrote {out}")
     return 0
+
+
+def _check_sharpness_args(args: argparse.Namespace) -> None:
+    """The counts and the device of ``flatlm sharpness``, named by flag, before any loading."""
+    from flatlm.lm.config import ConfigError, check_device_present
+
+    for flag, value, low in [
+        ("--batches", args.batches, 1),
+        ("--top-k", args.top_k, 1),
+        ("--lanczos-iters", args.lanczos_iters, 1),
+        ("--trace-samples", args.trace_samples, 0),
+    ]:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    try:
+        check_device_present(args.device)
+    except ConfigError as e:  # the same check as train's, worded for this flag
+        raise ValueError(str(e).replace("config key 'train.device'", "--device")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,9 +53,9 @@ def collect_runs(out: Path) -> list[dict[str, Any]]:
     for folder in sorted(p for p in (out / RUNS).glob("*") if p.is_dir()):
         result_path = folder / "result.json"
         if result_path.is_file():
-            result = json.loads(result_path.read_text())
+            result = read_record(result_path)
         elif (folder / "config.json").is_file():
-            cfg = json.loads((folder / "config.json").read_text())
+            cfg = read_record(folder / "config.json")
             result = {
                 "method": cfg.get("optim", {}).get("method", folder.name),
                 "seed": cfg.get("train", {}).get("seed"),
@@ -83,7 +83,33 @@ def collect_runs(out: Path) -> list[dict[str, Any]]:
 def _records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [read_record(path, line, i) for i, line in enumerate(lines, 1) if line.strip()]
+
+
+# What a record must hold to be read: a run's result, a metrics line, a comparison's files.
+_NEEDED = {"result.json": ("status",), "metrics.jsonl": ("step", "split")}
+
+
+def read_record(path: Path, text: str | None = None, line: int = 0) -> dict[str, Any]:
+    """One JSON object of a run or comparison folder (``text``: line ``line`` of ``path``),
+    or a ValueError naming the file, the line and the fix: a damaged record is never skipped
+    (the report would then say less than ran, silently)."""
+    where = f"{path} line {line}" if line else str(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8") if text is None else text)
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        missing = [k for k in _NEEDED.get(path.name, ()) if k not in record]
+        if missing:
+            raise ValueError(f"no {', '.join(repr(k) for k in missing)}")
+    except (ValueError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ValueError(
+            f"{where} is damaged or cut short ({why}); restore it, or delete that run's folder "
+            "and run flatlm compare --resume to redo it"
+        ) from None
+    return record
 
 
 def incomplete_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -489,9 +515,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if not any(r["status"] != "no result" for r in runs):
         raise FileNotFoundError(f"no finished runs (runs/*/result.json) in {out}")
     meta_path = out / "compare.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_record(meta_path) if meta_path.is_file() else {}
     probe_path = out / PROBE_FILE
-    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    probe = read_record(probe_path) if probe_path.is_file() else None
     known = meta.get("methods") or []
     methods = known + sorted({r["method"] for r in runs} - set(known))
     summary = summarize(runs, methods)

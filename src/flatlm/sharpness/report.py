@@ -45,7 +45,7 @@ def _spectrum(
 ) -> EigenResult:
     if lanczos_iters is not None:
         res = lanczos(
-            op, lanczos_iters, top_k, seed=seed, return_vectors=vectors, progress=progress
+            op, lanczos_iters, top_k, seed=seed, tol=tol, return_vectors=vectors, progress=progress
         )
     else:
         res = top_eigen(
@@ -61,6 +61,8 @@ def _spectrum(
         out[f"{prefix}.eig_{i}"] = _clean(v)
     out[f"{prefix}.lambda_max"] = _clean(res.eigenvalues[0])
     out[f"{prefix}.eig_converged"] = res.converged
+    if res.residuals:  # the fixed-budget Lanczos's evidence for it
+        out[f"{prefix}.eig_residual"] = _clean(max(res.residuals))
     out[f"{prefix}.eig_matvecs"] = res.num_matvecs
     if trace_samples > 0:
         method = trace_method  # "hutchpp" or "hutchinson"; trace() rejects anything else
@@ -70,6 +72,16 @@ def _spectrum(
         out[f"{prefix}.trace_method"] = tr.method
         out[f"{prefix}.trace_matvecs"] = tr.num_matvecs
     return res
+
+
+def check_budgets(top_k: int, lanczos_iters: int | None, trace_samples: int) -> None:
+    """Counts a report can be made with, else a ValueError naming the one that is not."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k (eigenvalues per matrix) must be >= 1, got {top_k!r}")
+    if lanczos_iters is not None and (not isinstance(lanczos_iters, int) or lanczos_iters < 1):
+        raise ValueError(f"lanczos_iters (products) must be >= 1, got {lanczos_iters!r}")
+    if not isinstance(trace_samples, int) or trace_samples < 0:
+        raise ValueError(f"trace_samples must be >= 0 (0 = no trace), got {trace_samples!r}")
 
 
 def sharpness_report(
@@ -115,6 +127,7 @@ def sharpness_report(
     unknown = set(what) - set(ALL_FIGURES)
     if unknown:
         raise ValueError(f"unknown figures {sorted(unknown)}; choose from {ALL_FIGURES}")
+    check_budgets(top_k, lanczos_iters, trace_samples)
     bs = materialise_batches(batches)
     out: dict[str, Value] = {}
     spec = dict(
