@@ -152,12 +152,22 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """A W&B run in ``<out>/wandb/``, named after the folder, with the run config as its
-    config. A resume continues the W&B run whose id ``wandb_id.txt`` holds; a run that starts
-    at step 0 starts a new W&B run. Scalars ``<split>/<key>`` at W&B step = training step (a
-    step below the W&B run's last one is dropped by W&B: after a kill -9, the steps logged past
-    the last checkpoint are not logged again)."""
+    config. A resume continues the W&B run whose id ``wandb_id.txt`` holds, logging the
+    checkpoint's history again first (from W&B's resumed step on: all of it offline, where each
+    process writes a file of its own), so the resumed process's file alone holds the whole
+    history even when the killed one's was lost; a run that starts at step 0 starts a new W&B
+    run. Scalars ``<split>/<key>`` at W&B step = training step."""
 
-    def __init__(self, out: Path, config: dict[str, Any], *, project: str, mode: str, resume: bool):
+    def __init__(
+        self,
+        out: Path,
+        config: dict[str, Any],
+        *,
+        project: str,
+        mode: str,
+        resume: bool,
+        history: Sequence[dict[str, Any]] = (),
+    ):
         wandb = require("wandb", "wandb", feature="train.log = [..., 'wandb']")
         id_file = out / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else ""
@@ -182,6 +192,14 @@ class WandbTracker:
             ) from e
         self.pending: dict[str, float] = {}
         self.step: int | None = None
+        # A resume logs the checkpoint's history first: what the killed process streamed may
+        # be lost (kill -9 left its offline file at its 7-byte header), and W&B's own resumed
+        # step (online; 0 offline) says which steps it already holds.
+        held = int(getattr(self.run, "step", 0) or 0)
+        for record in history:
+            if record["step"] >= held:
+                self.add(record)
+        self._commit()
 
     def add(self, record: dict[str, Any]) -> None:
         # One W&B row per step: the train, val and sharpness records of a step go together.
@@ -248,11 +266,15 @@ def make_trackers(
                 trackers.append(TensorBoardTracker(out, start_step))
             elif name == "wandb":
                 resumed = resume and start_step > 0
-                trackers.append(
-                    WandbTracker(
-                        out, config, project=wandb_project, mode=wandb_mode, resume=resumed
-                    )
+                wandb_run = WandbTracker(
+                    out,
+                    config,
+                    project=wandb_project,
+                    mode=wandb_mode,
+                    resume=resumed,
+                    history=history if resumed else (),
                 )
+                trackers.append(wandb_run)
             else:
                 raise ValueError(f"unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
     except BaseException:
