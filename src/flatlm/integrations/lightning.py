@@ -111,6 +111,7 @@ def sharpness_aware_step(
     """
     if getattr(module, "automatic_optimization", False):
         raise RuntimeError(AUTOMATIC_OPTIMIZATION_ERROR)
+    module.__dict__["_flatlm_called"] = True  # SharpnessAwareMixin.on_train_batch_end checks it
     if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
         raise ValueError(f"accumulate must be a whole number ≥ 1, got {accumulate!r}")
     trainer = module.trainer
@@ -199,8 +200,27 @@ class SharpnessAwareMixin:
         """Lightning calls this hook only under automatic optimization: refuse it."""
         raise RuntimeError(AUTOMATIC_OPTIMIZATION_ERROR)
 
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Refuse a first batch after which nothing has stepped (see :func:`_check_stepped`)."""
+        _check_stepped(self)
+        super().on_train_batch_end(*args, **kwargs)  # type: ignore[misc]
+
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _check_stepped(module: Any) -> None:
+    """Under manual optimization only ``training_step`` steps an optimizer: one that never
+    calls ``sharpness_aware_step`` (nor steps one itself) trains nothing, and Lightning's
+    ``global_step``, which ``max_steps`` counts, never moves (``fit`` would not return).
+    Checked while no optimizer has stepped yet, so a batch skipped on purpose later is fine."""
+    if module.trainer.global_step == 0 and not module.__dict__.get("_flatlm_called"):
+        raise RuntimeError(
+            f"{type(module).__name__}.training_step returned without calling "
+            "self.sharpness_aware_step(forward=..., loss_fn=...) and no optimizer has stepped: "
+            "under manual optimization (which SharpnessAwareMixin sets) nothing else steps the "
+            "optimizer, so nothing would train and Trainer(max_steps=...) would never be reached"
+        )
 
 
 def _check_strategy(strategy: Any) -> None:
