@@ -124,7 +124,10 @@ class TrainConfig:
     eval_batches: int = 8  # fixed validation windows: eval_batches * batch_size sequences
     test_batches: int = 16  # fixed test windows for the final test evaluation
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
+    checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C (and checkpoint_minutes)
+    # Also a checkpoint once this many minutes have passed since the last one (0 = off): a
+    # default run killed (kill -9, a crash, a lost machine) loses at most this much.
+    checkpoint_minutes: float = 5.0
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     # Sharpness logging (flatlm.lm.diagnostics): every N steps (0 = off) a few Lanczos products
@@ -563,6 +566,7 @@ def validate(cfg: RunConfig) -> None:
         (tc.test_batches > 0, "train.test_batches", "must be > 0"),
         (tc.log_every > 0, "train.log_every", "must be > 0"),
         (tc.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)"),
+        (tc.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0 = off)"),
         (tc.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
         (tc.sharpness_every >= 0, "train.sharpness_every", "must be >= 0 (0 = off)"),
         (tc.sharpness_batches > 0, "train.sharpness_batches", "must be > 0"),
@@ -594,6 +598,7 @@ RESUME_ALLOWED = (
     "train.threads",
     "train.log_every",
     "train.checkpoint_every",
+    "train.checkpoint_minutes",
     "train.log",
     "train.wandb_project",
     "train.wandb_mode",

@@ -359,6 +359,7 @@ def _run(
         if run.step == 0:
             sharpness.log(run.model, run.step, log, run.train_time)
         wall0 = time.perf_counter()
+        clock = CheckpointClock(tc.checkpoint_minutes)
         status, reason = "completed", ""
         run.model.train()
         with stop_on_signals() as stop, _progress_bar(cfg, run.step, quiet) as bar:
@@ -395,14 +396,17 @@ def _run(
                         status, reason = "pruned", pruned
                         break
                 sharpness.log(run.model, run.step, log, run.train_time)
-                if _on_any_rank(stop.is_set(), world, device):  # all ranks stop at one step
+                # All ranks stop, and checkpoint, at one step: the flags of any rank count.
+                stopping, timed = _on_any_rank([stop.is_set(), clock.due()], world, device)
+                if stopping:
                     status, reason = "interrupted", f"SIGINT or SIGTERM during step {run.step}"
                     break
                 if run.step == stop_after:
                     status, reason = "stopped", f"stop_after={stop_after}"
                     break
-                if tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0:
+                if timed or (tc.checkpoint_every > 0 and run.step % tc.checkpoint_every == 0):
                     _checkpoint(ckpt_path, run, cfg, corpus, log)
+                    clock.reset()
         _checkpoint(ckpt_path, run, cfg, corpus, log)
 
         result = _result(cfg, run, status, corpus.vocab_size, time.perf_counter() - wall0)
@@ -642,16 +646,31 @@ def _process_group(device: torch.device, sharded: bool) -> Iterator[Placement]:
             dist.destroy_process_group()
 
 
-def _on_any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """Whether ``flag`` is set on some rank (one tiny all-reduce): a signal reaches the ranks
-    at different steps, and all must stop (and checkpoint together) after the same one."""
+def _on_any_rank(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """Whether each flag is set on some rank (one tiny all-reduce): a signal (or a clock)
+    reaches the ranks at different steps, and all must stop or checkpoint after the same one."""
     if world == 1:
-        return flag
+        return flags
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+class CheckpointClock:
+    """``train.checkpoint_minutes``: due once that many minutes (wall clock) have passed since
+    the run started or last checkpointed; never with 0."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
