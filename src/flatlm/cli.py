@@ -11,6 +11,7 @@ Adding a subcommand is one decorated function::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 Handler = Callable[[argparse.Namespace], int]
 EXIT_ERROR, EXIT_DIVERGED, EXIT_STOPPED = 2, 3, 130  # besides 0; main's docstring says when
 EXIT_FAILED = 1  # a run's process was killed or crashed (not an interrupt, not bad input)
+# Set by `flatlm launch` for its processes: the command that launched them (for the resume
+# hint), and a folder where ranks > 0 leave their one-line error instead of printing it.
+LAUNCH_COMMAND_ENV, LAUNCH_ERRORS_ENV = "FLATLM_LAUNCH_COMMAND", "FLATLM_LAUNCH_ERRORS"
 # name -> (help, argument specs, handler); filled by @subcommand in definition order.
 SUBCOMMANDS: dict[str, tuple[str, tuple[tuple[tuple, dict], ...], Handler]] = {}
 # Argument groups several subcommands share; refer to them by name in ``arg`` lists.
@@ -126,8 +130,13 @@ def _resume_command(args: argparse.Namespace, out: str) -> str:
     if not args.resume:
         argv.append("--resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = ["torchrun", "--nproc-per-node", str(world), "-m", "flatlm.cli"]
-    return shlex.join([*(launcher if world > 1 else ["flatlm"]), *argv])
+    # Under `flatlm launch` its own command; under plain torchrun one that works on one machine.
+    launcher = os.environ.get(LAUNCH_COMMAND_ENV) or shlex.join(
+        ["torchrun", "--standalone", "--nproc-per-node", str(world), "-m", "flatlm.cli"]
+    )
+    if world <= 1:
+        return shlex.join(["flatlm", *argv])
+    return f"{launcher} {shlex.join(argv)}"
 
 
 def _is_rank_zero() -> bool:
@@ -405,6 +414,105 @@ def _check_sharpness_args(args: argparse.Namespace) -> None:
         raise ValueError(str(e).replace("config key 'train.device'", "--device")) from None
 
 
+@subcommand(
+    "launch",
+    "run `flatlm train` or `flatlm compare` in N processes on this machine (torchrun "
+    "--standalone), keeping flatlm's exit code and one-line errors",
+    arg("--nproc-per-node", type=int, default=2, help="processes (ranks), default 2"),
+    arg("cmd", nargs=argparse.REMAINDER, help="train or compare and its arguments"),
+)
+def cmd_launch(args: argparse.Namespace) -> int:
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if not args.cmd or args.cmd[0] not in ("train", "compare"):
+        raise ValueError(
+            "flatlm launch runs train or compare, e.g. flatlm launch --nproc-per-node 2 train "
+            "--preset quick"
+        )
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    n = str(args.nproc_per_node)
+    torchrun = ["--standalone", "--nproc-per-node", n, "-m", "flatlm.cli", *args.cmd]
+    # torchrun's own log lines (its thread note, each failure as a traceback) are replaced by
+    # flatlm's one line per cause.
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="flatlm-launch-") as errors:
+        os.environ[LAUNCH_COMMAND_ENV] = shlex.join(["flatlm", "launch", "--nproc-per-node", n])
+        os.environ[LAUNCH_ERRORS_ENV] = errors
+        try:
+            run(get_args_parser().parse_args(torchrun))
+            return 0
+        except ChildFailedError as e:
+            return _launch_failure(e, Path(errors), args.cmd[0])
+        except SignalException:  # Ctrl-C: the ranks checkpointed, rank 0 printed the hint
+            return EXIT_STOPPED
+        finally:
+            os.environ.pop(LAUNCH_COMMAND_ENV, None)
+            os.environ.pop(LAUNCH_ERRORS_ENV, None)
+
+
+def _launch_failure(e: Any, errors: Path, command: str) -> int:
+    """The exit code of a failed launch and, where no rank printed it, the one line saying why.
+    The cause is the first rank to fail (torchrun then stops the others with SIGTERM): killed
+    by a signal, 128 + its number (137 for SIGKILL), named here; else its exit code (2, 3,
+    130, ...), rank 0's if rank 0 failed too (it printed its line), else the rank's line."""
+    import signal
+
+    failures = dict(e.failures)
+    rank, first = e.get_first_failure()
+    if first.exitcode < 0:
+        signum = -first.exitcode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        print(
+            f"flatlm {command}: error: rank {rank} (pid {first.pid}) was killed by {name}; "
+            "the last checkpoint is kept: run the same command with --resume",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    if (errors / "rank0.txt").is_file():  # rank 0 printed its line: its code
+        code = failures[0].exitcode if 0 in failures else first.exitcode
+        return code if code > 0 else first.exitcode
+    line = errors / f"rank{rank}.txt"
+    if line.is_file():
+        print(line.read_text(encoding="utf-8").rstrip("\n"), file=sys.stderr)
+    return first.exitcode
+
+
+def _say_error(command: str, e: BaseException) -> None:
+    """The one line of an error; under `flatlm launch` a rank > 0 leaves it for the launcher
+    (every rank usually fails alike: one line, not one per rank)."""
+    text = f"flatlm {command}: error: {e}"
+    errors, rank = os.environ.get(LAUNCH_ERRORS_ENV), os.environ.get("RANK", "0")
+    if errors:  # rank 0's file only says that it printed
+        with contextlib.suppress(OSError):
+            (Path(errors) / f"rank{rank}.txt").write_text(text + "\n", encoding="utf-8")
+            if rank != "0":
+                return
+    print(text, file=sys.stderr, flush=True)
+
+
+def _lost_a_rank(e: BaseException) -> bool:
+    """An error of the process group itself: another rank died (killed, crashed) mid-run."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    text = str(e)
+    return isinstance(e, DistError) or (
+        isinstance(e, RuntimeError)
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and any(s in text for s in ("gloo", "Connection closed by peer", "NCCL", "Broken pipe"))
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flatlm", description="Sharpness-aware training of language models."
@@ -421,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code: 0 done, 2 an error in a config, data, checkpoint or
     folder (one line on stderr naming it), 3 a run that diverged, 130 stopped by Ctrl-C, 1 a run
-    of a comparison failed (its worker process was killed or crashed; one line naming it)."""
+    of a comparison failed (its worker process was killed or crashed) or, under torchrun,
+    another rank died (one line naming it); under `flatlm launch`, 128 + N for a rank killed
+    by signal N."""
     from flatlm._extras import MissingExtraError
 
     try:
@@ -438,8 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, FolderError, ValueError, OSError, MissingExtraError) as e:
-        print(f"flatlm {args.command}: error: {e}", file=sys.stderr)
+        _say_error(args.command, e)
         return EXIT_ERROR
+    except Exception as e:
+        if not _lost_a_rank(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _say_error(
+            args.command,
+            f"another process of this run stopped (killed or failed), so this one cannot go "
+            f"on ({type(e).__name__}: {first[:160]}); the last checkpoint is kept: run the same "
+            "command with --resume",
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
