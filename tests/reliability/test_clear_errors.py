@@ -115,3 +115,11 @@ def test_the_resume_hint_is_the_full_command(tiny_argv, tmp_path, capsys, monkey
     monkeypatch.setattr(train_mod, "train_step", real_step)
     assert cli.main(shlex.split(hint)[1:]) == 0  # as printed
     assert '"status": "completed"' in (tmp_path / "runs/default/sam-s3/result.json").read_text()
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_bytes("[optim]\nmethod = 'sam' # r\u00e9glage\n".encode("latin-1"))
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = _one_line_error(capsys)
+    assert f"config file {config} is not UTF-8 text (byte offset 25); save it as UTF-8" in err

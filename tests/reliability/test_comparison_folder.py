@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -62,7 +61,7 @@ def test_resume_verifies_a_finished_runs_checkpoint_before_reusing_it(tiny_argv,
     assert cli.main(_compare_argv(tiny_argv, out, "--resume")) == 2
     err = _one_line_error(capsys)
     assert f"cannot reuse the finished run {out / 'runs/adamw-s0'}: checkpoint {ckpt}" in err
-    assert f"SHA-256 does not match" in err and f"delete {out / 'runs/adamw-s0'}" in err
+    assert "SHA-256 does not match" in err and f"delete {out / 'runs/adamw-s0'}" in err
 
 
 @pytest.mark.slow
@@ -92,3 +91,17 @@ def test_a_worker_killed_by_sigkill_is_reported_as_killed(corpus_file, tmp_path)
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "runs/adamw-s0/result.json").read_text())["status"] == "completed"
+
+
+def test_a_damaged_run_config_is_named_on_resume(tiny_argv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli.main(_compare_argv(tiny_argv, out)) == 0
+    config = out / "runs/sam-s0/config.json"
+    config.write_text(config.read_text()[:40])
+    capsys.readouterr()
+    assert cli.main(_compare_argv(tiny_argv, out, "--resume")) == 2
+    assert f"{config} is damaged or cut short" in _one_line_error(capsys)
+    config.write_text('{"train": {"stepz": 2}}')
+    assert cli.main(_compare_argv(tiny_argv, out, "--resume")) == 2
+    err = _one_line_error(capsys)
+    assert f"{config} cannot be read as a run config: unknown config key 'train.stepz'" in err

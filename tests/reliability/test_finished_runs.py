@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from lm.test_trackers import offline_wandb
 
 from flatlm import cli
 from flatlm.lm.train import train
+from lm.test_trackers import offline_wandb
 
 __all__ = ["offline_wandb"]  # the fixture
 

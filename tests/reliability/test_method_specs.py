@@ -31,7 +31,9 @@ def test_a_loose_method_spec_is_refused(spec, message, tmp_path, capsys):
 def test_a_parameter_listed_twice_in_one_group_is_refused(method):
     w = torch.nn.Parameter(torch.ones(3, 2))
     b = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match=r"param_groups\[1\] lists a parameter of shape \(3, 2\) twice"):
+    with pytest.raises(
+        ValueError, match=r"param_groups\[1\] lists a parameter of shape \(3, 2\) twice"
+    ):
         create(method, [{"params": [b]}, {"params": [w, b.new_zeros(1).requires_grad_(), w]}])
     with pytest.raises(ValueError, match=r"param_groups\[0\] lists a parameter of shape \(2,\)"):
         create(method, [w, b, b])

@@ -60,13 +60,28 @@ def test_out_of_memory_is_a_one_line_error(tiny_argv, tmp_path, capsys, monkeypa
     assert cli.main(tiny_argv(out)) == 2
     err = _one_line_error(capsys)
     assert "out of memory: " in err and "can't allocate memory" in err
-    assert "use a smaller model.size, model.block_size or train.batch_size" in err
+    assert "use a smaller model (model.size, n_layer, n_embd), model.block_size, " in err
     assert not out.exists()
 
 
-def test_a_full_disk_is_a_one_line_error_and_the_checkpoint_survives(
-    tiny_cfg, tiny_argv, tmp_path
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"train__batch_size": 10**11}, "Unable to allocate"),  # numpy's MemoryError
+        ({"train__eval_batches": 10**11}, "Unable to allocate"),
+    ],
+)
+def test_batches_larger_than_memory_are_a_one_line_error(
+    sets, message, tiny_argv, tmp_path, capsys
 ):
+    out = tmp_path / "run"
+    assert cli.main(tiny_argv(out, **sets)) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("flatlm train: error: out of memory: ") and message in err
+    assert not out.exists()
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_checkpoint_survives(tiny_cfg, tiny_argv, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(), out, quiet=True, stop_after=3)
     ckpt = (out / "checkpoint.pt").read_bytes()
@@ -78,11 +93,14 @@ def test_a_full_disk_is_a_one_line_error_and_the_checkpoint_survives(
     argv = [sys.executable, "-m", "flatlm.cli", *tiny_argv(out, "--resume")]
     done = subprocess.run(argv, preexec_fn=small_files, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("flatlm train: error: cannot write ") and done.stderr.count(
-        "\n"
-    ) == 1, done.stderr
-    assert "File too large (a full disk or a file size limit); free space, then resume with " \
+    assert (
+        done.stderr.startswith("flatlm train: error: cannot write ")
+        and done.stderr.count("\n") == 1
+    ), done.stderr
+    assert (
+        "File too large (a full disk or a file size limit); free space, then resume with "
         "--resume (the last checkpoint" in done.stderr
+    )
     assert (out / "checkpoint.pt").read_bytes() == ckpt  # the previous checkpoint, intact
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
     assert not (out / "run.lock").exists()

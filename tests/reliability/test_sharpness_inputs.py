@@ -35,9 +35,8 @@ def test_the_lanczos_residual_is_the_true_one_and_decides_convergence():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_file):
-    from lm.conftest import TINY
-
     from flatlm.lm.config import load_config
+    from lm.conftest import TINY
 
     out = tmp_path_factory.mktemp("sharpness") / "run"
     with pytest.MonkeyPatch.context() as mp:

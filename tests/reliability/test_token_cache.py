@@ -32,6 +32,10 @@ def _damage(directory, how: str) -> None:
         tokens.tofile(path)
     elif how == "missing":
         path.unlink()
+    elif how == "tokenizer changed":  # same vocabulary size, other characters
+        tok = json.loads((directory / "tokenizer.json").read_text())
+        tok["chars"] = tok["chars"][::-1]
+        (directory / "tokenizer.json").write_text(json.dumps(tok))
     elif how == "meta unreadable":
         (directory / "meta.json").write_text('{"dtype": "uint16", "tok')
 
@@ -41,6 +45,7 @@ CASES = {
     "constant": "train.bin is damaged: its SHA-256 does not match",
     "id out of range": "train.bin is damaged: its SHA-256",
     "missing": "train.bin is missing but",
+    "tokenizer changed": "tokenizer.json is damaged: its SHA-256 does not match",
     "meta unreadable": "meta.json is unreadable",
 }
 

@@ -77,7 +77,9 @@ def test_kill_9_of_one_rank_is_named_and_the_run_resumes(tiny_argv, tmp_path):
     out = tmp_path / "run"
     argv = _launch(tiny_argv, out, train__steps=120, train__eval_every=0,
                    train__checkpoint_every=5, train__log_every=5)  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     deadline, victim = time.time() + 240, None
     while victim is None:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -85,11 +87,13 @@ def test_kill_9_of_one_rank_is_named_and_the_run_resumes(tiny_argv, tmp_path):
             victim = _rank_pid(proc.pid, 1)
         time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=240)
+    _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGKILL, stderr
     lines = _error_lines(stderr)
-    assert f"flatlm train: error: rank 1 (pid {victim}) was killed by SIGKILL; the last " \
+    assert (
+        f"flatlm train: error: rank 1 (pid {victim}) was killed by SIGKILL; the last "
         "checkpoint is kept: run the same command with --resume" in lines
+    )
     assert len(lines) <= 2  # and at most rank 0's own line, saying why it stopped
     assert all("another process of this run stopped" in x for x in lines if "rank 1" not in x)
     done = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)

@@ -40,6 +40,7 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any, TextIO
 
+from flatlm.lm._io import FolderError, own_folder
 from flatlm.lm._process import (
     Flag,
     SharedFlag,
@@ -49,10 +50,10 @@ from flatlm.lm._process import (
     stop_on_signals,
     torch_threads,
 )
-from flatlm.lm._io import FolderError, own_folder
 from flatlm.lm.checkpoint import CheckpointError, checkpoint_path, has_checkpoint, verify_checkpoint
 from flatlm.lm.config import (
     RESUME_ALLOWED,
+    ConfigError,
     RunConfig,
     check_device_present,
     check_threads_present,
@@ -60,7 +61,7 @@ from flatlm.lm.config import (
     setting_changes,
 )
 from flatlm.lm.data import prepare_corpus
-from flatlm.lm.report import PROBE_FILE, run_dir, write_report
+from flatlm.lm.report import PROBE_FILE, read_record, run_dir, write_report
 from flatlm.lm.train import refuse_to_overwrite, train
 
 # A run's result.json status that --resume continues; any other status is a finished outcome
@@ -122,7 +123,11 @@ def _check_same_run(out: Path, wanted: dict[str, Any]) -> None:
     if not path.is_file():
         return
     # Through the config class, so a key added since the folder was made compares at its default.
-    before, now = config_from_dict(json.loads(path.read_text())), config_from_dict(wanted)
+    try:
+        before = config_from_dict(read_record(path))
+    except ConfigError as e:  # written by another flatlm version, or edited
+        raise ConfigError(f"{path} cannot be read as a run config: {e}") from None
+    now = config_from_dict(wanted)
     diffs = [
         f"{key} = {was!r} there, {value!r} now"
         for key, was, value in setting_changes(before, now)
@@ -562,7 +567,7 @@ class SweepProgress:
         self._refresh()
 
     def failures(self) -> list[str]:
-        """"<method> s<seed>: why" of every run that failed in this sweep."""
+        """ "<method> s<seed>: why" of every run that failed in this sweep."""
         names = {t.out: t.name for t in self.tasks}
         return [
             f"{names[out]}: {result.get('reason') or 'no reason given'}"

@@ -255,7 +255,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte offset {e.start}); save it as UTF-8"
+        ) from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             data = yaml.safe_load(text) or {}

@@ -279,9 +279,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- cache
 
 
-def _write_tokens(
-    path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type
-) -> tuple[int, str]:
+def _write_tokens(path: Path, tok: Tokenizer, pieces: list[Piece], dtype: type) -> tuple[int, str]:
     """Stream token ids to ``path`` piece by piece (never the whole split in memory); returns
     their number and the SHA-256 of the file."""
     n, sha = 0, hashlib.sha256()
@@ -303,12 +301,19 @@ class CacheError(ValueError):
     file and the fix (delete the folder: the next run rebuilds it)."""
 
 
-def _scan_tokens(path: Path, dtype: np.dtype) -> tuple[str, int]:
-    """The SHA-256 of a token file and its largest id (-1 if empty), in one pass."""
+def _sha256_file(path: Path) -> str:
+    return _scan_tokens(path, None)[0]
+
+
+def _scan_tokens(path: Path, dtype: np.dtype | None) -> tuple[str, int]:
+    """The SHA-256 of a token file and its largest id (-1 if empty or no ``dtype``), in one
+    pass."""
     sha, top = hashlib.sha256(), -1
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             sha.update(block)
+            if dtype is None:
+                continue
             usable = len(block) - len(block) % dtype.itemsize
             if usable:
                 top = max(top, int(np.frombuffer(block[:usable], dtype=dtype).max()))
@@ -348,6 +353,13 @@ def verify_cache(directory: Path, meta: dict, vocab_size: int) -> dict:
                 f"{vocab_size}: the cache is damaged; {fix}"
             )
         sums[split] = digest
+    tokenizer = directory / "tokenizer.json"  # the same ids must decode to the same text
+    digest = _sha256_file(tokenizer)
+    if sums.setdefault("tokenizer", digest) != digest:
+        raise CacheError(
+            f"token cache {tokenizer} is damaged: its SHA-256 does not match the one in "
+            f"{directory / 'meta.json'}; {fix}"
+        )
     if sums != meta.get("sha256"):  # an older cache, now verified as far as it can be
         meta = meta | {"sha256": sums}
         with contextlib.suppress(OSError):  # a read-only cache stays usable
@@ -400,6 +412,7 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None) -> Corp
             meta = {"dtype": np.dtype(dtype).name, "tokens": sizes, "vocab_size": tok.vocab_size}
             meta |= {"corpus": cfg.corpus, "fingerprint": fp}
             meta["sha256"] = {s: digest for s, (_, digest) in written.items()}
+            meta["sha256"]["tokenizer"] = _sha256_file(directory / "tokenizer.json")
             atomic_write_text(meta_path, json.dumps(meta, indent=1))
     meta, tok = _read_cache(directory)
     meta = verify_cache(directory, meta, tok.vocab_size)

@@ -260,13 +260,14 @@ def _resource_errors(out: Path) -> Iterator[None]:
             f"cannot write {e.filename or out}: {e.strerror} (a full disk or a file size "
             f"limit); free space, then {then}"
         ) from e
-    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+    except (RuntimeError, MemoryError) as e:  # torch's OutOfMemoryError or allocator, numpy's
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in first:
+        oom = isinstance(e, torch.OutOfMemoryError | MemoryError)
+        if not oom and "can't allocate memory" not in first:
             raise
         raise ConfigError(
-            f"out of memory: {first[:200]}; use a smaller model.size, model.block_size or "
-            "train.batch_size"
+            f"out of memory: {first[:200]}; use a smaller model (model.size, n_layer, n_embd), "
+            "model.block_size, train.batch_size or train.eval_batches/test_batches"
         ) from e
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from flatlm.optim.validation import check_param_lists
 from flatlm.optim.methods import (
     ASAM,
     GASAM,
@@ -33,6 +32,7 @@ from flatlm.optim.methods import (
     PreconditionedSAM,
 )
 from flatlm.optim.policies import SPEC_OPTIONS, make_policy
+from flatlm.optim.validation import check_param_lists
 
 __all__ = [
     "METHODS",
