@@ -122,4 +122,4 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
     config.write_bytes("[optim]\nmethod = 'sam' # r\u00e9glage\n".encode("latin-1"))
     assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     err = _one_line_error(capsys)
-    assert f"config file {config} is not UTF-8 text (byte offset 25); save it as UTF-8" in err
+    assert f"config file {config} is not UTF-8 text (byte offset 26); save it as UTF-8" in err

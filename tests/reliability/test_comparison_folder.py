@@ -67,7 +67,7 @@ def test_resume_verifies_a_finished_runs_checkpoint_before_reusing_it(tiny_argv,
 @pytest.mark.slow
 def test_a_worker_killed_by_sigkill_is_reported_as_killed(corpus_file, tmp_path):
     out = tmp_path / "cmp"
-    args = ["--steps", "300", "--jobs", "2", "--methods", "adamw", "sam", "--seeds", "0"]
+    args = ["--steps", "150", "--jobs", "2", "--methods", "adamw", "sam", "--seeds", "0"]
     argv = [*tiny_cli("compare", corpus_file, *args, "--out", str(out)), "--quiet"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out / "runs/adamw-s0" / LOCK_NAME
