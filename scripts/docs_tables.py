@@ -16,8 +16,13 @@ The data set ``quick`` is ``docs/data/quick.json``: the parts of a comparison's
     python scripts/docs_tables.py --from runs/x --name x # another data set, docs/data/x.json
 
 Kinds: ``summary`` (val and test loss, Δ val vs AdamW with its interval, verdict: the README's
-table), ``losses`` (val and test loss, mean ± std) and ``verdicts`` (seeds, Δ val loss, its
-95 % t-interval, verdict).
+table), ``losses`` (val and test loss, mean ± std), ``verdicts`` (seeds, Δ val loss, its
+95 % t-interval, verdict), ``costs`` (each method's steps by kind, its measured cost × AdamW,
+Δ test with its interval, the share of full SAM's gain, the Pareto front) and ``step_kinds``
+(``docs/data/step_kinds.json``: each kind of step timed alone by ``benchmarks/step_kinds.py``).
+A ``costs`` table prices each method's mix of steps with the step-kind times of the data set's
+``setting`` (``--setting``), so re-running the benchmark and this script updates the costs;
+``--charts`` also redraws ``docs/img/<name>_cost_quality.png`` for every ``costs`` data set.
 """
 
 from __future__ import annotations
@@ -63,13 +68,57 @@ def extract(results: dict[str, Any], source: str = "") -> dict[str, Any]:
         }
         for m, d in results["deltas_vs_adamw"].items()
     }
+    for m, d in results["deltas_vs_adamw"].items():
+        deltas[m]["test"] = {k: d["test"][k] for k in ("n", "mean", "t_low", "t_high", "verdict")}
+    steps = {r["method"]: r["step"] for r in results["runs"] if r.get("status") == "completed"}
     return {
         "source": source,
         "methods": methods,
         "summary": summary,
         "deltas_vs_adamw": deltas,
         "regime": {"sentence": results["regime"]["sentence"]},
+        "mix": {
+            m: step_mix(m, results["summary"][m].get("step_counts"), steps[m]) for m in methods
+        },
     }
+
+
+def step_mix(spec: str, counts: dict[str, float] | None, steps: int) -> dict[str, float]:
+    """Steps of each timed kind (benchmarks/step_kinds.py) per step of a run: from the counts
+    the optimizer recorded, else from the spec (runs made before the engine counted its steps;
+    a ρ = 0 step is priced as the engine's plain step, whatever it cost then)."""
+    from flatlm.optim.registry import method_info, parse_method
+    from flatlm.optim.schedules import build_rho_schedule, parse_rho_schedule
+
+    base, options = parse_method(spec)
+    if not method_info(base).sharpness_aware:
+        return {"adamw": 1.0}
+    if not method_info(base).clean_backward:  # the one-pass methods: a kind of their own
+        return {base: 1.0}
+    if counts is not None:
+        return {kind: counts[kind] / steps for kind in ("fresh", "reuse", "plain") if counts[kind]}
+    schedule = parse_rho_schedule(options.get("rho_schedule", "constant"))
+    k = int(options.get("perturb_every", 1))
+    if schedule.name != "constant" and k > 1:
+        raise SystemExit(f"docs_tables: no step mix for {spec!r} without recorded step counts")
+    if k > 1:
+        fresh = -(-steps // k)
+        return {"fresh": fresh / steps, "reuse": (steps - fresh) / steps}
+    group = {"params": [], "rho": 1.0}
+    sched = build_rho_schedule(_Groups([group]), schedule, steps)
+    active = steps if sched is None else sum(sched.factor(i) > 0 for i in range(steps))
+    return (
+        {"fresh": active / steps, "plain": (steps - active) / steps}
+        if active < steps
+        else {"fresh": 1.0}
+    )
+
+
+class _Groups:
+    """Just enough of an optimizer for a ρ scheduler to read its factors."""
+
+    def __init__(self, param_groups: list[dict[str, Any]]):
+        self.param_groups = param_groups
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -144,10 +193,128 @@ def render_verdicts(data: dict[str, Any]) -> str:
     return _table(["method", "seeds", "Δ val loss", "95 % t-interval", "verdict"], rows)
 
 
+def step_kind_times(setting: str, data_dir: Path = DATA) -> dict[str, Any]:
+    path = data_dir / "step_kinds.json"
+    if not path.is_file():
+        raise SystemExit(
+            f"docs_tables: {path} is missing: run python benchmarks/step_kinds.py --json {path}"
+        )
+    timed = json.loads(path.read_text())
+    if setting not in timed["settings"]:
+        raise SystemExit(f"docs_tables: {path} has no setting {setting!r}")
+    return timed["settings"][setting]
+
+
+def cost_points(data: dict[str, Any], data_dir: Path = DATA) -> list[dict[str, Any]]:
+    """Each method's measured cost (its mix of steps priced by the step kinds' times, × AdamW's
+    step) and Δ test with its interval; ``pareto`` as in flatlm.lm.report.cost_quality."""
+    from flatlm.lm.report import cost_quality
+
+    ms = step_kind_times(data["setting"], data_dir)["ms"]
+    costs = {}
+    for m in data["methods"]:
+        mix = data["mix"][m]
+        missing = sorted(set(mix) - set(ms))
+        if missing:
+            raise SystemExit(f"docs_tables: no time for step kind(s) {missing} of {m!r}")
+        costs[m] = sum(share * ms[kind] for kind, share in mix.items()) / ms["adamw"]
+    deltas = {m: {"test": d["test"]} for m, d in data["deltas_vs_adamw"].items()}
+    return cost_quality(deltas, costs)
+
+
+def _full_sam(data: dict[str, Any]) -> str | None:
+    """The reference for "share of SAM's gain": plain SAM every step (no schedule, no policy)."""
+    from flatlm.optim.registry import parse_method
+
+    for m in data["methods"]:
+        base, options = parse_method(m)
+        if base == "sam" and set(options) <= {"rho"}:
+            return m
+    return None
+
+
+def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
+    points = {p["method"]: p for p in cost_points(data, data_dir)}
+    full = _full_sam(data)
+    gain = data["deltas_vs_adamw"][full]["test"]["mean"] if full else None
+    rows = []
+    for m in sorted(data["methods"], key=lambda m: points[m]["cost"]):
+        p, mix = points[m], data["mix"][m]
+        steps = ", ".join(
+            f"{kind} {share:.2f}".replace(" 1.00", " 1") for kind, share in mix.items()
+        )
+        seeds = str(len(data["summary"][m]["seeds"]))
+        if m == BASELINE:
+            rows.append(
+                [
+                    m,
+                    steps,
+                    "1.00",
+                    seeds,
+                    _pm(data["summary"][m], "test_loss"),
+                    "–",
+                    "baseline",
+                    "–",
+                    "yes" if p["pareto"] else "",
+                ]
+            )
+            continue
+        t = data["deltas_vs_adamw"][m]["test"]
+        share = (
+            f"{100 * t['mean'] / gain:.0f} %"
+            if gain and m != full
+            else ("100 %" if m == full else "–")
+        )
+        rows.append([
+            m, steps, f"{p['cost']:.2f}", seeds, _pm(data["summary"][m], "test_loss"),
+            f"{_signed(t['mean'])} {_interval(t)}", t["verdict"], share, "yes" if p["pareto"] else "",
+        ])  # fmt: skip
+    head = ["method", "steps by kind (per step)", "cost × AdamW (measured)", "seeds", "test loss"]
+    head += [
+        "Δ test vs AdamW [95 % t-interval]",
+        "verdict (test)",
+        "share of full SAM's gain",
+        "Pareto",
+    ]
+    return _table(head, rows)
+
+
+def render_step_kinds(data: dict[str, Any]) -> str:
+    rows = []
+    for setting, r in data["settings"].items():
+        for kind, ms in r["ms"].items():
+            rows.append(
+                [
+                    setting,
+                    kind,
+                    f"`{r['specs'][kind]}`",
+                    f"{ms:.1f}",
+                    f"{r['iqr_ms'][kind]:.1f}",
+                    f"{r['vs_adamw'][kind]:.2f}",
+                ]
+            )
+    load = " → ".join(f"{x:.1f}" for x in data["load_avg_1min"])
+    note = "contended" if data["contended"] else "uncontended"
+    head = [
+        "setting",
+        "kind",
+        "spec (plain: ρ = 0 in every group)",
+        "ms/step (median)",
+        "IQR ms",
+        "× AdamW",
+    ]
+    return _table(head, rows) + (
+        f"\n{note.capitalize()}: load average {load} on {data['cpus']} CPUs, {data['threads']} thread(s), "
+        f"{data['repeats']} interleaved rounds of {data['steps']} steps (`{data['command']}`).\n"
+    )
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "summary": render_summary,
     "losses": render_losses,
     "verdicts": render_verdicts,
+    "costs": render_costs,
+    "step_kinds": render_step_kinds,
 }
 
 
@@ -157,7 +324,8 @@ def render(name: str, kind: str, data_dir: Path = DATA) -> str:
         raise SystemExit(f"docs_tables: a table names data set {name!r}, but {path} is missing")
     if kind not in KINDS:
         raise SystemExit(f"docs_tables: unknown table kind {kind!r} (known: {', '.join(KINDS)})")
-    return KINDS[kind](json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    return render_costs(data, data_dir) if kind == "costs" else KINDS[kind](data)
 
 
 def rendered(text: str, data_dir: Path = DATA) -> str:
@@ -167,6 +335,19 @@ def rendered(text: str, data_dir: Path = DATA) -> str:
         return m["open"] + render(m["name"], m["kind"], data_dir) + m["close"]
 
     return MARKER.sub(sub, text)
+
+
+def draw_costs(
+    name: str, data: dict[str, Any], data_dir: Path = DATA, img_dir: Path = ROOT / "docs" / "img"
+) -> Path:
+    """docs/img/<name>_cost_quality.png: flatlm.lm.plots' cost-quality chart of the data set."""
+    from flatlm.lm.plots import plot_cost_quality
+
+    path = img_dir / f"{name}_cost_quality.png"
+    points = cost_points(data, data_dir)
+    title = f"{name}: measured cost and Δ test vs AdamW (95% t-interval)"
+    plot_cost_quality(points, path, BASELINE, title=title)
+    return path
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
@@ -183,14 +364,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default="quick", help="the data set to write (default: quick)")
     parser.add_argument("--check", action="store_true", help="only check; exit 1 on a difference")
+    parser.add_argument("--setting", help="the step_kinds.json setting that prices its costs")
+    parser.add_argument("--charts", action="store_true", help="redraw the cost-quality charts")
     args = parser.parse_args(argv)
     if args.source is not None:
         data = extract(load_results(args.source), source=str(args.source))
+        if args.setting:
+            data["setting"] = args.setting
         DATA.mkdir(parents=True, exist_ok=True)
         (DATA / f"{args.name}.json").write_text(
             json.dumps(data, indent=1, ensure_ascii=False) + "\n"
         )
         print(f"wrote {DATA / f'{args.name}.json'}")
+    if args.charts:
+        for path in sorted(DATA.glob("*.json")):
+            data = json.loads(path.read_text())
+            if "setting" in data:
+                print(f"wrote {draw_costs(path.stem, data)}")
     stale = []
     for path in doc_files():
         text = path.read_text()

@@ -1,0 +1,100 @@
+"""scripts/docs_tables.py's cost tables: each method's mix of steps priced by the step kinds'
+measured times (benchmarks/step_kinds.py), from a real comparison folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["adamw", "sam", "sam:rho_schedule=window:0:0.25", "sam:perturb_every=2", "msam"]
+COUNTED = "sam:perturb_every=4"  # its runs record step counts: they win over the spec's
+METHODS.append(COUNTED)
+
+
+def _docs_tables():
+    spec = importlib.util.spec_from_file_location(
+        "docs_tables", ROOT / "scripts" / "docs_tables.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    from flatlm.lm.report import run_dir, write_report
+
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    (comparison / "compare.json").write_text(json.dumps({"methods": METHODS, "jobs": 1}))
+    for i, method in enumerate(METHODS):
+        for seed in range(3):
+            folder = run_dir(comparison, method, seed)
+            folder.mkdir()
+            v = 6.0 - 0.05 * i + 0.01 * seed * (i % 2)
+            counts = {"fresh": 1, "reuse": 0, "plain": 3} if method == COUNTED else None
+            result = {
+                "method": method, "seed": seed,
+                "status": "completed", "step": 4, "steps": 4, "val_loss": v, "test_loss": v + 0.1,
+                "val_ppl": 1.0, "test_ppl": 1.0, "time_per_step_s": 0.01, "train_time_s": 0.04,
+                "skipped_steps": 0, "step_counts": counts,
+            }  # fmt: skip
+            (folder / "result.json").write_text(json.dumps(result))
+    write_report(comparison)
+    dt = _docs_tables()
+    results = dt.load_results(comparison)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "lstm_costs.json").write_text(json.dumps(dt.extract(results) | {"setting": "lstm"}))
+    ms = {"adamw": 100.0, "fresh": 210.0, "plain": 106.0, "reuse": 120.0, "msam": 102.0}
+    timed = {
+        "settings": {"lstm": {"ms": ms, "iqr_ms": dict.fromkeys(ms, 1.0), "specs": dict.fromkeys(ms, "sam"),
+                              "vs_adamw": {k: v / 100 for k, v in ms.items()}}},
+        "load_avg_1min": [3.0, 3.5], "contended": True, "cpus": 2, "threads": 1, "repeats": 7,
+        "steps": 8, "command": "python benchmarks/step_kinds.py",
+    }  # fmt: skip
+    (out / "step_kinds.json").write_text(json.dumps(timed))
+    return out
+
+
+def test_each_mix_is_priced_by_the_measured_step_kinds(data_dir):
+    dt = _docs_tables()
+    data = json.loads((data_dir / "lstm_costs.json").read_text())
+    assert data["mix"]["sam:rho_schedule=window:0:0.25"] == {"fresh": 0.25, "plain": 0.75}
+    assert data["mix"]["sam:perturb_every=2"] == {"fresh": 0.5, "reuse": 0.5}
+    assert data["mix"]["msam"] == {"msam": 1.0} and data["mix"]["adamw"] == {"adamw": 1.0}
+    assert data["mix"]["sam"] == {"fresh": 1.0}
+    assert data["mix"][COUNTED] == {"fresh": 0.25, "plain": 0.75}
+    costs = {p["method"]: p["cost"] for p in dt.cost_points(data, data_dir)}
+    assert costs["sam:rho_schedule=window:0:0.25"] == pytest.approx((0.25 * 210 + 0.75 * 106) / 100)
+    assert costs["sam:perturb_every=2"] == pytest.approx((0.5 * 210 + 0.5 * 120) / 100)
+    assert costs["sam"] == pytest.approx(2.1) and costs["adamw"] == 1.0
+
+
+def test_the_costs_table_and_the_step_kinds_table(data_dir, tmp_path):
+    dt = _docs_tables()
+    rows = dt.render("lstm_costs", "costs", data_dir).splitlines()
+    assert rows[0].startswith("| method | steps by kind (per step) | cost × AdamW (measured)")
+    assert rows[2].startswith("| adamw | adamw 1 | 1.00 | 3 |")
+    sam = next(r for r in rows if r.startswith("| sam | "))
+    assert "| fresh 1 | 2.10 | 3 |" in sam and "| 100 % |" in sam
+    window = next(r for r in rows if r.startswith("| sam:rho_schedule=window:0:0.25 |"))
+    assert "| fresh 0.25, plain 0.75 | 1.32 |" in window
+    kinds = dt.render("step_kinds", "step_kinds", data_dir)
+    assert "| lstm | fresh | `sam` | 210.0 | 1.0 | 2.10 |" in kinds
+    assert "Contended: load average 3.0 → 3.5 on 2 CPUs" in kinds
+    data = json.loads((data_dir / "lstm_costs.json").read_text())
+    chart = dt.draw_costs("lstm_costs", data, data_dir, img_dir=tmp_path)
+    assert chart.is_file() and chart.stat().st_size > 0
+
+
+def test_a_kind_without_a_time_is_an_error(data_dir):
+    dt = _docs_tables()
+    data = json.loads((data_dir / "lstm_costs.json").read_text())
+    data["mix"]["msam"] = {"looksam_reuse": 1.0}
+    with pytest.raises(SystemExit, match="no time for step kind"):
+        dt.cost_points(data, data_dir)
