@@ -80,6 +80,11 @@ def extract(results: dict[str, Any], source: str = "") -> dict[str, Any]:
         "mix": {
             m: step_mix(m, results["summary"][m].get("step_counts"), steps[m]) for m in methods
         },
+        "seed0_val": {
+            r["method"]: r["val_loss"]
+            for r in results["runs"]
+            if r.get("status") == "completed" and r["seed"] == 0
+        },
     }
 
 
@@ -238,7 +243,8 @@ def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
     full = _full_sam(data)
     gain = data["deltas_vs_adamw"][full]["test"]["mean"] if full else None
     rows = []
-    for m in sorted(data["methods"], key=lambda m: points[m]["cost"]):
+    seeded = [m for m in data["methods"] if len(data["summary"][m]["seeds"]) > 1]  # not the grid's
+    for m in sorted(seeded, key=lambda m: points[m]["cost"]):
         p, mix = points[m], data["mix"][m]
         steps = ", ".join(
             f"{kind} {share:.2f}".replace(" 1.00", " 1") for kind, share in mix.items()
@@ -279,6 +285,18 @@ def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
     return _table(head, rows)
 
 
+def render_grid(data: dict[str, Any]) -> str:
+    """The tuning grid: every sharpness-aware method's seed-0 validation loss (how the
+    configurations of the costs table were chosen), AdamW's first."""
+    base = data["seed0_val"][BASELINE]
+    rows = [[BASELINE, f"{base:.4f}", "–"]]
+    for m in data["methods"]:
+        if m != BASELINE and m in data["seed0_val"]:
+            v = data["seed0_val"][m]
+            rows.append([m, f"{v:.4f}", _signed(v - base)])
+    return _table(["method", "seed-0 val loss", "Δ vs AdamW (seed 0)"], rows)
+
+
 def render_step_kinds(data: dict[str, Any]) -> str:
     rows = []
     for setting, r in data["settings"].items():
@@ -314,6 +332,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "losses": render_losses,
     "verdicts": render_verdicts,
     "costs": render_costs,
+    "grid": render_grid,
     "step_kinds": render_step_kinds,
 }
 

@@ -84,6 +84,8 @@ def test_the_costs_table_and_the_step_kinds_table(data_dir, tmp_path):
     assert "| fresh 1 | 2.10 | 3 |" in sam and "| 100 % |" in sam
     window = next(r for r in rows if r.startswith("| sam:rho_schedule=window:0:0.25 |"))
     assert "| fresh 0.25, plain 0.75 | 1.32 |" in window
+    grid = dt.render("lstm_costs", "grid", data_dir).splitlines()
+    assert grid[2] == "| adamw | 6.0000 | – |" and grid[3] == "| sam | 5.9500 | −0.0500 |"
     kinds = dt.render("step_kinds", "step_kinds", data_dir)
     assert "| lstm | fresh | `sam` | 210.0 | 1.0 | 2.10 |" in kinds
     assert "Contended: load average 3.0 → 3.5 on 2 CPUs" in kinds
