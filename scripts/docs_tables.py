@@ -100,8 +100,10 @@ def step_mix(spec: str, counts: dict[str, float] | None, steps: int) -> dict[str
         return {"adamw": 1.0}
     if not method_info(base).clean_backward:  # the one-pass methods: a kind of their own
         return {base: 1.0}
-    if counts is not None:
-        return {kind: counts[kind] / steps for kind in ("fresh", "reuse", "plain") if counts[kind]}
+    if counts is not None:  # LookSAM's reuse step is a clean pass and a correction: its own kind
+        reuse = "looksam_reuse" if options.get("policy") == "looksam" else "reuse"
+        names = {"fresh": "fresh", "reuse": reuse, "plain": "plain"}
+        return {names[k]: counts[k] / steps for k in ("fresh", "reuse", "plain") if counts[k]}
     schedule = parse_rho_schedule(options.get("rho_schedule", "constant"))
     k = int(options.get("perturb_every", 1))
     if schedule.name != "constant" and k > 1:
