@@ -8,9 +8,11 @@ what the run did, not pass counts. Kinds (each with the setting's tuned full-SAM
 - ``adamw``: torch's AdamW, global-norm clipping (the workbench's baseline step);
 - ``fresh``: a SAM step (clean pass, ε, second pass at θ + ε);
 - ``plain``: a SAM step with every group's ρ set to 0, as a ρ schedule sets it outside its window
-  (the engine's one-pass path where it has one);
+  (the engine's one-pass path: AdamW's step through the wrapper);
 - ``reuse``: SAM with ``perturb_every`` so large that after its first step every step reuses the
   stored direction (one pass at θ + ρδ);
+- ``looksam_reuse``: LookSAM's in-between step (a clean pass, then the stored correction added),
+  every past the first by the same trick;
 - ``msam``: the one-pass Momentum-SAM step;
 - more with ``--kind NAME=SPEC`` (e.g. a step policy's in-between step).
 
@@ -52,6 +54,7 @@ KINDS = {
     "fresh": "sam",
     "plain": "sam",  # with ρ = 0 in every group
     "reuse": f"sam:perturb_every={HUGE}",
+    "looksam_reuse": f"sam:policy=looksam,every={HUGE}",
     "msam": "msam",
 }
 

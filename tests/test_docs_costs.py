@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["adamw", "sam", "sam:rho_schedule=window:0:0.25", "sam:perturb_every=2", "msam"]
+LOOKSAM = "sam:policy=looksam,every=4"  # its in-between steps are a kind of their own
+METHODS.append(LOOKSAM)
 COUNTED = "sam:perturb_every=4"  # its runs record step counts: they win over the spec's
 METHODS.append(COUNTED)
 
@@ -37,6 +39,7 @@ def data_dir(tmp_path: Path) -> Path:
             folder.mkdir()
             v = 6.0 - 0.05 * i + 0.01 * seed * (i % 2)
             counts = {"fresh": 1, "reuse": 0, "plain": 3} if method == COUNTED else None
+            counts = {"fresh": 1, "reuse": 3, "plain": 0} if method == LOOKSAM else counts
             result = {
                 "method": method, "seed": seed,
                 "status": "completed", "step": 4, "steps": 4, "val_loss": v, "test_loss": v + 0.1,
@@ -51,6 +54,7 @@ def data_dir(tmp_path: Path) -> Path:
     out.mkdir()
     (out / "lstm_costs.json").write_text(json.dumps(dt.extract(results) | {"setting": "lstm"}))
     ms = {"adamw": 100.0, "fresh": 210.0, "plain": 106.0, "reuse": 120.0, "msam": 102.0}
+    ms["looksam_reuse"] = 108.0
     timed = {
         "settings": {"lstm": {"ms": ms, "iqr_ms": dict.fromkeys(ms, 1.0), "specs": dict.fromkeys(ms, "sam"),
                               "vs_adamw": {k: v / 100 for k, v in ms.items()}}},
@@ -69,10 +73,12 @@ def test_each_mix_is_priced_by_the_measured_step_kinds(data_dir):
     assert data["mix"]["msam"] == {"msam": 1.0} and data["mix"]["adamw"] == {"adamw": 1.0}
     assert data["mix"]["sam"] == {"fresh": 1.0}
     assert data["mix"][COUNTED] == {"fresh": 0.25, "plain": 0.75}
+    assert data["mix"][LOOKSAM] == {"fresh": 0.25, "looksam_reuse": 0.75}
     costs = {p["method"]: p["cost"] for p in dt.cost_points(data, data_dir)}
     assert costs["sam:rho_schedule=window:0:0.25"] == pytest.approx((0.25 * 210 + 0.75 * 106) / 100)
     assert costs["sam:perturb_every=2"] == pytest.approx((0.5 * 210 + 0.5 * 120) / 100)
     assert costs["sam"] == pytest.approx(2.1) and costs["adamw"] == 1.0
+    assert costs[LOOKSAM] == pytest.approx((0.25 * 210 + 0.75 * 108) / 100)
 
 
 def test_the_costs_table_and_the_step_kinds_table(data_dir, tmp_path):
@@ -97,6 +103,6 @@ def test_the_costs_table_and_the_step_kinds_table(data_dir, tmp_path):
 def test_a_kind_without_a_time_is_an_error(data_dir):
     dt = _docs_tables()
     data = json.loads((data_dir / "lstm_costs.json").read_text())
-    data["mix"]["msam"] = {"looksam_reuse": 1.0}
+    data["mix"]["msam"] = {"untimed_kind": 1.0}
     with pytest.raises(SystemExit, match="no time for step kind"):
         dt.cost_points(data, data_dir)

@@ -155,7 +155,7 @@ def test_compare_names_folders_readably_and_records_the_cost(tiny_cfg, tmp_path)
     # ρ = 0.5 for the first half of the 4 steps, 0 after: 0 in every group is a plain step
     assert result["step_counts"] == {"fresh": 2, "reuse": 0, "plain": 2}
     assert result["passes_per_step"] == 1.5
-    assert f"| {spec} | window:0:0.5 | –" not in table
+    assert f"| {spec} | window:0:0.5 | 2 | 0 | 2 | 1.500 |" in table
 
 
 def test_step_cost_from_the_optimizers_counts():
