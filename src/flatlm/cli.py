@@ -374,6 +374,12 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
     from flatlm.lm.diagnostics import checkpoint_sharpness, format_sharpness
 
     _check_sharpness_args(args)
+    path = Path(args.checkpoint)
+    out = (
+        Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "sharpness.json"
+    )
+    if args.out:  # before minutes of products: a folder that cannot be made is an error now
+        out.parent.mkdir(parents=True, exist_ok=True)
     report = checkpoint_sharpness(
         args.checkpoint,
         splits=args.split,
@@ -385,10 +391,6 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
         params=args.params,
         device=args.device,
         progress=args.progress,
-    )
-    path = Path(args.checkpoint)
-    out = (
-        Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "sharpness.json"
     )
     atomic_write_text(out, json.dumps(report, indent=1))
     print(format_sharpness(report), end="")

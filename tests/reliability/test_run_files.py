@@ -37,3 +37,12 @@ def test_run_files_honour_the_umask(tiny_cfg, tmp_path, umask):
     assert {p.name for p in files} >= {"checkpoint.pt", "checkpoint.prev.pt", "result.json"}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_a_write_into_a_missing_folder_names_the_file(tmp_path):
+    from flatlm.lm._io import atomic_write_text
+
+    target = tmp_path / "missing" / "x.json"
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write_text(target, "{}")
+    assert e.value.filename == str(target)  # not the temp file beside it

@@ -84,3 +84,15 @@ def test_cuda_without_cuda_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("flatlm sharpness: error: --device is 'cuda' but torch sees no CUDA")
     assert err.count("\n") == 1 and "use --device cpu" in err
+
+
+def test_more_windows_than_the_split_holds_are_refused(trained, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FLATLM_CACHE", str(trained.parent / "cache"))
+    out = tmp_path / "new" / "folder" / "s.json"  # made, as asked
+    argv = ["sharpness", str(trained), "--what", "hessian", "--lanczos-iters", "2"]
+    assert cli.main([*argv, "--batches", "100000000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flatlm sharpness: error: --batches 100000000 asks for 400000000 ")
+    assert "window positions; use --batches" in err and err.count("\n") == 1
+    assert cli.main([*argv, "--batches", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["figures"]["val"]["hessian.eig_matvecs"] == 2

@@ -61,3 +61,16 @@ def test_the_cli_refuses_latin_1_in_one_line_and_trains_with_encoding(tiny_argv,
     for path, text in docs.items():
         path.write_bytes(text.encode("latin-1"))
     assert cli.main([*argv, "--encoding", "latin-1"]) == 0
+
+
+def test_a_corpus_without_text_is_named(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    argv = ["train", "--data", str(empty), "--out", str(tmp_path / "run"), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"flatlm train: error: {empty} holds no text (empty or only whitespace); "
+        "give --data text\n"
+    )
+    assert not (tmp_path / "run").exists()

@@ -46,7 +46,12 @@ def atomic_write(
     error the temp file is removed. The file gets the permissions the umask gives any new file.
     """
     tmp = _temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mkstemp's 0600 ignores umask
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+        )  # mkstemp's 0600 ignores umask
+    except OSError as e:  # name the file asked for, not our temp file
+        raise OSError(e.errno, e.strerror, str(path)) from None
     text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
     try:
         with os.fdopen(fd, mode, **text) as f:

@@ -157,6 +157,8 @@ def user_splits(
     files = _user_files(Path(path))
     docs = [read_text(f, encoding) for f in files]
     docs = [d.replace("\r\n", "\n").strip() for d in docs]
+    if not any(docs):
+        raise ValueError(f"{path} holds no text (empty or only whitespace); give --data text")
     return split_documents([d for d in docs if d], val_fraction, test_fraction)
 
 

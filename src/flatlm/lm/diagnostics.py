@@ -183,6 +183,7 @@ def checkpoint_sharpness(
     with torch_threads(cfg.train.threads) as threads:
         for split in splits:
             data = train_split(corpus, cfg.data) if split == "train" else corpus.splits[split]
+            _check_windows(batches, cfg.train.batch_size, len(data) - cfg.model.block_size, split)
             bs = fixed_batches(
                 data, batches, cfg.train.batch_size, cfg.model.block_size, split, device
             )
@@ -219,6 +220,17 @@ def checkpoint_sharpness(
         },
         "figures": figures,
     }
+
+
+def _check_windows(batches: int, batch_size: int, positions: int, split: str) -> None:
+    """No more windows than the split has positions (more would repeat windows, and a huge
+    count would only exhaust memory)."""
+    if batches * batch_size > max(positions, 0):
+        most = max(positions, 0) // batch_size
+        raise ValueError(
+            f"--batches {batches} asks for {batches * batch_size} windows of the {split} split, "
+            f"which has {max(positions, 0)} window positions; use --batches {most} or fewer"
+        )
 
 
 def _fmt(value: Any) -> str:
