@@ -40,7 +40,7 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any, TextIO
 
-from flatlm.lm._io import FolderError, own_folder
+from flatlm.lm._io import FolderError, atomic_write_text, own_folder
 from flatlm.lm._process import (
     Flag,
     SharedFlag,
@@ -193,7 +193,7 @@ def compare(
     out = Path(out_dir)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 owns the folder
         return _compare(cfg, out, methods, seeds, jobs, quiet, resume, probe, stream)
-    with own_folder(out, ("compare.json", PROBE_FILE)):
+    with own_folder(out, ("compare.json", PROBE_FILE, "results.md", "results.json")):
         _check_folder_runs(cfg, out, methods, seeds, resume)
         return _compare(cfg, out, methods, seeds, jobs, quiet, resume, probe, stream)
 
@@ -260,8 +260,8 @@ def _compare(
             meta = {"methods": methods, "seeds": seeds, "jobs": jobs, "device": cfg.train.device}
             meta["threads"] = threads
             if main_rank:
-                (out / "compare.json").write_text(
-                    json.dumps(meta | {"config": cfg.to_dict()}, indent=1)
+                atomic_write_text(  # a kill mid-write leaves the previous one, not half
+                    out / "compare.json", json.dumps(meta | {"config": cfg.to_dict()}, indent=1)
                 )
                 (out / PROBE_FILE).unlink(missing_ok=True)  # an earlier sweep's; redone below
             if not stop.is_set():
@@ -278,7 +278,7 @@ def _compare(
                 )
                 try:
                     timing = probe_step_times(cfg, methods, threads=threads, stop=stop)
-                    (out / PROBE_FILE).write_text(json.dumps(timing, indent=1))
+                    atomic_write_text(out / PROBE_FILE, json.dumps(timing, indent=1))
                 except Exception as e:  # the runs are done: a failed probe must not lose them
                     (out / PROBE_FILE).unlink(missing_ok=True)
                     progress.say(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlm.lm import stats
+from flatlm.lm._io import atomic_write_text
 from flatlm.lm.plots import plot_cost_quality, plot_curves, plot_deltas, plot_sharpness
 
 RUNS = "runs"
@@ -553,13 +554,13 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
         "nats/token on the fixed validation/test windows; time per step is training time only "
         "(no evaluation).\n\n" + table + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     )
-    (out / "results.md").write_text(text)
+    atomic_write_text(out / "results.md", text)
     results = {"summary": summary, "deltas_vs_adamw": deltas, "regime": reg}
     results["cost_quality"] = {"points": points, "cost_source": cost_source}
     results |= {"incomplete": incomplete, "runs": runs, "seeds": seeds, "methods": methods}
     results["timing"] = timing
     results["config"] = meta.get("config")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     files = [out / "results.md", out / "results.json", *plots]
     return {
         "summary": summary,
