@@ -4,7 +4,8 @@
 >>> loss = opt.step(forward=lambda: model(x), loss_fn=lambda logits: F.cross_entropy(...))
 
 Layout (docs/architecture.md): ``registry`` (methods by name), ``methods`` (the classes),
-``engine`` (the optimizer), ``passes`` (clean and perturbed passes), ``perturbation`` (θ → θ+ε
+``engine`` (the optimizer), ``policies`` (which steps are fresh, reuse or plain),
+``passes`` (clean and perturbed passes), ``perturbation`` (θ → θ+ε
 and back), ``directions`` (pure direction rules), ``preconditioners`` (what rules read from the
 base optimizer), ``amp`` (fp16 scaling across two passes).
 """
@@ -34,11 +35,21 @@ from flatlm.optim.methods import (
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
 )
+from flatlm.optim.policies import (
+    AESAM,
+    EveryStep,
+    Interval,
+    LookSAM,
+    RandomSwitch,
+    ReuseDirection,
+    StepPolicy,
+)
 from flatlm.optim.preconditioners import register_momentum, register_preconditioner
 from flatlm.optim.registry import METHODS, create, default_rho, parse_method
 from flatlm.optim.sharded import gradient_sync
 
 __all__ = [
+    "AESAM",
     "ASAM",
     "GASAM",
     "GCSAM",
@@ -49,9 +60,12 @@ __all__ = [
     "WSAM",
     "AdaptiveDirection",
     "EuclideanDirection",
+    "EveryStep",
     "FriendlySAM",
     "FunctionalSAM",
     "GradientStrengthDirection",
+    "Interval",
+    "LookSAM",
     "MomentumDirection",
     "MomentumFunctionalSAM",
     "MomentumPreconditionedFunctionalSAM",
@@ -59,7 +73,10 @@ __all__ = [
     "PreconditionedDirection",
     "PreconditionedFunctionalSAM",
     "PreconditionedSAM",
+    "RandomSwitch",
+    "ReuseDirection",
     "SharpnessAwareOptimizer",
+    "StepPolicy",
     "create",
     "default_rho",
     "gradient_sync",
