@@ -48,6 +48,8 @@ def check_param_lists(params: list[Any]) -> None:
     for i, group in enumerate(groups):
         items = group.get("params", []) if isinstance(group, dict) else []
         items = [items] if isinstance(items, torch.Tensor) else list(items)
+        if isinstance(group, dict) and "params" in group:
+            group["params"] = items  # a generator reads once: torch gets the list read here
         seen: set[int] = set()
         for p in items:
             p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs
