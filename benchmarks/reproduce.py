@@ -20,9 +20,11 @@ over the same grid.
     python benchmarks/reproduce.py --profile gpu                 # GPT small/medium on CUDA
     python benchmarks/reproduce.py --resume                      # continue a killed study
 
-Training and statistics are flatlm's own (``flatlm.lm.compare.compare`` per part and phase, into
-``<out>/<part>/``); this script only chooses ρ, merges the phases and writes ``<out>/report.md``,
-``<out>/report.json`` and PNG plots.
+Tuning, training and statistics are flatlm's own: each part is one ``flatlm compare --tune
+--sampler grid --param optim.rho=<grid>`` (:mod:`flatlm.lm.tune`, a study in ``<out>/<part>/``
+whose best trial per method is the chosen ρ); this script only builds the parts' configs,
+gathers their results and writes ``<out>/report.md``, ``<out>/report.json`` and PNG plots.
+Running it again continues the studies (``--resume`` is kept for old command lines).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flatlm.lm.compare import compare, probe_step_times
+from flatlm.lm import study as st
+from flatlm.lm.compare import probe_step_times
 from flatlm.lm.config import RunConfig, load_config, parse_override
 from flatlm.lm.models import GPT_SIZES
 from flatlm.lm.plots import plot_cost_quality, plot_curves
@@ -53,10 +56,11 @@ from flatlm.lm.report import (
     final_lambda_max,
     paired_deltas,
     regime,
-    run_dir,
     step_costs,
     summarize,
 )
+from flatlm.lm.tune import make_job
+from flatlm.lm.tune import run as run_study
 from flatlm.optim import parse_method
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +70,7 @@ GPT_METHODS = ("adamw", "sam", "fsam", "psam", "pfsam")
 LSTM_METHODS = ("adamw", "sam", "gasam")
 GPT_GRID = (0.02, 0.1, 0.5)
 LSTM_GRID = (0.05, 0.2, 1.0)
+GROUP = "reproduce"  # the study group of each part's folder (flatlm.lm.study)
 
 
 @dataclass(frozen=True)
@@ -189,124 +194,77 @@ def build_parts(args: argparse.Namespace) -> list[Part]:
     return parts
 
 
-# ----------------------------------------------------------------------------- ρ selection
+# ----------------------------------------------------------------------------- running
 
 
-def choose_rho(
-    runs: Sequence[Mapping[str, Any]],
-    methods: Sequence[str],
-    grid: Sequence[float],
-    seed: int,
-) -> dict[str, dict[str, Any]]:
-    """Per sharpness-aware method: the tuning seed's validation loss at each ρ, and the argmin.
+def _trained(folder: Path) -> set[tuple[str, int]]:
+    """The finished trials of the part's study that trained a run (not the reused seed-0 run
+    of a tuned method): (study, number)."""
+    if not (folder / st.JOURNAL).is_file():
+        return set()
+    recs = st.records(st.open_storage(None, folder), GROUP)
+    return {
+        (name, r["number"]) for name, rows in recs.items() for r in rows if r["kind"] != "reuse"
+    }
 
-    Only completed runs at ``seed`` whose spec sets ρ alone count; a diverged run (non-finite
-    loss) can never win; ties go to the smaller ρ so the choice is deterministic. ``chosen_rho`` is None when no grid
-    point finished.
-    """
-    val: dict[tuple[str, float], float] = {}
-    for r in runs:
-        if r.get("seed") != seed or r.get("status") != "completed":
-            continue
-        method, rho = spec_rho(r["method"])
-        if rho is not None:  # the grid point of exactly this method (or variant)
-            val[method, rho] = float(r["val_loss"])
+
+def run_part(part: Part, out: Path, args: argparse.Namespace, jobs: int) -> dict[str, Any]:
+    """``flatlm compare --tune --sampler grid`` on the part (flatlm.lm.tune): each method's
+    grid at the first seed, its ρ by validation loss, then every seed at the chosen ρ."""
+    folder = out / part.name
+    before = _trained(folder)
+    t0 = time.perf_counter()
+    grid = ",".join(f"{rho:g}" for rho in part.grid)
+    job = make_job(
+        part.cfg,
+        folder,
+        list(part.methods),
+        [f"optim.rho={grid}"],
+        sampler="grid",
+        pruner="none",
+        final_seeds=list(args.seeds),
+        study=GROUP,
+        quiet=args.quiet or jobs > 1,
+        jobs=jobs,
+    )
+    print(f"[{part.name}] {' '.join(part.methods)}: ρ grid {grid} at seed {args.seeds[0]}, "
+          f"then seeds {args.seeds}", flush=True)  # fmt: skip
+    report = run_study(job, jobs=jobs)
+    if report["stopped"]:
+        raise RuntimeError(f"[{part.name}] stopped: run the same command again to continue")
+    choice = tuning_choice(folder, part)
+    after = _trained(folder)
+    counts = {"trained": len(after - before), "reused": len(after & before), "missing": 0}
+    print(
+        f"[{part.name}] done in {time.perf_counter() - t0:.0f} s: {counts}; chosen ρ (seed "
+        f"{args.seeds[0]} validation): "
+        + ", ".join(f"{m}={c['chosen_rho']:g}" for m, c in choice.items()),
+        flush=True,
+    )
+    if args.probe:
+        print(f"[{part.name}] timing the chosen methods alone for the cost axis", flush=True)
+        timing = probe_step_times(part.cfg, final_specs(part, choice))
+        (folder / PROBE_FILE).write_text(json.dumps(timing, indent=1))
+    return {"choice": choice, "counts": counts}
+
+
+def tuning_choice(folder: Path, part: Part) -> dict[str, dict[str, Any]]:
+    """Each tuned method's grid as the study recorded it (``tune.json``): the validation loss at
+    each ρ, the chosen ρ (the study's best trial) and the method spec it names."""
+    methods = json.loads((folder / "tune.json").read_text())["methods"]
     out: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        if method == BASELINE:
-            continue
-        losses = {
-            rho: next(
-                (v for (m, x), v in val.items() if m == method and math.isclose(x, rho)), None
-            )
-            for rho in grid
-        }
-        finite = {rho: v for rho, v in losses.items() if v is not None and math.isfinite(v)}
-        chosen = min(finite, key=lambda rho: (finite[rho], rho)) if finite else None
+    for method, data in methods.items():
+        by_rho: dict[str, float | None] = {f"{rho:g}": None for rho in part.grid}
+        for t in data["trials"]:
+            if t["state"] == "COMPLETE":
+                by_rho[f"{t['params']['optim.rho']:g}"] = t["value"]
+        chosen = data["best"]["params"]["optim.rho"] if data["best"] else None
         out[method] = {
-            "val_loss_by_rho": {f"{rho:g}": v for rho, v in losses.items()},
+            "val_loss_by_rho": by_rho,
             "chosen_rho": chosen,
             "spec": method_spec(method, chosen) if chosen is not None else None,
         }
     return out
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def _completed(out: Path, specs: Sequence[str], seeds: Sequence[int]) -> dict[str, int]:
-    """result.json modification times of the completed runs (to count what a call re-trained)."""
-    times = {}
-    for spec in specs:
-        for seed in seeds:
-            path = run_dir(out, spec, seed) / "result.json"
-            if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
-                times[str(path)] = path.stat().st_mtime_ns
-    return times
-
-
-def _run_phase(
-    part: Part,
-    folder: Path,
-    specs: list[str],
-    seeds: list[int],
-    args: argparse.Namespace,
-    jobs: int,
-) -> dict[str, int]:
-    """``compare`` one phase; returns how many runs it trained and reused, and how many failed."""
-    if not seeds or not specs:
-        return {"trained": 0, "reused": 0, "missing": 0}
-    before = _completed(folder, specs, seeds)
-    t0 = time.perf_counter()
-    print(
-        f"[{part.name}] {len(specs) * len(seeds)} runs: {' '.join(specs)} x seeds {seeds}",
-        flush=True,
-    )
-    report = compare(
-        part.cfg,
-        folder,
-        specs,
-        seeds,
-        jobs=jobs,
-        quiet=args.quiet or jobs > 1,
-        resume=args.resume,
-        probe=False,  # this script reports its own step times
-    )
-    after = _completed(folder, specs, seeds)
-    reused = sum(after.get(p) == t for p, t in before.items())
-    counts = {
-        "trained": len(after) - reused,
-        "reused": reused,
-        "missing": len(report.get("missing", [])),
-    }
-    print(f"[{part.name}] done in {time.perf_counter() - t0:.0f} s: {counts}", flush=True)
-    return counts
-
-
-def run_part(part: Part, out: Path, args: argparse.Namespace, jobs: int) -> dict[str, Any]:
-    """Tuning phase, ρ choice, then the remaining seeds at the chosen ρ."""
-    folder = out / part.name
-    seeds = list(args.seeds)
-    tune_specs = [method_spec(m, r) for m in part.methods for r in part.grid]
-    tune_specs = list(dict.fromkeys(tune_specs))  # adamw once
-    counts = [_run_phase(part, folder, tune_specs, seeds[:1], args, jobs)]
-    choice = choose_rho(_runs(folder, part), part.methods, part.grid, seeds[0])
-    unchosen = [m for m, c in choice.items() if c["chosen_rho"] is None]
-    if unchosen:
-        raise RuntimeError(
-            f"[{part.name}] no finished tuning run for {unchosen}: rerun with --resume"
-        )
-    print(
-        f"[{part.name}] chosen ρ (seed {seeds[0]} validation): "
-        + ", ".join(f"{m}={c['chosen_rho']:g}" for m, c in choice.items()),
-        flush=True,
-    )
-    counts.append(_run_phase(part, folder, final_specs(part, choice), seeds[1:], args, jobs))
-    if args.probe:  # after the sweep (each phase's compare removes an earlier probe file)
-        print(f"[{part.name}] timing the chosen methods alone for the cost axis", flush=True)
-        timing = probe_step_times(part.cfg, final_specs(part, choice))
-        (folder / PROBE_FILE).write_text(json.dumps(timing, indent=1))
-    return {"choice": choice, "counts": {k: sum(c[k] for c in counts) for k in counts[0]}}
 
 
 def final_specs(part: Part, choice: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -314,11 +272,17 @@ def final_specs(part: Part, choice: Mapping[str, Mapping[str, Any]]) -> list[str
     return [BASELINE if m == BASELINE else choice[m]["spec"] for m in part.methods]
 
 
-def _runs(folder: Path, part: Part) -> list[dict[str, Any]]:
-    """The folder's runs at this study's steps (a stale run from another --steps never counts)."""
+def _runs(
+    folder: Path, part: Part, choice: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The comparison's runs (``runs/``, one per method and seed), each named by its spec."""
     if not (folder / "runs").is_dir():
         return []
-    return [r for r in collect_runs(folder) if r.get("steps") == part.cfg.train.steps]
+    runs = [r for r in collect_runs(folder) if r.get("steps") == part.cfg.train.steps]
+    for r in runs:
+        if r["method"] in choice:
+            r["method"] = choice[r["method"]]["spec"]
+    return runs
 
 
 # ----------------------------------------------------------------------------- summary
@@ -329,7 +293,7 @@ def summarize_part(
 ) -> dict[str, Any]:
     """Per method at its chosen ρ: losses over the seeds, λ_max, and Δ vs AdamW (flatlm.lm.stats)."""
     specs = final_specs(part, choice)
-    runs = [r for r in _runs(folder, part) if r["seed"] in seeds and r["method"] in specs]
+    runs = [r for r in _runs(folder, part, choice) if r["seed"] in seeds and r["method"] in specs]
     summary = summarize(runs, specs)
     deltas = paired_deltas(runs, specs)
     rows: dict[str, dict[str, Any]] = {}
@@ -545,8 +509,10 @@ def write_report(
     md += ["## Across parts\n"]
     md += [f"![{Path(x).stem}]({x})\n" for x in plots.get("all", [])]
     md += [
-        "Per-part comparison folders (every run's config, metrics and checkpoint, plus flatlm's "
-        "own results.md over all grid points): " + ", ".join(f"`{p.name}/`" for p in done) + ".\n"
+        "Per-part study folders (flatlm's own tune.md over the grid and results.md over the "
+        "final runs; every trial's config, metrics and checkpoint under trials/): "
+        + ", ".join(f"`{p.name}/`" for p in done)
+        + ".\n"
     ]
     (out / "report.md").write_text("\n".join(md))
     data = {
@@ -666,7 +632,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     arg("--profile", choices=list(PROFILES), default="cpu", help="cpu (default) or gpu (cuda)")
     arg("--out", help="output folder (default: runs/reproduce_<profile>)")
     arg("--jobs", type=int, help="parallel runs (default: cpu 2, gpu 4)")
-    arg("--resume", action="store_true", help="reuse completed runs, resume interrupted ones")
+    arg("--resume", action="store_true", help="(the default: a study always continues)")
     arg("--steps", type=int, help="training steps of every run (override, e.g. for smoke tests)")
     arg("--parts", nargs="+", choices=["gpt", "lstm"], default=["gpt", "lstm"])
     arg("--sizes", nargs="+", choices=list(GPT_SIZES), help="GPT sizes (default: the profile's)")

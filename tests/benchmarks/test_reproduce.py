@@ -4,7 +4,6 @@ end-to-end smoke study whose report must agree with the run folders it was built
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -21,75 +20,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 reproduce = load_benchmark("reproduce")
-
-
-# ----------------------------------------------------------------------------- (a) ρ selection
-
-
-def _run(method: str, seed: int, val: float, status: str = "completed") -> dict[str, Any]:
-    return {"method": method, "seed": seed, "status": status, "val_loss": val}
-
-
-def test_choose_rho_takes_each_methods_argmin_of_validation_at_the_tuning_seed():
-    grid = [0.02, 0.1, 0.5]
-    runs = [
-        _run("adamw", 0, 1.0),  # the baseline is never tuned, however low its loss
-        # sam: the middle ρ is best; a lower loss at another seed or off the grid must not count
-        _run("sam:rho=0.02", 0, 6.10),
-        _run("sam:rho=0.1", 0, 6.00),
-        _run("sam:rho=0.5", 0, 6.20),
-        _run("sam:rho=0.5", 1, 2.00),
-        _run("sam:rho=0.3", 0, 3.00),
-        _run("sam:rho=0.5,adaptive=true", 0, 3.00),  # another variant, not this grid's point
-        # fsam: the last ρ is best, the first diverged (NaN must never win nor break min)
-        _run("fsam:rho=0.02", 0, math.nan),
-        _run("fsam:rho=0.1", 0, 6.30),
-        _run("fsam:rho=0.5", 0, 6.25),
-        # psam: the first ρ is best; an interrupted run's (lower) loss does not count
-        _run("psam:rho=0.02", 0, 6.05),
-        _run("psam:rho=0.1", 0, 5.00, status="interrupted"),
-        _run("psam:rho=0.5", 0, 6.40),
-        # pfsam: written with other float spellings, best at 0.1 (the highest validation loss
-        # is at 0.02, so "first" or "argmax" would both fail)
-        _run("pfsam:rho=0.020", 0, 6.30),
-        _run("pfsam:rho=0.10", 0, 5.90),
-        _run("pfsam:rho=5e-1", 0, 6.00),
-    ]
-    choice = reproduce.choose_rho(runs, ["adamw", "sam", "fsam", "psam", "pfsam"], grid, seed=0)
-    assert {m: c["chosen_rho"] for m, c in choice.items()} == {
-        "sam": 0.1,
-        "fsam": 0.5,
-        "psam": 0.02,
-        "pfsam": 0.1,
-    }
-    assert choice["sam"]["spec"] == "sam:rho=0.1"
-    assert parse_method(choice["fsam"]["spec"]) == ("fsam", {"rho": 0.5})
-    assert choice["sam"]["val_loss_by_rho"] == {"0.02": 6.10, "0.1": 6.00, "0.5": 6.20}
-    assert choice["psam"]["val_loss_by_rho"]["0.1"] is None
-    assert math.isnan(choice["fsam"]["val_loss_by_rho"]["0.02"])
-
-    # At tuning seed 1 only sam's ρ = 0.5 ran: it is chosen, and the others have no choice.
-    at_seed_1 = reproduce.choose_rho(runs, ["adamw", "sam", "fsam"], grid, seed=1)
-    assert at_seed_1["sam"]["chosen_rho"] == 0.5
-    assert at_seed_1["fsam"] == {
-        "val_loss_by_rho": {"0.02": None, "0.1": None, "0.5": None},
-        "chosen_rho": None,
-        "spec": None,
-    }
-
-
-def test_choose_rho_breaks_ties_towards_the_smaller_radius():
-    runs = [
-        _run("gasam:rho=1", 0, 5.5),
-        _run("gasam:rho=0.2", 0, 5.5),
-        _run("gasam:rho=0.05", 0, 5.6),
-    ]
-    choice = reproduce.choose_rho(runs, ["gasam"], [1.0, 0.2, 0.05], seed=0)
-    assert choice["gasam"]["chosen_rho"] == 0.2
-    assert choice["gasam"]["spec"] == "gasam:rho=0.2"
-
-
-# ----------------------------------------------------------------------------- (b) profiles
 
 
 def test_gpu_profile_builds_cuda_configs_at_sizes_small_and_medium():
@@ -146,9 +76,18 @@ def test_gpu_profile_refuses_to_start_without_cuda(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- (c) smoke
 
 
-def _result(out: Path, part: str, spec: str, seed: int) -> dict[str, Any]:
-    folder = spec.replace(":", "_").replace(",", "_")
-    return json.loads((out / part / "runs" / f"{folder}-s{seed}" / "result.json").read_text())
+def _result(out: Path, part: str, method: str, seed: int) -> dict[str, Any]:
+    """A final run's result.json (the comparison's runs/ folder: one per method and seed)."""
+    return json.loads((out / part / "runs" / f"{method}-s{seed}" / "result.json").read_text())
+
+
+def _grid(out: Path, part: str, method: str) -> dict[float, float]:
+    """The tuning seed's validation loss at each ρ, from the grid trials' own run folders."""
+    val = {}
+    for folder in (out / part / "trials" / f"tune-{method}").iterdir():
+        rho = json.loads((folder / "config.json").read_text())["optim"]["rho"]
+        val[rho] = json.loads((folder / "result.json").read_text())["val_loss"]
+    return val
 
 
 @pytest.mark.slow
@@ -187,19 +126,20 @@ def test_smoke_study_report_matches_its_runs(tmp_path, corpus_file, monkeypatch)
             if method == "adamw":
                 spec = "adamw"
             else:  # the chosen ρ is the argmin of the seed-0 validation losses on disk
-                val = {
-                    rho: _result(out, name, f"{method}:rho={rho:g}", 0)["val_loss"]
-                    for rho in grids[name]
-                }
+                val = _grid(out, name, method)
+                assert sorted(val) == sorted(grids[name])
                 best = min(val, key=lambda rho: (val[rho], rho))
                 spec = f"{method}:rho={best:g}"
                 assert part["tuning"][method]["chosen_rho"] == best
                 assert row["rho"] == best
-                for rho in grids[name]:  # seed 1 ran at the chosen ρ only
-                    ran = (out / name / "runs" / f"{method}_rho={rho:g}-s1").is_dir()
-                    assert ran == (rho == best)
+                for seed in (0, 1):  # every seed ran at the chosen ρ
+                    cfg = json.loads(
+                        (out / name / "runs" / f"{method}-s{seed}" / "config.json").read_text()
+                    )
+                    assert cfg["optim"]["rho"] == best
+                assert _result(out, name, method, 0)["val_loss"] == val[best]  # the grid's run
             assert row["spec"] == spec and row["seeds"] == [0, 1]
-            res = {s: _result(out, name, spec, s) for s in (0, 1)}
+            res = {s: _result(out, name, method, s) for s in (0, 1)}
             assert row["test_loss"] == pytest.approx(
                 statistics.fmean(r["test_loss"] for r in res.values())
             )
@@ -225,7 +165,7 @@ def test_smoke_study_report_matches_its_runs(tmp_path, corpus_file, monkeypatch)
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
         assert png in md
 
-    # --resume trains nothing again and reports the same numbers
+    # the same command again trains nothing and reports the same numbers
     reproduce.main([*argv, "--resume"])
     again = json.loads((out / "report.json").read_text())
     assert again["runs_trained"] == 0 and again["runs_reused"] == 22
