@@ -5,8 +5,9 @@ comment on the line right before it (none = ``run``):
 
 - ``<!-- doctest: run (note) -->``: bash lines run one after another in a scratch project folder
   (``docs/``, ``benchmarks/``, ``examples/``, ``scripts/`` linked in, ``my_texts/`` a small text
-  folder): ``flatlm train|compare`` with tiny overrides appended (micro model, char tokens on a
-  small corpus unless the line has ``--data``, 2 steps, one process), ``flatlm sharpness`` with
+  folder): ``flatlm train|compare|tune`` with tiny overrides appended (micro model, char tokens
+  on a small corpus unless the line has ``--data``, 2 steps, one process, 2 tuning trials per
+  method), ``flatlm sharpness`` with
   one batch and 3 Lanczos products. A path a line reads must exist after the lines above it, so
   a stale path or option fails. Python blocks run with the ``tiny_lm`` names defined (``model``,
   ``batches``, ``x``, ``y``, ``loss_fn``, ``fixed_batch``).
@@ -241,6 +242,7 @@ def _flatlm(argv: list[str], where: str, *, run: bool) -> None:
                 "compare.seeds": args.seeds,
                 "compare.jobs": args.jobs,
             },
+            "tune": lambda: {"train.seed": args.seed},
         }.get(args.command)
         if extra is not None:
             try:
@@ -248,11 +250,13 @@ def _flatlm(argv: list[str], where: str, *, run: bool) -> None:
             except Exception as e:
                 raise DocExampleError(f"{where}: `flatlm {shlex.join(argv)}`: {e}") from e
         return
-    if args.command in ("train", "compare"):
+    if args.command in ("train", "compare", "tune"):
         tiny = dict(TINY)
         if args.data is None:
             tiny["data.corpus"] = str(Path("tiny_corpus.txt").resolve())
         argv = argv + [x for k, v in tiny.items() for x in ("--set", f"{k}={v}")]
+        if args.command == "tune" or getattr(args, "tune", False):
+            argv += ["--trials", "2"]  # two tuning trials per method
     elif args.command == "sharpness":
         argv = [*argv, "--batches", "1", "--lanczos-iters", "3"]
     out, err = io.StringIO(), io.StringIO()

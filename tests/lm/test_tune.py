@@ -230,10 +230,15 @@ def postgres(tmp_path_factory):
     """A PostgreSQL server of its own (pgserver), its URL; skipped if it cannot start here."""
     pgserver = pytest.importorskip("pgserver", reason="pgserver (flatlm[tune-postgres])")
     pytest.importorskip("psycopg", reason="psycopg (flatlm[tune-postgres])")
-    try:
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    except Exception as e:  # pragma: no cover - depends on the machine
-        pytest.skip(f"the PostgreSQL server (pgserver) cannot start on this machine: {e}")
+    error = None
+    for _ in range(2):  # a second try in a fresh folder: initdb can fail on a busy machine
+        try:
+            server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+            break
+        except Exception as e:  # pragma: no cover - depends on the machine
+            error = e
+    else:
+        pytest.skip(f"the PostgreSQL server (pgserver) cannot start on this machine: {error}")
     yield server.get_uri()
     server.cleanup()
 
@@ -243,7 +248,7 @@ def test_postgres_two_workers_one_killed_mid_trial(postgres, corpus_file, tmp_pa
     url, n = postgres, 4
     out = tmp_path / "tune"
     args = ["--method", "sam", "--trials", str(n), "--pruner", "none", "--storage", url,
-            "--study", "s", "--heartbeat", "1", "--out", str(out), "--quiet"]  # fmt: skip
+            "--study", "s", "--heartbeat", "2", "--out", str(out), "--quiet"]  # fmt: skip
     argv = tiny_cli("tune", corpus_file, *args, train__steps="150", train__checkpoint_every="0")
     workers = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     storage = st.open_storage(url, tmp_path)
@@ -271,7 +276,7 @@ def test_postgres_two_workers_one_killed_mid_trial(postgres, corpus_file, tmp_pa
     # Each failed trial was re-run in a folder of its own: the killed one, and any whose
     # heartbeat the other worker found late on this busy machine (its own tell then fails).
     for dead in failed:
-        rerun = next(t for t in done if t.system_attrs.get("failed_trial") == dead.number)
+        rerun = next(t for t in done if dead.number in t.system_attrs.get("retry_history", []))
         assert rerun.params == dead.params and rerun.user_attrs["slot"] == dead.user_attrs["slot"]
         assert rerun.user_attrs["run_dir"] != dead.user_attrs["run_dir"]
 

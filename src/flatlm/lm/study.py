@@ -302,13 +302,10 @@ def counts(study: Any) -> dict[str, int]:
 
 
 def settled(study: Any) -> bool:
-    """Every slot finished (complete or pruned) and nothing waiting or running."""
-    slots = slot_trials(study)
-    if any(
-        t.state in (TrialState.WAITING, TrialState.RUNNING) for ts in slots.values() for t in ts
-    ):
-        return False
-    return all(any(t.state in FINISHED for t in ts) for ts in slots.values())
+    """Nothing waiting or running: every slot finished, or failed with an error (a slot that
+    failed is enqueued again by the next :func:`add_slots`, i.e. the next run of the command)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    return not trials
 
 
 # ----------------------------------------------------------------------------- records

@@ -490,6 +490,7 @@ def trial_dir(job: Job, study: Any, trial: Any) -> Path:
 
 def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> None:
     """Train one trial and record it in the study (and its folder's ``trial.json``)."""
+    from flatlm.lm.checkpoint import has_checkpoint
     from flatlm.lm.train import train
 
     attrs = trial.user_attrs
@@ -536,9 +537,11 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
     try:
         with st.heartbeat(study, trial):
             result = train(cfg, folder, resume=resume, quiet=job.quiet, on_eval=report)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # a second interrupt: again later, from its last checkpoint
+        st.requeue(study, trial, resume_dir=str(folder) if has_checkpoint(folder) else None)
+        raise
+    except BaseException as e:  # an error: the slot is enqueued again by the next run
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=st.TrialState.FAIL)
         raise
     status = result["status"]
