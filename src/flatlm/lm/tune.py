@@ -343,7 +343,7 @@ def _pruner(job: Job) -> Any:
     if job.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps)
     # Median: prune a trial whose validation loss is worse than the median of the finished
-    # trials' at the same step, once two have finished, from the second evaluation on.
+    # trials' at the same step, once two have finished, from the first evaluation on.
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every)
 
 
@@ -915,7 +915,13 @@ def _plot_search(
                 label=f"best (trial {top['number']})",
                 zorder=3,
             )
-        if p.kind == "log":
+        values = [x for x in p.choices if isinstance(x, int | float)]
+        wide = (
+            len(values) == len(p.choices) > 1
+            and min(values) > 0
+            and max(values) >= 10 * min(values)
+        )
+        if p.kind == "log" or wide:  # a listed grid such as 0.02,0.2,2 is read on a log axis
             ax.set_xscale("log")
         ax.set(xlabel=p.key, ylabel="validation loss (nats/token)")
         ax.grid(alpha=0.3)
