@@ -180,6 +180,47 @@ def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
         tune.run(other)
 
 
+def test_a_trial_taken_for_dead_while_running_is_counted_once(tiny_cfg, tmp_path, monkeypatch):
+    """A worker whose heartbeat came late finds, at its next evaluation, its trial failed by
+    another worker (and re-enqueued): it stops, writes nothing more to the study, and the study
+    still ends with one complete trial for the slot, at the same parameters."""
+    import threading
+
+    from flatlm.lm import train as train_module
+
+    job = tune.make_job(
+        tiny_cfg(), tmp_path / "t", ["sam"], [], trials=1, pruner="none", quiet=True
+    )
+    storage = st.open_storage(None, tmp_path / "t")
+    study = tune.setup(job, storage)["tune/tune/sam"]
+    trial = st.pop_trial(study)
+    real_train = train_module.train
+
+    def train_then_taken_for_dead(*args, on_eval=None, **kwargs):
+        def late(step, val):  # another worker fails it as stale, as fail_stale_trials does
+            if study.get_trials()[0].state == st.TrialState.RUNNING:
+                storage.set_trial_state_values(trial._trial_id, st.TrialState.FAIL)
+                st._Retry(inherit_intermediate_values=True)(
+                    study, storage.get_trial(trial._trial_id)
+                )
+            return on_eval(step, val)
+
+        return real_train(*args, on_eval=late, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", train_then_taken_for_dead)
+    tune.run_trial(job, storage, study, trial, threading.Event())  # must not raise
+    monkeypatch.setattr(train_module, "train", real_train)
+    dead = study.get_trials()[0]
+    assert dead.state == st.TrialState.FAIL and "record" not in dead.user_attrs
+    stopped = json.loads((Path(dead.user_attrs["run_dir"]) / "result.json").read_text())
+    assert stopped["status"] == "pruned" and "taken for dead" in stopped["reason"]
+    assert not (Path(dead.user_attrs["run_dir"]) / st.TRIAL_FILE).exists()
+    assert not tune.run(job)["stopped"]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [st.TrialState.FAIL, st.TrialState.COMPLETE]
+    assert trials[1].params == dead.params
+
+
 # ----------------------------------------------------------------------------- two workers
 
 

@@ -28,6 +28,7 @@ storage alone (:func:`records`), with no access to the machines that ran the tri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import socket
@@ -80,7 +81,9 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         self._retry = _Retry(inherit_intermediate_values=True)
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, _HEARTBEAT_ATTR, time.time())
+        # A trial another worker failed as stale takes no more beats (its retry runs elsewhere).
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, _HEARTBEAT_ATTR, time.time())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now, grace = time.time(), 2 * self._heartbeat_s

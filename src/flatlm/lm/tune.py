@@ -65,6 +65,8 @@ POLL_S = 1.0
 # SAM's best ρ ranges from 0.05 (GPT) to 2 (the LSTM setting) in docs/results.md.
 RHO_BELOW, RHO_ABOVE = 10.0, 50.0
 META = "flatlm:job"
+# What the storage raises when a worker writes to a trial another worker already failed as stale.
+DEAD = st.optuna.exceptions.UpdateFinishedTrialError
 STUDY_FILE = "study.json"
 
 
@@ -509,10 +511,13 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
             summary["record_from"] = src.user_attrs.get("run_dir")
         st.write_trial_file(folder, summary)
         return
-    if kind == "tune":
-        overrides = {p.key: p.suggest(trial) for p in job.space(method)}
-    else:
-        overrides = dict(attrs.get("overrides") or {})
+    try:
+        if kind == "tune":
+            overrides = {p.key: p.suggest(trial) for p in job.space(method)}
+        else:
+            overrides = dict(attrs.get("overrides") or {})
+    except DEAD:  # failed by another worker before it started (a late first heartbeat)
+        return
     base = copy.deepcopy(job.base)
     base["optim"]["method"], base["train"]["seed"] = method, seed
     base["train"]["threads"] = job.threads
@@ -521,17 +526,23 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
     resume = bool(resume_dir) and attrs.get("host") == st.host() and Path(resume_dir).is_dir()
     if resume:
         folder = Path(resume_dir)
-    trial.set_user_attr("run_dir", str(folder))
-    trial.set_user_attr("host", st.host())
-    trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("resume_dir", None)
+    try:
+        trial.set_user_attr("run_dir", str(folder))
+        trial.set_user_attr("host", st.host())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("resume_dir", None)
+    except DEAD:
+        return
 
     def report(step: int, val: float) -> str | None:
         if kind != "tune":
             return None
-        trial.report(val, step)
-        if trial.should_prune():
-            return f"pruned by the {job.pruner} pruner at step {step} (val loss {val:.4f})"
+        try:
+            trial.report(val, step)
+            if trial.should_prune():
+                return f"pruned by the {job.pruner} pruner at step {step} (val loss {val:.4f})"
+        except DEAD:  # failed by another worker (a late heartbeat): it runs again there
+            return "taken for dead by another worker (a late heartbeat); re-run there"
         return None
 
     try:
@@ -545,19 +556,19 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
         study.tell(trial, state=st.TrialState.FAIL)
         raise
     status = result["status"]
-    if status in ("interrupted", "stopped"):  # Ctrl-C: again later, from the checkpoint
-        st.requeue(study, trial, resume_dir=str(folder))
-        return
-    trial.set_user_attr("record", st.run_record(folder))
-    value = result.get("val_loss")
     try:
+        if status in ("interrupted", "stopped"):  # Ctrl-C: again later, from the checkpoint
+            st.requeue(study, trial, resume_dir=str(folder))
+            return
+        trial.set_user_attr("record", st.run_record(folder))
+        value = result.get("val_loss")
         if status == "pruned":
             frozen = study.tell(trial, state=st.TrialState.PRUNED)
         else:  # completed, or diverged: a loss that can never be the best
             finite = value is not None and math.isfinite(value)
             frozen = study.tell(trial, value if finite else math.inf)
-    except st.optuna.exceptions.UpdateFinishedTrialError:
-        return  # another worker took it for dead (no heartbeat) and re-enqueued it
+    except DEAD:
+        return  # another worker took it for dead (a late heartbeat) and re-enqueued it
     st.write_trial_file(folder, st.trial_summary(frozen, study.study_name))
 
 
