@@ -45,6 +45,23 @@ def test_yaml_and_precedence(tmp_path):
     assert cfg.model.size == "micro"  # from the preset
 
 
+def test_yaml_exponent_floats_are_floats(tmp_path):
+    """YAML 1.1 reads ``3e-3`` (no dot) as a string; a config means the number."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "optim:\n  lr: 3e-3\n  rho: 5E-2\n  method_kwargs:\n    gasam: {xi: 1e-12}\n"
+        "train:\n  min_lr_ratio: 1.5e-1\n  wandb_project: '1e5'\n"
+    )
+    cfg = load_config(path=path)
+    assert cfg.optim.lr == 3e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.rho == 5e-2 and cfg.train.min_lr_ratio == 0.15
+    assert cfg.optim.method_kwargs == {"gasam": {"xi": 1e-12}}
+    assert cfg.train.wandb_project == "1e5"  # a quoted string stays a string
+    path.write_text("train:\n  steps: 1e3\n")  # a float where an int is wanted: still refused
+    with pytest.raises(ConfigError, match=r"'train\.steps' must be int, got float"):
+        load_config(path=path)
+
+
 def test_optional_and_nested_values():
     cfg = load_config(overrides=["optim.rho=0.1", "optim.method_kwargs={gasam={alpha=0.5}}"])
     assert cfg.optim.rho == 0.1 and cfg.optim.method_kwargs == {"gasam": {"alpha": 0.5}}

@@ -220,3 +220,22 @@ def test_create_takes_a_model_and_groups_it_without_decay_for_biases_norms_embed
     }
     assert no_decay["weight_decay"] == 0.0
     assert decay_groups(model, 0.3)[0]["weight_decay"] == 0.3
+
+
+def test_create_names_base_optimizer_and_the_options_for_an_unknown_keyword():
+    """timm-style keywords (``momentum=``, ``base=``) are not passed on to AdamW's bare
+    TypeError: the error names ``base_optimizer=`` and the method's own options."""
+    model = make_mlp()
+    with pytest.raises(TypeError, match=r"'momentum'.*sam's own options are adaptive, eta") as e:
+        create("sam", model, lr=1e-2, momentum=0.9)
+    assert "base_optimizer=torch.optim.SGD" in str(e.value) and "rho" in str(e.value)
+    with pytest.raises(TypeError, match=r"pass base_optimizer=torch.optim.SGD \(not base=\)"):
+        create("sam", model, lr=1e-2, base=torch.optim.SGD)
+    with pytest.raises(TypeError, match=r"Did you mean 'rho'\?"):
+        create("gasam", model, rhoo=0.1)
+    with pytest.raises(TypeError, match=r"plain torch.optim.AdamW: 'momentum'"):
+        create("adamw", model, momentum=0.9)
+    # What the hints say to write works: the base optimizer's own options go with it.
+    opt = create("sam", model, base_optimizer=torch.optim.SGD, lr=1e-2, momentum=0.9)
+    assert isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert opt.param_groups[0]["momentum"] == 0.9

@@ -10,6 +10,7 @@ import codecs
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -250,6 +251,18 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, k, _coerce(key, v, hints[k]))
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``3e-3`` and ``1e5`` are floats (YAML 1.2 and
+    TOML read them so; YAML 1.1's float needs a dot, which turned ``lr: 3e-3`` into a string)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a .toml/.yaml/.yml file into a nested dict (no schema check yet)."""
     path = Path(path)
@@ -263,7 +276,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ) from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_YAMLLoader) or {}
         else:
             data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:

@@ -10,6 +10,7 @@ of the wrong type is refused the same way everywhere, before anything runs.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,12 +274,10 @@ def create(
             "the optimizer without it, then flatlm.optim.schedules.build_rho_schedule(opt, "
             "schedule, total_steps) and step it after each optimizer step"
         )
+    _check_create_keywords(info, base_optimizer, kwargs)
     if isinstance(params, torch.nn.Module):
         params = decay_groups(params, kwargs.get("weight_decay", 0.01))
     if not info.sharpness_aware:
-        extra = sorted(set(kwargs) - set(ADAMW_OPTIONS))
-        if extra:
-            raise ValueError(f"plain AdamW takes no sharpness-aware options, got {extra}")
         params = list(params)
         check_param_lists(params)
         return torch.optim.AdamW(params, **kwargs)
@@ -287,3 +286,75 @@ def create(
         name = policy_options.pop("policy", None)
         kwargs["policy"] = make_policy(name, kwargs.pop("perturb_every", 1), **policy_options)
     return info.cls(params, base_optimizer, **kwargs)
+
+
+def _check_create_keywords(info: MethodInfo, base: Any, kwargs: dict[str, Any]) -> None:
+    """Every keyword of ``create`` is the method's, the engine's or the base optimizer's: one
+    that is none of them is named with all three lists (not AdamW's bare TypeError), and a
+    base optimizer passed under another name points to ``base_optimizer=``."""
+    if not info.sharpness_aware:
+        engine_options = sorted(set(kwargs) & set(ENGINE_OPTIONS))
+        if engine_options:
+            raise ValueError(f"plain AdamW takes no sharpness-aware options, got {engine_options}")
+        base, own = torch.optim.AdamW, {}
+    else:
+        own = {**ENGINE_OPTIONS, **info.options}
+        own |= dict.fromkeys(set(_init_keywords(info.cls) or ()) - {"base_optimizer"}, Any)
+    built = isinstance(base, torch.optim.Optimizer)
+    base_cls = type(base) if built else base
+    base_args = [] if built else _init_keywords(base_cls)
+    if base_args is None:  # the base takes **kwargs: it judges its own keywords
+        return
+    unknown = [k for k in kwargs if k not in own and k not in base_args]
+    if not unknown:
+        return
+    if not info.sharpness_aware:
+        raise TypeError(
+            f"create('adamw') is plain torch.optim.AdamW: {', '.join(map(repr, unknown))} is not "
+            f"one of its options ({', '.join(base_args)})"
+        )
+    passed_class = [k for k in unknown if isinstance(kwargs[k], type)]
+    if passed_class:
+        k, cls = passed_class[0], kwargs[passed_class[0]]
+        named = (
+            f"torch.optim.{cls.__name__}"
+            if getattr(torch.optim, cls.__name__, None) is cls
+            else cls.__name__
+        )
+        hint = (
+            f"To build {info.name} over another optimizer pass base_optimizer={named} (not "
+            f"{k}=); that optimizer's own options (e.g. momentum=) then go with the others"
+        )
+    else:
+        close = difflib.get_close_matches(unknown[0], [*own, *base_args], n=1)
+        hint = f"Did you mean {close[0]!r}?" if close else ""
+        if base_cls is torch.optim.AdamW:
+            hint += (
+                " Another base optimizer's options go with base_optimizer=, e.g. "
+                "create(name, model, base_optimizer=torch.optim.SGD, lr=0.1, momentum=0.9)"
+            )
+    where = (
+        f"the already-built {base_cls.__name__}'s are fixed"
+        if built
+        else f"base_optimizer={base_cls.__name__}'s: {', '.join(base_args)}"
+    )
+    raise TypeError(
+        f"create({info.name!r}) got unknown keyword argument(s) {', '.join(map(repr, unknown))}: "
+        f"{info.name}'s own options are {', '.join(info.options) or 'none'}; the engine's: "
+        f"{', '.join(ENGINE_OPTIONS)}; {where}. {hint.strip()}".rstrip(". ")
+        + "."
+    )
+
+
+def _init_keywords(cls: type) -> list[str] | None:
+    """The keyword parameters of an optimizer class's ``__init__`` (not ``params``); None when
+    it takes ``**kwargs`` (then any name may be its)."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p.name for p in sig.parameters.values() if p.kind in kinds]
+    return [n for n in names if n not in ("self", "params")]
