@@ -338,6 +338,56 @@ def test_missing_transformers_gives_install_hint():
 # --- the numbers --------------------------------------------------------------------------------
 
 
+# --- a Hugging Face model in the core API (no Trainer) ---------------------------------------
+
+
+def _gpt2_steps(method: str, forward, loss_fn, steps: int = 2) -> list[torch.Tensor]:
+    model = tiny_gpt2()
+    x = torch.stack([row["input_ids"] for row in lm_data(4)])
+    opt = flatlm.optim.create(method, model, lr=1e-2)
+    for _ in range(steps):
+        opt.step(forward=lambda: forward(model, x), loss_fn=lambda out: loss_fn(out, x))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_core_step_takes_a_model_output_and_its_loss(method):
+    """``forward=lambda: m(x, labels=x), loss_fn=lambda o: o.loss`` (the ModelOutput and the
+    model's own loss) takes the same steps as the logits and a hand-written shifted
+    cross-entropy, for a plain and a functional method (r through ``o.logits``)."""
+    ours = _gpt2_steps(method, lambda m, x: m(x, labels=x), lambda o, x: o.loss)
+
+    def shifted_ce(logits, x):
+        return F.cross_entropy(logits.float()[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+    ref = _gpt2_steps(method, lambda m, x: m(x).logits, shifted_ce)
+    init = [p.detach() for p in tiny_gpt2().parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(ours, init, strict=True))  # it moved
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # loss_fn may also read the logits off the output
+    via_logits = _gpt2_steps(method, lambda m, x: m(x), lambda o, x: shifted_ce(o.logits, x))
+    for a, b in zip(via_logits, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_model_output_gets_errors_that_say_what_to_write():
+    # a one-pass functional method differentiates a detached copy of the logits: no .loss there
+    with pytest.raises(ValueError, match=r"compute the loss from o\.logits"):
+        _gpt2_steps("mfsam", lambda m, x: m(x, labels=x), lambda o, x: o.loss, steps=1)
+    ce = lambda o, x: F.cross_entropy(o.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())  # noqa: E731
+    _gpt2_steps("mfsam", lambda m, x: m(x, labels=x), ce, steps=2)  # what the error says works
+    with pytest.raises(ValueError, match=r"only when called with labels="):  # no labels: no loss
+        _gpt2_steps("sam", lambda m, x: m(x), lambda o, x: o.loss, steps=1)
+    with pytest.raises(AttributeError) as e:  # a loss_fn written for the logits tensor
+        _gpt2_steps("sam", lambda m, x: m(x), lambda logits, x: logits.flatten(0, 1), steps=1)
+    assert "loss_fn receives it whole, not the logits tensor; read o.logits" in str(
+        e.value.__notes__
+    )
+    with pytest.raises(TypeError, match=r"a Hugging Face ModelOutput"):  # return_dict=False
+        _gpt2_steps("sam", lambda m, x: m(x, return_dict=False), lambda o, x: o, steps=1)
+
+
 @pytest.mark.parametrize("method", [*SAM_METHODS, "wsam", "gsam", "friendlysam", "gcsam"])
 def test_trainer_equals_engine_step_with_accumulation_and_clipping(tmp_path, method):
     """Two updates of two micro-batches each: the Trainer path is flatlm's own step, and the

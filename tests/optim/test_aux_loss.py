@@ -100,7 +100,7 @@ def test_an_aux_loss_that_goes_through_the_logits_is_refused():
     [
         (lambda out: (out, out, out), TypeError, "forward\\(\\) must return the logits"),
         (lambda out: [out.sum(), out], TypeError, "forward\\(\\) must return the logits"),
-        (lambda out: {"logits": out}, TypeError, "got a dict"),
+        (lambda out: {"logits": out}, TypeError, "returned a dict: loss_fn receives it whole"),
         (lambda out: (out, torch.ones(3, requires_grad=True)), TypeError, "aux_loss a scalar"),
     ],
 )

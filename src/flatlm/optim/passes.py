@@ -31,9 +31,11 @@ __all__ = [
     "MicroBatch",
     "Recorded",
     "RngState",
+    "call_loss_fn",
     "check_functional_graph",
     "check_loss",
     "clean_pass",
+    "loss_input",
     "perturbed_pass",
     "replay",
     "split_output",
@@ -166,9 +168,13 @@ def _all_finite(ok: Tensor | None, value: Tensor) -> Tensor:
 def split_output(out: Any) -> tuple[Tensor, Tensor | None]:
     """``forward()``'s result as (logits, aux): the logits tensor alone, or ``(logits, aux)``
     with aux a scalar loss term that depends on the parameters directly (an L2 penalty, an MoE
-    load-balancing loss), added to ``loss_fn(logits)``."""
+    load-balancing loss), added to ``loss_fn(logits)``; or a model output with a ``logits``
+    tensor (a Hugging Face ``ModelOutput``, a dict), whose logits are the pass's and which
+    ``loss_fn`` receives whole (:func:`loss_input`)."""
     if isinstance(out, Tensor):
         return out, None
+    if _is_model_output(out):
+        return out["logits"], None
     if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor):
         aux = out[1]
         if aux is None:
@@ -177,8 +183,63 @@ def split_output(out: Any) -> tuple[Tensor, Tensor | None]:
             return out[0], aux.reshape(())
     raise TypeError(
         "forward() must return the logits tensor, or a pair (logits, aux_loss) with aux_loss a "
-        f"scalar tensor; got {_describe(out)}"
+        f"scalar tensor, or a model output with a 'logits' tensor (a Hugging Face ModelOutput: "
+        f"call the model with return_dict=True); got {_describe(out)}"
     )
+
+
+def _is_model_output(out: Any) -> bool:
+    return isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor)
+
+
+def loss_input(out: Any, logits: Tensor) -> Any:
+    """What ``loss_fn`` is called with: ``logits``, or, when ``forward()`` returned a model
+    output, that output with these logits (so ``loss_fn=lambda o: o.loss`` works where the
+    pass backpropagates the model's own loss). A pass that needs the loss as a function of a
+    detached copy of the logits gets the output with ``loss`` None: the loss must be computed
+    from ``o.logits`` there (:func:`call_loss_fn` says so)."""
+    if not _is_model_output(out) or out["logits"] is logits:
+        return out if _is_model_output(out) else logits
+    fields = {**out, "logits": logits}
+    fields.pop("loss", None)
+    try:
+        return type(out)(**fields)
+    except TypeError:  # a Mapping that is not built from keywords
+        return fields
+
+
+def call_loss_fn(loss_fn: Callable[[Any], Any], out: Any, logits: Tensor) -> Tensor:
+    """``check_loss(loss_fn(loss_input(out, logits)))``, with what to write when a model output
+    was given: ``loss_fn`` receives the output whole, and where the pass differentiates a
+    detached copy of the logits its ``.loss`` is None."""
+    given = loss_input(out, logits)
+    if given is logits:
+        return check_loss(loss_fn(given))
+    name = type(out).__name__
+    fix = (
+        "compute the loss from o.logits, e.g. loss_fn=lambda o: F.cross_entropy("
+        "o.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())"
+    )
+    try:
+        loss = loss_fn(given)
+    except (AttributeError, TypeError) as e:
+        e.add_note(
+            f"forward() returned a {name}: loss_fn receives it whole, not the logits tensor; "
+            f"read o.logits (or o.loss, the model's own loss, for non-functional methods)"
+        )
+        raise
+    if loss is None and given is out:
+        raise ValueError(
+            f"loss_fn returned None: the {name} has no loss (the model computes one only when "
+            f"called with labels=, e.g. forward=lambda: model(x, labels=x)); or {fix}"
+        )
+    if loss is None:
+        raise ValueError(
+            f"loss_fn returned None: this step (a one-pass method's, or one that reuses its "
+            f"direction) needs the loss as a function of the logits alone, so the {name}'s "
+            f".loss is not available to it; {fix}"
+        )
+    return check_loss(loss)
 
 
 def check_loss(loss: Any) -> Tensor:
@@ -278,8 +339,9 @@ def clean_pass(
         rng = RngState(rng_devices) if rng_devices is not None else None
         if parameter_grads:
             with torch.enable_grad(), sync_context(no_sync, i, len(micro), local=local):
-                logits, aux = split_output(mb.forward())
-                loss = check_loss(mb.loss_fn(logits))
+                out = mb.forward()
+                logits, aux = split_output(out)
+                loss = call_loss_fn(mb.loss_fn, out, logits)
                 if functional:
                     if check_graph:
                         check_functional_graph(loss, logits, aux)
@@ -289,10 +351,11 @@ def clean_pass(
                 scaled_backward(loss, weight, scaler)
         else:
             with torch.no_grad():
-                logits, aux = split_output(mb.forward())
+                out = mb.forward()
+                logits, aux = split_output(out)
             logits = logits.detach().requires_grad_()
             with torch.enable_grad():
-                loss = check_loss(mb.loss_fn(logits))
+                loss = call_loss_fn(mb.loss_fn, out, logits)
                 scaled_backward(loss, weight, scaler)
             if aux is not None:
                 loss = loss + aux
@@ -321,11 +384,12 @@ def perturbed_pass(
     state: dict[str, Tensor | None] = {"ok": ok, "total": None}
 
     def run(i: int, record: Recorded) -> None:
-        logits, aux = split_output(micro[i].forward())
+        out = micro[i].forward()
+        logits, aux = split_output(out)
         if record.dlogits is not None:
             vjp(logits, record.dlogits, aux=aux, weight=weight, scaler=scaler)
             return
-        loss = check_loss(micro[i].loss_fn(logits))
+        loss = call_loss_fn(micro[i].loss_fn, out, logits)
         if aux is not None:
             loss = loss + aux
         scaled_backward(loss, weight, scaler)
