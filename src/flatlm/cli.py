@@ -1,4 +1,5 @@
-"""The ``flatlm`` command line: ``flatlm train``, ``compare``, ``tune``, ``report``, ``sharpness``.
+"""The ``flatlm`` command line: ``flatlm train``, ``compare``, ``tune``, ``report``, ``sharpness``,
+``methods``.
 
 Adding a subcommand is one decorated function::
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import shlex
 import sys
@@ -54,8 +57,20 @@ def subcommand(
     return register
 
 
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent / "configs").glob("*.toml"))
+
+
+def _method_names() -> str:
+    from flatlm.optim import METHODS
+
+    return ", ".join(METHODS)
+
+
 ARG_GROUPS["config"] = (
-    arg("--preset", help="built-in config name (flatlm/configs/NAME.toml), e.g. quick"),
+    arg(
+        "--preset",
+        help=f"built-in config: {', '.join(PRESETS)} (flatlm/configs/NAME.toml; the main job: quick)",
+    ),
     arg("--config", help="a .toml/.yaml config file (overrides the preset)"),
     arg(
         "--set",
@@ -69,7 +84,23 @@ ARG_GROUPS["config"] = (
     arg("--device", help="cpu (default) or cuda (bf16 autocast)"),
     arg("--data", help="your own text file or folder instead of the bundled corpus"),
     arg("--encoding", help="of --data (default utf-8); text not valid in it is refused"),
-    arg("--out", help="output folder (default: runs/<preset-or-config-name>...)"),
+    arg(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="of a --data folder, only files matching GLOB (name or path in it; repeatable)",
+    ),
+    arg(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="of a --data folder, leave out files matching GLOB, e.g. '*.gz' (repeatable)",
+    ),
+    arg(
+        "--out",
+        help="output folder (default: runs/<preset-or-config>..., with the corpus name and a "
+        "short hash of the settings appended when they differ from the preset's)",
+    ),
     arg("--resume", action="store_true", help="continue from the checkpoint(s) in --out"),
     arg("--quiet", action="store_true", help="no progress bar"),
 )
@@ -114,6 +145,8 @@ def _load(args: argparse.Namespace, extra: dict[str, Any]) -> RunConfig:
         "train.device": args.device,
         "data.corpus": args.data,
         "data.encoding": args.encoding,
+        "data.include": args.include,
+        "data.exclude": args.exclude,
         **extra,
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
@@ -144,24 +177,45 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _run_name(args: argparse.Namespace) -> str:
-    if args.config:
-        return Path(args.config).stem
-    return args.preset or "default"
+def _run_name(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """The default folder's name: the preset's or config file's, and, when the run's settings
+    differ from it, the corpus's name and a short hash of those settings, so two runs of other
+    settings (two ``--data`` corpora) never share a folder. The method and seed name the run
+    folder inside; what a resume may change (more steps, threads, logging) keeps the name."""
+    from flatlm.lm._io import safe_name
+    from flatlm.lm.config import RESUME_ALLOWED, load_config, setting_changes
+
+    name = Path(args.config).stem if args.config else args.preset or "default"
+    plain = load_config(args.preset, args.config)
+    ignored = {*RESUME_ALLOWED, "optim.method", "train.seed"}
+    diffs = sorted((key, now) for key, _, now in setting_changes(plain, cfg) if key not in ignored)
+    if not diffs:
+        return safe_name(name)
+    if cfg.data.corpus != plain.data.corpus:
+        name += "-" + Path(cfg.data.corpus).stem
+    digest = hashlib.sha256(json.dumps(diffs, default=repr).encode()).hexdigest()[:6]
+    return safe_name(f"{name}-{digest}")
 
 
 @subcommand(
     "train",
     "train one model with one optimizer method",
     "config",
-    arg("--method", help="optimizer: adamw, sam, fsam, psam, pfsam, gasam (= --set optim.method=)"),
+    arg(
+        "--method",
+        help=f"optimizer: {_method_names()} (= --set optim.method=); options in the name, e.g. "
+        "gasam:alpha=-1; `flatlm methods` lists each one's options and defaults",
+    ),
     arg("--seed", type=int, help="= --set train.seed=N"),
 )
 def cmd_train(args: argparse.Namespace) -> int:
     from flatlm.lm.train import train
 
     cfg = _load(args, {"optim.method": args.method, "train.seed": args.seed})
-    out = args.out or f"runs/{_run_name(args)}/{cfg.optim.method}-s{cfg.train.seed}"
+    from flatlm.lm._io import safe_name
+
+    run = f"{safe_name(cfg.optim.method)}-s{cfg.train.seed}"
+    out = args.out or f"runs/{_run_name(args, cfg)}/{run}"
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not _is_rank_zero():  # the same exit code as rank 0, without its messages
         return {"completed": 0, "diverged": EXIT_DIVERGED}.get(result["status"], EXIT_STOPPED)
@@ -192,7 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     arg(
         "--methods",
         nargs="+",
-        help="default: the config's compare.methods; options allowed, e.g. gasam:alpha=-1",
+        help=f"of {_method_names()}; default: the config's compare.methods; options "
+        "allowed, e.g. gasam:alpha=-1",
     ),
     arg("--seeds", nargs="+", type=int, help="default: the config's compare.seeds"),
     arg(
@@ -222,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     }
     cfg = _load(args, extra)
     methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
-    out = args.out or f"runs/compare-{_run_name(args)}"
+    out = args.out or f"runs/compare-{_run_name(args, cfg)}"
     report = compare(cfg, out, methods, seeds, jobs=jobs, quiet=args.quiet, resume=args.resume)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 reports
         return 0
@@ -270,11 +325,11 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
         extra = {"compare.methods": args.methods, "compare.seeds": args.seeds}
         cfg = _load(args, extra | {"compare.jobs": args.jobs})
         methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
-        out = args.out or f"runs/compare-{_run_name(args)}"
+        out = args.out or f"runs/compare-{_run_name(args, cfg)}"
     else:
         cfg = _load(args, {"train.seed": args.seed})
         methods, seeds, jobs = args.methods or [cfg.optim.method], None, args.jobs
-        out = args.out or f"runs/tune-{_run_name(args)}"
+        out = args.out or f"runs/tune-{_run_name(args, cfg)}"
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     job = make_job(
@@ -305,8 +360,14 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
 
 @subcommand(
     "report",
-    "rebuild results.md/results.json/plots from a comparison folder (or tune.md from a study)",
-    arg("dir", nargs="?", help="the folder `flatlm compare` or `flatlm tune` wrote"),
+    "rebuild results.md/results.json/plots from a comparison folder (or tune.md from a study), "
+    "or show one run's figures",
+    arg(
+        "dir",
+        nargs="?",
+        help="the folder `flatlm compare` or `flatlm tune` wrote, or one run's folder (then "
+        "nothing is written)",
+    ),
     arg("--storage", help="write the report of study --study from this database alone"),
     arg("--study", help="with --storage: the study's name"),
     arg("--out", help="with --storage: the folder to write the report into"),
@@ -329,7 +390,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         report = write_report(args.dir)
     print(report["table"], end="")
-    print("wrote " + ", ".join(str(f) for f in report["files"]))
+    if report["files"]:
+        print("wrote " + ", ".join(str(f) for f in report["files"]))
     return 0
 
 
@@ -364,6 +426,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         help="parameter subset: fnmatch pattern on names, e.g. 'blocks.0.*', or re:REGEX",
     ),
     arg("--device", default="cpu", help="cpu (default) or cuda"),
+    arg(
+        "--data",
+        help="where the run's corpus is now, if it moved (the same text: its "
+        "fingerprint is checked)",
+    ),
     arg("--out", help="JSON file (default: sharpness.json beside the checkpoint)"),
     arg("--progress", action="store_true", help="a progress bar of matrix-vector products"),
 )
@@ -391,6 +458,7 @@ def cmd_sharpness(args: argparse.Namespace) -> int:
         params=args.params,
         device=args.device,
         progress=args.progress,
+        data=args.data,
     )
     atomic_write_text(out, json.dumps(report, indent=1))
     print(format_sharpness(report), end="")
@@ -515,10 +583,57 @@ def _lost_a_rank(e: BaseException) -> bool:
     )
 
 
+@subcommand("methods", "list the optimizer methods with their options and defaults")
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(methods_text(), end="")
+    return 0
+
+
+def methods_text() -> str:
+    """Each method of the registry: its class, default ρ, passes per step and its own options
+    with their defaults (read off the class), then the options every method shares."""
+    import inspect
+
+    from flatlm.optim import METHODS, SharpnessAwareOptimizer
+    from flatlm.optim.registry import ADAMW_OPTIONS, ENGINE_OPTIONS, method_info
+
+    def defaults(cls: type, names: object) -> str:
+        params = inspect.signature(cls.__init__).parameters
+        return ", ".join(
+            f"{n}={params[n].default!r}" if n in params else n
+            for n in names  # type: ignore[attr-defined]
+        )
+
+    rows = [("method", "class", "default rho", "passes", "its own options (default)")]
+    for name in METHODS:
+        info = method_info(name)
+        rho = "-" if info.rho is None else f"{info.rho:g}"
+        passes = "1" if not info.sharpness_aware or not info.clean_backward else "2"
+        own = defaults(info.cls, info.options) or "-"
+        rows.append((name, info.cls.__name__, rho, passes, own))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in rows
+    ]
+    lines += [
+        "",
+        "every method but adamw also takes (the engine's): rho (the radius; default above), "
+        + defaults(SharpnessAwareOptimizer, [n for n in ENGINE_OPTIONS if n != "rho"]),
+        "and AdamW's: " + defaults(__import__("torch").optim.AdamW, ADAMW_OPTIONS),
+        "Options go in the name (--method 'gasam:alpha=-1,ascent_steps=2'), in "
+        "[optim.method_kwargs.NAME] of a config, or as keywords of flatlm.optim.create(NAME, ...).",
+    ]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from flatlm import __version__
+
     parser = argparse.ArgumentParser(
         prog="flatlm", description="Sharpness-aware training of language models."
     )
+    parser.add_argument("--version", action="version", version=f"flatlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, specs, fn) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

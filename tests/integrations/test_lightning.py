@@ -467,6 +467,30 @@ def test_automatic_optimization_error_points_to_the_integration(plugins):
         fit(AutomaticNet(), max_steps=2, **extra)
 
 
+def test_the_mixin_after_lightning_module_is_refused_at_class_definition():
+    with pytest.raises(TypeError, match=r"put SharpnessAwareMixin first in the bases, class Late"):
+
+        class Late(pl.LightningModule, SharpnessAwareMixin):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ({"gradient_clip_val": 0.5}, r"max_grad_norm=0\.5\) in configure_optimizers"),
+        ({"accumulate_grad_batches": 2}, r"micro_batches=\[batch\] and accumulate=2"),
+    ],
+)
+def test_trainer_settings_of_automatic_optimization_get_flatlm_advice(setting, match):
+    """Lightning's own message says "switch to automatic optimization", which cannot run a
+    sharpness-aware step: flatlm's counterpart is named instead, before anything runs."""
+    module = LitNet(make_net(), data=dataset(8))
+    before = copy.deepcopy(module.net)
+    with pytest.raises(ValueError, match=match):
+        fit(module, max_steps=1, **setting)
+    assert_same(module.net, before)
+
+
 def test_bad_arguments():
     module = LitNet(make_net(), data=dataset(8))
     module.training_step = lambda batch, batch_idx: module.sharpness_aware_step(

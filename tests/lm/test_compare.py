@@ -72,7 +72,7 @@ def test_compare_resume_skips_finished_runs(tiny_cfg, tmp_path):
 
 
 def test_report_on_a_non_comparison_folder_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a comparison folder"):
+    with pytest.raises(FileNotFoundError, match="neither a comparison folder"):
         write_report(tmp_path)
 
 

@@ -173,9 +173,28 @@ class SharpnessAwareMixin:
     its first step with an error saying why (never a wrong step).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        module = next((i for i, c in enumerate(mro) if _is_lightning_module_class(c)), None)
+        if module is not None and module < mro.index(SharpnessAwareMixin):
+            raise TypeError(
+                f"{cls.__name__}: put SharpnessAwareMixin first in the bases, "
+                f"class {cls.__name__}(SharpnessAwareMixin, {mro[module].__name__}): after "
+                f"{mro[module].__name__} its __init__ and hooks never run, so the module stays "
+                "under automatic optimization"
+            )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+
+    def configure_callbacks(self) -> Any:
+        """Lightning calls this hook before it checks the Trainer's settings: the two settings
+        manual optimization refuses are refused here first, with flatlm's fix (Lightning's
+        advice, automatic optimization, cannot run a sharpness-aware step)."""
+        _check_trainer_settings(self.trainer)
+        return super().configure_callbacks()  # type: ignore[misc]
 
     def sharpness_aware_step(
         self,
@@ -220,6 +239,33 @@ def _check_stepped(module: Any) -> None:
             "self.sharpness_aware_step(forward=..., loss_fn=...) and no optimizer has stepped: "
             "under manual optimization (which SharpnessAwareMixin sets) nothing else steps the "
             "optimizer, so nothing would train and Trainer(max_steps=...) would never be reached"
+        )
+
+
+def _is_lightning_module_class(cls: type) -> bool:
+    return cls.__name__ == "LightningModule" and cls.__module__.split(".")[0] in (
+        "pytorch_lightning",
+        "lightning",
+    )
+
+
+def _check_trainer_settings(trainer: Any) -> None:
+    """``gradient_clip_val`` and ``accumulate_grad_batches``, which Lightning applies only under
+    automatic optimization: their flatlm counterparts."""
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        raise ValueError(
+            f"Trainer(gradient_clip_val={clip}) is Lightning's clipping, which runs only under "
+            "automatic optimization: drop it and clip in the flatlm optimizer, "
+            f"flatlm.optim.create(name, self, ..., max_grad_norm={clip}) in configure_optimizers "
+            "(it clips the gradient AdamW steps with); see docs/lightning.md"
+        )
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={accumulate}) runs only under automatic "
+            "optimization: drop it and pass micro_batches=[batch] and "
+            f"accumulate={accumulate} to self.sharpness_aware_step; see docs/lightning.md"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import warnings
@@ -221,3 +222,9 @@ def _busy_message(path: Path, owner: dict[str, Any], held: bool) -> str:
         f"{path.parent} is in use by {who}: one process per run folder; wait for it to end or "
         f"use another --out{unsure}"
     )
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one folder name on any filesystem: every character but letters, digits and
+    ``_ . = + -`` becomes ``_`` (``gasam:alpha=-1`` -> ``gasam_alpha=-1``)."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)

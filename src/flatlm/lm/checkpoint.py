@@ -324,26 +324,49 @@ def resume_run(run: RunState, path: Path, cfg: RunConfig, corpus: Corpus) -> lis
 
 
 def load_trained(
-    path: str | Path, device: str = "cpu"
+    path: str | Path, device: str = "cpu", data: str | Path | None = None
 ) -> tuple[nn.Module, RunConfig, Corpus, dict]:
-    """Model, config and corpus of a checkpoint (a ``checkpoint.pt`` or the run folder holding it)."""
+    """Model, config and corpus of a checkpoint (a ``checkpoint.pt`` or the run folder holding
+    it). ``data``: where the run's corpus is now, if not at the path the run recorded (the
+    data fingerprint still has to match)."""
     path = Path(path)
     ckpt_path = path / "checkpoint.pt" if path.is_dir() and path.suffix != ".dcp" else path
     if path.is_dir() and not ckpt_path.exists() and (path / SHARDED_NAME).is_dir():
         ckpt_path = path / SHARDED_NAME  # an FSDP2 run's folder
     if ckpt_path.is_dir():
-        return _load_trained_sharded(ckpt_path, device)
+        return _load_trained_sharded(ckpt_path, device, data)
     if not ckpt_path.is_file():
         raise CheckpointError(f"no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path)
     cfg = _config_of(ckpt, ckpt_path)
-    corpus = _trained_corpus(cfg, ckpt, ckpt_path)
+    corpus = _trained_corpus(cfg, ckpt, ckpt_path, data)
     model = build_model(cfg.model, corpus.vocab_size)
     model.load_state_dict(ckpt["model"])
     return model.to(device), cfg, corpus, ckpt
 
 
-def _trained_corpus(cfg: RunConfig, ckpt: dict[str, Any], path: Path) -> Corpus:
+def _corpus_path(stored: str, ckpt_path: Path) -> str:
+    """The recorded corpus path, found again: as recorded (absolute; older runs recorded it
+    relative to the directory they were started in), else relative to a folder above the checkpoint (a
+    run under ``runs/`` was started beside them)."""
+    if stored == "sotu" or Path(stored).exists():
+        return stored
+    if not Path(stored).is_absolute():
+        for folder in Path(os.path.abspath(ckpt_path)).parents:
+            if (folder / stored).exists():
+                return str(folder / stored)
+    raise CheckpointError(
+        f"the corpus of {ckpt_path} is not at {stored!r} (the path its run recorded): pass "
+        "--data PATH with where that text is now"
+    )
+
+
+def _trained_corpus(
+    cfg: RunConfig, ckpt: dict[str, Any], path: Path, data: str | Path | None = None
+) -> Corpus:
+    if data is not None:
+        cfg.data.corpus = os.path.abspath(data) if str(data) != "sotu" else "sotu"
+    cfg.data.corpus = _corpus_path(cfg.data.corpus, path)
     corpus = prepare_corpus(cfg.data)
     if corpus.fingerprint != ckpt["data_fingerprint"]:
         raise CheckpointError(
@@ -625,7 +648,9 @@ def _config_of(state: dict[str, Any], path: Path) -> RunConfig:
         raise CheckpointError(f"checkpoint {path} holds an unusable config: {e}") from e
 
 
-def _load_trained_sharded(path: Path, device: str) -> tuple[nn.Module, RunConfig, Corpus, dict]:
+def _load_trained_sharded(
+    path: Path, device: str, data: str | Path | None = None
+) -> tuple[nn.Module, RunConfig, Corpus, dict]:
     """``load_trained`` of a sharded checkpoint, in one process: verified, then the model's
     shards assembled into a plain (unsharded) model."""
     import torch.distributed.checkpoint as dcp
@@ -635,7 +660,7 @@ def _load_trained_sharded(path: Path, device: str) -> tuple[nn.Module, RunConfig
         raise CheckpointError("; ".join(problems))
     state = read_run_state(path)
     cfg = _config_of(state, path)
-    corpus = _trained_corpus(cfg, state, path)
+    corpus = _trained_corpus(cfg, state, path, data)
     model = build_model(cfg.model, corpus.vocab_size)
     loaded = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes

@@ -52,17 +52,16 @@ from flatlm.lm._process import (
 )
 from flatlm.lm.checkpoint import CheckpointError, checkpoint_path, has_checkpoint, verify_checkpoint
 from flatlm.lm.config import (
-    RESUME_ALLOWED,
     ConfigError,
     RunConfig,
     check_device_present,
     check_threads_present,
     config_from_dict,
-    setting_changes,
 )
 from flatlm.lm.data import prepare_corpus
-from flatlm.lm.report import PROBE_FILE, read_record, run_dir, write_report
+from flatlm.lm.report import PROBE_FILE, read_record, run_dir, settings_apart, write_report
 from flatlm.lm.train import refuse_to_overwrite, train
+from flatlm.optim.registry import method_info
 
 # A run's result.json status that --resume continues; any other status is a finished outcome
 # ("completed", "diverged", ...), reused as it is.
@@ -111,28 +110,19 @@ def _run(task: Task, stop: Flag | None = None) -> dict[str, Any]:
     return train(cfg, out, resume=resume, quiet=task.quiet)
 
 
-# Settings that do not change what a run computes: a resumed comparison may differ in these
-# (not in train.steps, which a single run may extend: finished runs are reused as they are).
-_RESUME_FREE = set(RESUME_ALLOWED) - {"train.steps"}
-
-
 def _check_same_run(out: Path, wanted: dict[str, Any]) -> None:
     """Refuse to resume (or reuse) a run made with other settings, naming them: otherwise a
-    changed config under ``--resume`` would silently keep the old runs."""
+    changed config under ``--resume`` would silently keep the old runs. A resumed comparison may
+    differ only in what does not change what a run computes (not in train.steps, which a single
+    run may extend: finished runs are reused as they are)."""
     path = out / "config.json"
     if not path.is_file():
         return
-    # Through the config class, so a key added since the folder was made compares at its default.
-    try:
-        before = config_from_dict(read_record(path))
+    try:  # through the config class: a key added since the folder was made is at its default
+        apart = settings_apart(read_record(path), wanted)
     except ConfigError as e:  # written by another flatlm version, or edited
         raise ConfigError(f"{path} cannot be read as a run config: {e}") from None
-    now = config_from_dict(wanted)
-    diffs = [
-        f"{key} = {was!r} there, {value!r} now"
-        for key, was, value in setting_changes(before, now)
-        if key not in _RESUME_FREE
-    ]
+    diffs = [f"{key} = {was!r} there, {value!r} now" for key, was, value in apart]
     if diffs:
         raise ValueError(
             f"cannot resume {out}: it was run with other settings ({'; '.join(diffs)}); "
@@ -274,7 +264,8 @@ def _compare(
             if probe and jobs > 1 and main_rank and not stop.is_set():
                 progress.say(
                     f"timing each method alone for the report ({PROBE_STEPS} steps x "
-                    f"{PROBE_ROUNDS} rounds, one at a time, {threads} thread(s))"
+                    f"{PROBE_ROUNDS} rounds, one at a time, {threads} thread(s); a rough "
+                    "figure, contended by whatever else runs on this machine)"
                 )
                 try:
                     timing = probe_step_times(cfg, methods, threads=threads, stop=stop)
@@ -468,8 +459,10 @@ def _dispatch(w: _Worker, queue: list[Task], stop: Flag, progress: SweepProgress
 
 
 def _cost(method: str) -> int:
-    """Relative cost of a step, for the ETA: sharpness-aware steps make two passes."""
-    return 1 if method.split(":")[0] == "adamw" else 2
+    """Relative cost of a step, for the ETA: the passes it makes (two for most sharpness-aware
+    methods, one for AdamW and the one-pass momentum methods)."""
+    info = method_info(method)
+    return 2 if info.sharpness_aware and info.clean_backward else 1
 
 
 def _duration(s: float) -> str:

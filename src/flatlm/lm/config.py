@@ -10,6 +10,7 @@ import codecs
 import dataclasses
 import difflib
 import math
+import os
 import re
 import tomllib
 import types
@@ -84,6 +85,10 @@ class DataConfig:
 
     corpus: str = "sotu"
     encoding: str = "utf-8"  # of a user corpus; bytes that are not valid text in it are refused
+    # A folder corpus's files: those matching any ``include`` glob (all if none), less those
+    # matching any ``exclude`` one; a glob matches a file's name or its path in the folder.
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
     tokenizer: str = "bpe"  # "char" or "bpe" (byte-level BPE trained on the training split)
     vocab_size: int = 4096  # BPE only
     val_fraction: float = 0.1  # user corpora only (split by document order)
@@ -330,6 +335,8 @@ def load_config(
     )
     for key, value in items:
         _apply(cfg, _nest(key, value))
+    if cfg.data.corpus != "sotu":  # recorded absolute: a run's folder works from anywhere
+        cfg.data.corpus = os.path.abspath(os.path.expanduser(cfg.data.corpus))
     validate(cfg)
     return cfg
 

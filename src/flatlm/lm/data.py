@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -17,7 +18,7 @@ import lzma
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +70,36 @@ def sotu_splits() -> dict[str, list[Piece]]:
     return out
 
 
-def _user_files(path: Path) -> list[Path]:
+def _user_files(path: Path, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Path]:
+    """A file, or a folder's files (not hidden ones) filtered by the ``include``/``exclude``
+    globs (``data.include``/``data.exclude``: a glob matches a file's name or its path in the
+    folder)."""
     if path.is_file():
         return [path]
     if path.is_dir():
+
+        def matches(p: Path, patterns: Sequence[str]) -> bool:
+            rel = p.relative_to(path).as_posix()
+            return any(fnmatch.fnmatch(rel, g) or fnmatch.fnmatch(p.name, g) for g in patterns)
+
         files = sorted(
             p
             for p in path.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
-        if files:
-            return files
-        raise ValueError(f"data folder {path} contains no files")
+        if not files:
+            raise ValueError(f"data folder {path} contains no files")
+        kept = [
+            p
+            for p in files
+            if (not include or matches(p, include)) and not (exclude and matches(p, exclude))
+        ]
+        if not kept:
+            raise ValueError(
+                f"data folder {path}: none of its {len(files)} files is left by --include "
+                f"{list(include)} / --exclude {list(exclude)}"
+            )
+        return kept
     raise FileNotFoundError(f"data path not found: {path}")
 
 
@@ -128,33 +147,62 @@ def split_documents(
     return out
 
 
+# The first bytes of files that are often found beside text and are not text.
+BINARY_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed data",
+    b"BZh": "bzip2-compressed data",
+    b"\xfd7zXZ\x00": "xz-compressed data",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed data",
+    b"PK\x03\x04": "a zip archive",
+    b"%PDF": "a PDF document",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+}
+
+
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """A file's text; bytes that are not valid ``encoding`` and binary content (a NUL
     character) are a ValueError naming the file and the byte offset, never replaced."""
     raw = path.read_bytes()
+    leave_out = f"leave it out of a --data folder with --exclude '{path.name}'"
+    kind = next((k for magic, k in BINARY_MAGIC.items() if raw.startswith(magic)), None)
+    if kind is not None:
+        fix = "decompress it first" if "compressed" in kind or "archive" in kind else "remove it"
+        raise ValueError(f"{path} is {kind}, not text: {fix}, or {leave_out}")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
+        bad = f"{path} is not valid {encoding} text: {raw[e.start : e.end]!r} at byte offset {e.start}"
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise ValueError(f"{bad}; it starts like UTF-16 text: pass --encoding utf-16") from None
+        if b"\0" in raw:  # no text in a one-byte encoding or UTF-8 has NUL bytes
+            raise ValueError(
+                f"{bad}, and it holds NUL bytes: binary, not text; {leave_out}"
+            ) from None
         raise ValueError(
-            f"{path} is not valid {encoding} text: {raw[e.start : e.end]!r} at byte offset "
-            f"{e.start}; if it is text in another encoding, pass --encoding NAME "
-            "(e.g. latin-1, utf-16)"
+            f"{bad}; if it is text in another encoding, pass --encoding NAME (e.g. latin-1, "
+            f"utf-16); if it is not text, {leave_out}"
         ) from None
     nul = text.find("\0")
     if nul >= 0:
         offset = len(text[:nul].encode(encoding))
         raise ValueError(
             f"{path} is binary, not text: a NUL character at byte offset {offset}; "
-            "give --data text files only"
+            f"give --data text files only ({leave_out})"
         )
     return text
 
 
 def user_splits(
-    path: str | Path, val_fraction: float, test_fraction: float, encoding: str = "utf-8"
+    path: str | Path,
+    val_fraction: float,
+    test_fraction: float,
+    encoding: str = "utf-8",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> dict[str, list[Piece]]:
     """A file or folder of text in ``encoding``, one document per file, split by document order."""
-    files = _user_files(Path(path))
+    files = _user_files(Path(path), include, exclude)
     docs = [read_text(f, encoding) for f in files]
     docs = [d.replace("\r\n", "\n").strip() for d in docs]
     if not any(docs):
@@ -170,7 +218,7 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
         h.update(repr(SOTU_SPLITS).encode())
     else:
         root = Path(cfg.corpus)
-        files = _user_files(root)
+        files = _user_files(root, cfg.include, cfg.exclude)
         root = root if root.is_dir() else root.parent
         h.update(f"{cfg.val_fraction}/{cfg.test_fraction}".encode())
         encoding = codecs.lookup(cfg.encoding).name
@@ -187,7 +235,9 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
 def load_splits(cfg: DataConfig) -> dict[str, list[Piece]]:
     if cfg.corpus == "sotu":
         return sotu_splits()
-    return user_splits(cfg.corpus, cfg.val_fraction, cfg.test_fraction, cfg.encoding)
+    return user_splits(
+        cfg.corpus, cfg.val_fraction, cfg.test_fraction, cfg.encoding, cfg.include, cfg.exclude
+    )
 
 
 # ----------------------------------------------------------------------------- tokenisers

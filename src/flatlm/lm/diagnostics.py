@@ -167,8 +167,10 @@ def checkpoint_sharpness(
     params: str | None = None,
     device: str = "cpu",
     progress: bool = False,
+    data: str | None = None,
 ) -> dict[str, Any]:
-    """``sharpness_report`` of a trained run on fixed windows of each split in ``splits``.
+    """``sharpness_report`` of a trained run on fixed windows of each split in ``splits``;
+    ``data``: where the run's corpus is now, if it moved (:func:`load_trained`).
 
     Runs with the run's ``train.threads`` (as training does): on a busy 2-core machine the
     Hessian products of a micro GPT took ~30 s with torch's default 2 threads and ~1 s with 1.
@@ -176,7 +178,7 @@ def checkpoint_sharpness(
     from flatlm.sharpness import sharpness_report
     from flatlm.sharpness.report import DEFAULT_FIGURES
 
-    model, cfg, corpus, ckpt = load_trained(path, device)
+    model, cfg, corpus, ckpt = load_trained(path, device, data)
     what = tuple(what or DEFAULT_FIGURES)
     rho = run_rho(cfg)
     figures: dict[str, dict[str, Any]] = {}

@@ -18,13 +18,14 @@ whose seeds diverged is never shown as if it had completed them.
 from __future__ import annotations
 
 import json
-import re
 import statistics
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from flatlm.lm import stats
-from flatlm.lm._io import atomic_write_text
+from flatlm.lm._io import atomic_write_text, safe_name
+from flatlm.lm.config import RESUME_ALLOWED, config_from_dict, setting_changes
 from flatlm.lm.plots import plot_cost_quality, plot_curves, plot_deltas, plot_sharpness
 
 RUNS = "runs"
@@ -34,7 +35,7 @@ PROBE_FILE = "step_time_probe.json"  # flatlm.lm.compare.probe_step_times, under
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
     """``gasam:alpha=-1`` runs in ``gasam_alpha=-1-s0`` (no ':' or ',' in folder names)."""
-    return out / RUNS / f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', method)}-s{seed}"
+    return out / RUNS / f"{safe_name(method)}-s{seed}"
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -46,12 +47,49 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def collect_runs(out: Path) -> list[dict[str, Any]]:
+# What may differ between the runs of one comparison: each run's method and seed, and the
+# settings that do not change what a run computes (threads, logging, checkpointing).
+PER_RUN_SETTINGS = frozenset({"optim.method", "train.seed", *RESUME_ALLOWED} - {"train.steps"})
+
+
+def settings_apart(run: dict[str, Any], comparison: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, the run's value, the comparison's)`` for every setting (of ``config.json``-style
+    dicts) that makes ``run`` not one of ``comparison``'s runs. Through the config class, so a
+    key added since a folder was made compares at its default."""
+    changes = setting_changes(config_from_dict(comparison), config_from_dict(run))
+    return [(key, mine, theirs) for key, theirs, mine in changes if key not in PER_RUN_SETTINGS]
+
+
+def other_setting_runs(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run dirs of ``out`` made with other settings than ``settings`` (the comparison's
+    config): ``{"run", "method", "seed", "differs"}`` each, ``differs`` in words."""
+    other = []
+    for folder in sorted(p for p in (out / RUNS).glob("*") if (p / "config.json").is_file()):
+        run_cfg = read_record(folder / "config.json")
+        differs = settings_apart(run_cfg, settings)
+        if differs:
+            other.append(
+                {
+                    "run": str(folder.relative_to(out)),
+                    "method": run_cfg.get("optim", {}).get("method"),
+                    "seed": run_cfg.get("train", {}).get("seed"),
+                    "differs": [
+                        f"{key} = {mine!r} there, {theirs!r} in this comparison"
+                        for key, mine, theirs in differs
+                    ],
+                }
+            )
+    return other
+
+
+def collect_runs(out: Path, skip: Collection[str] = ()) -> list[dict[str, Any]]:
     """Each run dir's ``result.json`` plus its validation and training curves from
     ``metrics.jsonl``; a run dir without ``result.json`` (still running, or killed before its
-    end) as status "no result"."""
+    end) as status "no result". ``skip``: run dirs (``runs/NAME``) to leave out."""
     runs = []
     for folder in sorted(p for p in (out / RUNS).glob("*") if p.is_dir()):
+        if str(folder.relative_to(out)) in skip:
+            continue
         result_path = folder / "result.json"
         if result_path.is_file():
             result = read_record(result_path)
@@ -79,6 +117,24 @@ def collect_runs(out: Path) -> list[dict[str, Any]]:
         result["run_dir"] = str(folder.relative_to(out))
         runs.append(result)
     return runs
+
+
+def other_settings_note(other: list[dict[str, Any]]) -> str:
+    """The runs left out of the tables for settings of their own, by name ("" when none)."""
+    if not other:
+        return ""
+    lines = [
+        f"**{len(other)} run folder{'s' if len(other) > 1 else ''} left out: made with other "
+        "settings** than this comparison's (`compare.json`), so in none of the tables, verdicts "
+        "or plots. Compare them in their own folder (another `--out`).",
+        "",
+        "| run | differs |",
+        "|---|---|",
+    ]
+    for r in other:
+        differs = "; ".join(r["differs"]).replace("|", "\\|")
+        lines.append(f"| {r['run']} | {differs} |")
+    return "\n".join(lines) + "\n"
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -343,11 +399,11 @@ def markdown_table(
     probe = (timing.get("probe") or {}).get("ms_per_step") or {}
     jobs = timing.get("jobs") or 1
     if probe:
-        time_cols = ["ms/step alone", "vs AdamW alone", f"ms/step in sweep ({jobs} jobs)"]
+        time_cols = ["ms/step alone", "vs AdamW alone (rough)", f"ms/step in sweep ({jobs} jobs)"]
     elif jobs > 1:
         time_cols = [f"ms/step ({jobs} jobs sharing)", "vs AdamW (contended)"]
     else:
-        time_cols = ["ms/step", "vs AdamW"]
+        time_cols = ["ms/step", "vs AdamW (rough)"]
     cols = ["method", "seeds", "val loss", "val ppl", "test loss", "test ppl", *time_cols]
     cols += ["train time (s)", "skipped"] + (["λ_max(H)"] if lam else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -483,6 +539,18 @@ def timing_note(meta: dict[str, Any], probe: dict[str, Any] | None = None) -> st
     jobs, device = meta.get("jobs"), meta.get("device", "cpu")
     if jobs is None:
         return ""
+    return _timing_source(jobs, device, probe) + ROUGH_TIMES
+
+
+# Why no step time of a comparison is a cost measure, whatever its source.
+ROUGH_TIMES = (
+    "These step times are rough: a few steps each, contended by whatever else runs on the "
+    "machine (a busy machine moves the ratios by tenths); measure a method's cost with "
+    "`benchmarks/overhead.py` (docs/results.md).\n"
+)
+
+
+def _timing_source(jobs: int, device: str, probe: dict[str, Any] | None) -> str:
     if jobs > 1 and probe:
         return (
             f"Timing: {jobs} runs shared the {device} device at a time (`--jobs {jobs}`), so the "
@@ -511,12 +579,19 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     (``files``)."""
     out = Path(out_dir)
     if not (out / RUNS).is_dir():
-        raise FileNotFoundError(f"{out} is not a comparison folder (no '{RUNS}/' inside)")
-    runs = collect_runs(out)
-    if not any(r["status"] != "no result" for r in runs):
-        raise FileNotFoundError(f"no finished runs (runs/*/result.json) in {out}")
+        if (out / "result.json").is_file():
+            return run_report(out)
+        raise FileNotFoundError(
+            f"{out} is neither a comparison folder (no '{RUNS}/' inside) nor a finished run "
+            "(no result.json)"
+        )
     meta_path = out / "compare.json"
     meta = read_record(meta_path) if meta_path.is_file() else {}
+    other = other_setting_runs(out, meta["config"]) if meta.get("config") else []
+    runs = collect_runs(out, skip={r["run"] for r in other})
+    if not any(r["status"] != "no result" for r in runs):
+        left_out = f" ({len(other)} left out for other settings)" if other else ""
+        raise FileNotFoundError(f"no finished runs (runs/*/result.json) in {out}{left_out}")
     probe_path = out / PROBE_FILE
     probe = read_record(probe_path) if probe_path.is_file() else None
     known = meta.get("methods") or []
@@ -537,6 +612,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     table = (
         markdown_table(summary, incomplete, timing)
         + ("\n" + incomplete_table(incomplete) if incomplete else "")
+        + ("\n" + other_settings_note(other) if other else "")
         + "\n"
         + verdict_table(deltas, BASELINE, incomplete)
         + "\n"
@@ -558,6 +634,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     results = {"summary": summary, "deltas_vs_adamw": deltas, "regime": reg}
     results["cost_quality"] = {"points": points, "cost_source": cost_source}
     results |= {"incomplete": incomplete, "runs": runs, "seeds": seeds, "methods": methods}
+    results["other_settings"] = other
     results["timing"] = timing
     results["config"] = meta.get("config")
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -568,3 +645,19 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
         "plots": [str(p) for p in plots],
         "files": [str(p) for p in files],
     }
+
+
+def run_report(folder: str | Path) -> dict[str, Any]:
+    """One run folder's figures as the comparison table's row (and its regime), printed only:
+    nothing is written into the run's folder (``files`` is empty)."""
+    folder = Path(folder)
+    run = read_record(folder / "result.json")
+    summary = summarize([run], [run["method"]])
+    incomplete = incomplete_runs([run | {"run_dir": folder.name}])
+    table = markdown_table(summary, incomplete) + (
+        "\n" + incomplete_table(incomplete) if incomplete else ""
+    )
+    if summary:
+        table += "\n" + regime_table(summary, regime(summary, run["method"]))
+    head = f"Run {folder}: {run['method']} seed {run.get('seed')}, step {run.get('step')}"
+    return {"summary": summary, "table": f"{head}\n\n{table}", "plots": [], "files": []}

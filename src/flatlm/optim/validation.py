@@ -384,7 +384,8 @@ LIGHTNING_AUTOMATIC_OPTIMIZATION = (
     "a sharpness-aware optimizer cannot run under Lightning's automatic optimization: Lightning "
     "hands it a closure that runs training_step and the backward, so it can neither run the "
     "two passes itself nor see the clean pass's dlogits, and the step would be wrong. Use manual "
-    "optimization: set self.automatic_optimization = False (SharpnessAwareMixin does) and call "
+    "optimization: set self.automatic_optimization = False (SharpnessAwareMixin does, first in "
+    "the bases: class LitModel(SharpnessAwareMixin, pl.LightningModule)) and call "
     "flatlm.integrations.lightning.sharpness_aware_step(self, forward=..., loss_fn=...) in "
     "training_step; see docs/lightning.md"
 )
