@@ -235,9 +235,9 @@ def call_loss_fn(loss_fn: Callable[[Any], Any], out: Any, logits: Tensor) -> Ten
         )
     if loss is None:
         raise ValueError(
-            f"loss_fn returned None: this step (a one-pass method's, or one that reuses its "
-            f"direction) needs the loss as a function of the logits alone, so the {name}'s "
-            f".loss is not available to it; {fix}"
+            f"loss_fn returned None: this step (a one-pass functional method's, or a functional "
+            f"step that reuses its direction) needs the loss as a function of the logits alone, "
+            f"so the {name}'s .loss is not available to it; {fix}"
         )
     return check_loss(loss)
 
