@@ -431,8 +431,9 @@ class LogitsCapture:
         logits = _logits_of(output)
         if logits is None:
             raise RuntimeError(
-                "the functional methods (fsam, pfsam) need the model to return its logits: a "
-                "ModelOutput or dict with 'logits' (return_dict=True), or a tensor"
+                "the functional methods (fsam, pfsam, mfsam, mpfsam) need the model's logits: "
+                "return a ModelOutput or a dict with 'logits' (return_dict=True), or the logits "
+                f"tensor; got {_describe(output)} (a tuple does not say which item is the logits)"
             )
         self.logits = logits
         if not self._want_grad:
