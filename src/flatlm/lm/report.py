@@ -587,7 +587,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
         )
     meta_path = out / "compare.json"
     meta = read_record(meta_path) if meta_path.is_file() else {}
-    other = other_setting_runs(out, meta["config"]) if meta.get("config") else []
+    # A tuned comparison (flatlm tune) runs each method at its own settings, by design.
+    selecting = meta.get("config") and not meta.get("per_method_settings")
+    other = other_setting_runs(out, meta["config"]) if selecting else []
     runs = collect_runs(out, skip={r["run"] for r in other})
     if not any(r["status"] != "no result" for r in runs):
         left_out = f" ({len(other)} left out for other settings)" if other else ""

@@ -783,6 +783,8 @@ def view_runs(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> No
         "jobs": None,  # the runs ran on any number of workers and machines
         "device": cfg["train"]["device"],
         "config": cfg,
+        # Each method runs at its own tuned settings, and this view holds the study's runs only.
+        "per_method_settings": True,
     }
     (out / "compare.json").write_text(json.dumps(compare_meta, indent=1))
 
