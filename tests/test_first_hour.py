@@ -162,27 +162,28 @@ def test_the_main_job_compares_every_method_but_the_newest():
 
 
 def test_compare_into_a_folder_of_other_runs_leaves_them_out_by_name(home, tmp_path):
-    """A comparison's table holds only runs made with its own settings: a copy of an older
-    comparison (other steps) compared again for one seed keeps that seed's new run alone."""
+    """A comparison's table holds only runs made with its own settings: another seed compared
+    with other steps into a folder that holds an older comparison's run keeps its own run
+    alone (a run it would replace is refused outright: the reliability checks)."""
     cache = tmp_path / "cache"
     base = ["compare", "--data", "corpus/speeches.txt", *tiny(), "--methods", "adamw", "--quiet"]
-    flatlm(*base, "--steps", "2", "--seeds", "0", "1", "--out", "runs/cmp", cwd=home, cache=cache)
-    done = flatlm(*base, "--steps", "3", "--seeds", "0", "--out", "runs/cmp", cwd=home, cache=cache)
+    flatlm(*base, "--steps", "2", "--seeds", "0", "--out", "runs/cmp", cwd=home, cache=cache)
+    done = flatlm(*base, "--steps", "3", "--seeds", "1", "--out", "runs/cmp", cwd=home, cache=cache)
     results = json.loads((home / "runs" / "cmp" / "results.json").read_text())
-    assert results["summary"]["adamw"]["seeds"] == [0]
-    assert [r["run_dir"] for r in results["runs"]] == ["runs/adamw-s0"]
+    assert results["summary"]["adamw"]["seeds"] == [1]
+    assert [r["run_dir"] for r in results["runs"]] == ["runs/adamw-s1"]
     (left,) = results["other_settings"]
-    assert left["run"] == "runs/adamw-s1"
+    assert left["run"] == "runs/adamw-s0"
     assert left["differs"] == ["train.steps = 2 there, 3 in this comparison"]
     assert "1 run folder left out: made with other settings" in done.stdout
-    assert "runs/adamw-s1 | train.steps = 2 there, 3 in this comparison" in done.stdout
+    assert "runs/adamw-s0 | train.steps = 2 there, 3 in this comparison" in done.stdout
     assert "rough" in done.stdout  # the step times say they are no cost measure
     # flatlm report on one run folder: its row, nothing written into it
-    run = home / "runs" / "cmp" / "runs" / "adamw-s0"
+    run = home / "runs" / "cmp" / "runs" / "adamw-s1"
     before = sorted(p.name for p in run.iterdir())
     shown = flatlm("report", str(run), cwd=home, cache=cache).stdout
     result = json.loads((run / "result.json").read_text())
-    assert f"{result['val_loss']:.4f}" in shown and "adamw seed 0, step 3" in shown
+    assert f"{result['val_loss']:.4f}" in shown and "adamw seed 1, step 3" in shown
     assert sorted(p.name for p in run.iterdir()) == before and "wrote" not in shown
 
 
@@ -207,7 +208,7 @@ def test_a_gzip_file_in_a_data_folder_is_named_and_exclude_leaves_it_out(home, t
     assert configs[0]["data"]["exclude"] == ["*.gz"] and configs[1]["data"]["include"] == [
         "letters.*"
     ]
-    done = flatlm(*argv, "--include", "*.md", cwd=home, cache=cache, check=False)
+    done = flatlm(*argv[:-1], "runs/none", "--include", "*.md", cwd=home, cache=cache, check=False)
     assert done.returncode == 2 and "none of its 3 files is left" in done.stderr
 
 
