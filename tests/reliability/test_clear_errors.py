@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import signal
 from pathlib import Path
@@ -111,10 +112,12 @@ def test_the_resume_hint_is_the_full_command(tiny_argv, tmp_path, capsys, monkey
     assert cli.main(tiny_argv(None, "--method", "sam", "--seed", "3")) == 130
     hint = capsys.readouterr().out.splitlines()[-1].strip()
     assert hint.startswith("flatlm train ") and "--resume" in hint
-    assert "--set model.size=micro" in hint and "--out runs/default/sam-s3" in hint
+    # the default folder: named after the corpus and a hash of the settings (issue 30)
+    out = re.search(r"--out (runs/default-speeches-[0-9a-f]{6}/sam-s3) ", hint)
+    assert "--set model.size=micro" in hint and out is not None
     monkeypatch.setattr(train_mod, "train_step", real_step)
     assert cli.main(shlex.split(hint)[1:]) == 0  # as printed
-    assert '"status": "completed"' in (tmp_path / "runs/default/sam-s3/result.json").read_text()
+    assert '"status": "completed"' in (tmp_path / out[1] / "result.json").read_text()
 
 
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
