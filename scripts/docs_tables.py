@@ -269,7 +269,7 @@ def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
             continue
         t = data["deltas_vs_adamw"][m]["test"]
         share = (
-            f"{100 * t['mean'] / gain:.0f} %"
+            f"{100 * t['mean'] / gain:.0f} %".replace("-", "−")
             if gain and m != full
             else ("100 %" if m == full else "–")
         )
