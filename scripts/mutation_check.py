@@ -284,16 +284,16 @@ MUTATIONS = [
     ),
     Mutation(
         "policies: ρ = 0 in every group still runs two passes",
-        f"{OPTIM}/engine.py",
-        '        if all(float(g["rho"]) == 0.0 for g in self.param_groups):',
+        f"{OPTIM}/policies.py",
+        '        if all(float(g["rho"]) == 0.0 for g in groups):',
         "        if False:",
         ("tests/optim/test_policies.py",),
     ),
     Mutation(
         "policies: step counts not restored from a checkpoint",
-        f"{OPTIM}/engine.py",
-        "        self._counts = dict(zip(KINDS, scalars.step_counts, strict=True))",
-        "        self._counts = dict.fromkeys(KINDS, 0)",
+        f"{OPTIM}/policies.py",
+        "        self.counts = dict(zip(KINDS, scalars.step_counts, strict=True))",
+        "        self.counts = dict.fromkeys(KINDS, 0)",
         ("tests/optim/test_policies.py",),
     ),
     Mutation(
@@ -351,8 +351,8 @@ MUTATIONS = [
     ),
     Mutation(
         "family: the engine keeps the clean gradient but never applies the gradient rule",
-        f"{OPTIM}/engine.py",
-        "            combination.combine_(kept, self.gradient_rule)",
+        f"{OPTIM}/combination.py",
+        "            combine_(kept, self.rule)",
         "            pass",
         (
             "tests/optim/test_family.py::test_wsam_equals_pytorch_optimizers_coupled_wsam_and_differs_from_its_decoupled_default",
@@ -360,8 +360,8 @@ MUTATIONS = [
     ),
     Mutation(
         "family: the clean gradient is kept only for LookSAM (no rule ever runs)",
-        f"{OPTIM}/engine.py",
-        "        if self.policy.keeps_clean_gradient or self.gradient_rule is not None:",
+        f"{OPTIM}/combination.py",
+        "        if self.policy.keeps_clean_gradient or self.rule is not None:",
         "        if self.policy.keeps_clean_gradient:",
         (
             "tests/optim/test_family.py::test_the_classic_two_phase_protocol_combines_too",

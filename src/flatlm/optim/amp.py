@@ -8,6 +8,7 @@ overflow folded in, so the scaler records either and backs off at ``update()``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteStepWarning",
     "SkipCount",
     "by_device",
     "can_skip_on_device",
@@ -25,8 +27,10 @@ __all__ = [
     "step_or_skip",
     "step_or_skip_on_device",
     "unscale_clean_",
+    "unscale_clean_pass_",
     "unscale_grads_",
     "unscale_perturbed_",
+    "warn_skipped",
 ]
 
 
@@ -89,6 +93,17 @@ def unscale_clean_(grads: list[Tensor], scaler: torch.amp.GradScaler) -> Tensor:
     return unscale_grads_(grads, inverse_scale(scaler))
 
 
+def unscale_clean_pass_(
+    scaler: torch.amp.GradScaler | None, grads: list[Tensor], one_pass: bool, device: torch.device
+) -> Tensor | None:
+    """:func:`unscale_clean_` for a step's clean pass (None: no scaler). One pass: no parameter
+    has a clean gradient to unscale (a fresh or just-loaded scaler has no scale yet), the flag
+    is clear; a non-finite scaled r shows up in the perturbed gradients instead."""
+    if scaler is None:
+        return None
+    return torch.zeros(1, device=device) if one_pass else unscale_clean_(grads, scaler)
+
+
 def unscale_perturbed_(
     optimizer: torch.optim.Optimizer,
     grads: list[Tensor],
@@ -130,6 +145,20 @@ def step_or_skip_on_device(base: torch.optim.Optimizer, ok: Tensor) -> Tensor:
     finally:
         del base.found_inf  # type: ignore[attr-defined]
     return not_ok
+
+
+class NonFiniteStepWarning(RuntimeWarning):
+    """A step was skipped because a pass gave a non-finite loss or gradient."""
+
+
+def warn_skipped(optimizer_name: str, skipped_steps: int) -> None:
+    """Warn that a step was skipped (pointing at the caller of the optimizer's ``step``)."""
+    warnings.warn(
+        f"{optimizer_name}: non-finite loss or gradient, step skipped "
+        f"(parameters and optimizer state unchanged; {skipped_steps} skipped so far)",
+        NonFiniteStepWarning,
+        stacklevel=6,
+    )
 
 
 @dataclass

@@ -2,7 +2,7 @@
 one g_s: LookSAM's stored g_v (a step policy), and the gradient rules of WSAM and GSAM, which
 replace g_s by a combination of both before the base optimizer steps (:class:`GradientRule`).
 
-The engine keeps a copy of the clean gradient (:func:`keep_clean`) only on a fresh step of a
+The engine keeps a copy of the clean gradient (:class:`CleanGradient`) only on a fresh step of a
 policy that asks for it (``StepPolicy.keeps_clean_gradient``) or of a method with a gradient
 rule. Everything works on this rank's
 local shards; inner products and norms add their partial sums over the shards inside
@@ -24,6 +24,7 @@ from flatlm.optim.directions import global_norm
 from flatlm.optim.perturbation import Perturbation
 
 __all__ = [
+    "CleanGradient",
     "GradientRule",
     "Kept",
     "SurrogateGap",
@@ -160,3 +161,35 @@ def combine_(kept: Kept, rule: GradientRule) -> None:
     ]
     if pairs:
         rule(sharded.locals_of([g for g, _ in pairs]), [c for _, c in pairs])  # type: ignore[misc]
+
+
+class CleanGradient:
+    """What one optimizer does with a fresh step's clean g: keep it when its policy
+    (``keeps_clean_gradient``, LookSAM) or its gradient rule (WSAM, GSAM) needs it, combine it
+    with the perturbed g_s, and LookSAM's correction between fresh steps."""
+
+    def __init__(self, policy: Any, rule: GradientRule | None) -> None:
+        self.policy, self.rule = policy, rule  # policy: a flatlm.optim.policies.StepPolicy
+        self.kept: Kept | None = None
+
+    def keep(self, groups: list[dict[str, Any]]) -> None:
+        if self.policy.keeps_clean_gradient or self.rule is not None:
+            self.kept = keep_clean(groups)
+
+    def combine(self) -> Kept | None:
+        """The rule applied to the g_s now in ``p.grad`` (the kept g dropped); returns LookSAM's
+        g_v, for :meth:`store` once the step is taken (None: nothing to store)."""
+        kept, self.kept = self.kept, None
+        orthogonal = None
+        if kept is not None and self.policy.keeps_clean_gradient:  # LookSAM
+            orthogonal = orthogonal_of(kept)
+        if kept is not None and self.rule is not None:  # WSAM, GSAM
+            combine_(kept, self.rule)
+        return orthogonal
+
+    def store(self, state: State, orthogonal: Kept) -> None:
+        store(state, orthogonal, self.policy.stored)
+
+    def correct(self, groups: list[dict[str, Any]], state: State) -> None:
+        """LookSAM between fresh steps: the stored g_v added to the clean gradient."""
+        correct_(groups, state, self.policy.stored, self.policy.alpha)

@@ -20,15 +20,14 @@ of the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from flatlm.optim import sharded
-from flatlm.optim.directions import Direction
-from flatlm.optim.preconditioners import BaseGeometry
+from flatlm.optim.perturbation import Perturbation
 
 __all__ = ["init_state", "is_state_init_call"]
 
@@ -48,15 +47,15 @@ def init_state(
     groups: list[dict[str, Any]],
     base_optimizer: torch.optim.Optimizer,
     state: MutableMapping[Tensor, dict[str, Any]],
-    direction: Direction,
-    geometry: BaseGeometry,
-    init_stored: Callable[[list[Tensor]], None],
+    perturbation: Perturbation,
+    stored: str | None,
 ) -> None:
     """Every entry a checkpoint holds, at its value before a first step (see the module);
-    ``init_stored(params)`` makes the step policy's per-parameter tensors."""
+    ``stored``: the key of the step policy's per-parameter tensors (None: none)."""
     params = [p for g in groups for p in g["params"] if p.requires_grad]
     if not base_optimizer.state:
         base_optimizer.step()
+    direction, geometry = perturbation.direction, perturbation.geometry
     if direction.stateful:  # the rule's keys, shapes and dtypes, from one zero input
         shards = sharded.locals_of(params)
         prepared = direction.prepare(
@@ -65,4 +64,5 @@ def init_state(
         for key, values in (prepared.new_state or {}).items():
             for p, value in zip(params, values, strict=True):
                 state[p].setdefault(key, sharded.like_param(torch.zeros_like(value), p))
-    init_stored(params)
+    if stored is not None:
+        Perturbation.stored(state, params, stored)

@@ -16,7 +16,6 @@ A method is therefore a direction rule plus one flag (``functional``), not a cla
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -25,25 +24,17 @@ import torch
 from torch import Tensor
 
 from flatlm.optim import amp, combination, dcp, passes, sharded, state_layout
+from flatlm.optim.amp import NonFiniteStepWarning
 from flatlm.optim.directions import Direction, global_norm
 from flatlm.optim.perturbation import Perturbation
-from flatlm.optim.policies import (
-    DECIDE,
-    FRESH,
-    KINDS,
-    PLAIN,
-    REUSE,
-    StepPolicy,
-    make_policy,
-)
+from flatlm.optim.policies import DECIDE, FRESH, PLAIN, REUSE, StepBook, StepPolicy, make_policy
 from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.validation import (
     base_params,
     check_closure_origin,
     check_distributed_mode,
-    check_gradient_rule,
+    check_method,
     check_options,
-    check_policy,
     check_rho,
     check_state_dict,
     check_step_arguments,
@@ -57,48 +48,14 @@ from flatlm.optim.validation import (
 __all__ = ["NonFiniteStepWarning", "SharpnessAwareOptimizer"]
 
 
-class NonFiniteStepWarning(RuntimeWarning):
-    """A step was skipped because a pass gave a non-finite loss or gradient."""
-
-
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """Wraps a base optimizer; ``direction`` and ``functional`` define the method.
 
     ``param_groups`` is the base optimizer's own list (LR schedulers work on either object) with
     this optimizer's keys (``rho`` …) added; changing ``group["rho"]`` takes effect next step.
-
-    Args:
-        params: parameters or parameter groups, as for any torch optimizer.
-        base_optimizer: the wrapped optimizer's class (AdamW by default), built on the same groups
-            with ``base_kwargs``; or an optimizer already built (params then None), whose groups
-            and state are used as they are.
-        rho: perturbation radius ρ ≥ 0.
-        direction: the rule that makes ε's direction (see :mod:`flatlm.optim.directions`).
-        gradient_rule: how a fresh step's update gradient is made from the clean g and the
-            perturbed g_s (WSAM, GSAM: :mod:`flatlm.optim.combination`); None: g_s as it is.
-        functional: take J(θ+ε)ᵀ r(θ) at the perturbed point instead of ∇L(θ+ε).
-        ascent_steps: K normalised ascent steps of size ρ/K (each in the corruption set's own
-            norm, so their sum stays in the set), the descent gradient taken at the last point.
-        max_grad_norm: clip the gradient handed to the base optimizer (the perturbed one).
-        perturb_every: make a fresh ε only every k-th step (flatlm's own rule, neither LookSAM
-            nor composer's ``interval``; the policy ``reuse_direction``). The steps in between
-            reuse the last ε's unit direction times the group's current ρ and skip the clean
-            backward: one forward–backward at θ + ε (the returned loss is then L(θ+ε)).
-        policy: which steps are fresh (two passes), reuse (one) or plain (the base step), a
-            :class:`~flatlm.optim.policies.StepPolicy` or its name (docs/algorithms.md, "Step
-            policies"); every step fresh by default. A step with ρ = 0 in every group is plain
-            whatever the policy: one forward–backward and the base optimizer's own step.
-        replay_rng: replay the clean pass's CPU/CUDA RNG state for the second pass, so dropout
-            masks match and both passes evaluate one function.
-        skip_nonfinite: skip the whole step (θ and all state unchanged) when a pass gives a
-            non-finite loss or gradient. Deciding that costs one host read of a flag per step,
-            unless the base optimizer can skip on device (``fused=True`` Adam/AdamW/SGD), which
-            flatlm then uses, with no host sync at all.
-        distributed: with DistributedDataParallel, ``"sync"`` (default) makes ε from the
-            all-reduced clean gradient (N ranks equal one process on the global batch);
-            ``"local"`` from each rank's own gradient (SAM's m-sharpness; needs
-            ``step(..., no_sync=ddp_model.no_sync)``). With FSDP2 each rank perturbs its own
-            shard and norms add their squares over the shard group (docs/fsdp.md).
+    Every argument (``rho``, ``gradient_rule``, ``ascent_steps``, ``perturb_every``, ``policy``,
+    ``replay_rng``, ``skip_nonfinite``, ``distributed`` …) is documented in docs/algorithms.md,
+    "The engine's arguments and protocols".
     """
 
     def __init__(
@@ -119,13 +76,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         distributed: str = "sync",
         **base_kwargs: Any,
     ):
-        check_options(
-            base_optimizer, rho, functional, ascent_steps, max_grad_norm, perturb_every, distributed
-        )
-        if isinstance(base_optimizer, SharpnessAwareOptimizer) or (
-            isinstance(base_optimizer, type) and issubclass(base_optimizer, SharpnessAwareOptimizer)
-        ):
-            raise TypeError("base_optimizer cannot itself be a sharpness-aware optimizer")
+        options = (rho, functional, ascent_steps, max_grad_norm, perturb_every, distributed)
+        check_options(base_optimizer, *options, wrapper=SharpnessAwareOptimizer)
         params = base_params(params, base_optimizer, base_kwargs, type(self).__name__)
         super().__init__(params, {"rho": rho})
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -150,17 +102,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._sharding_of = sharded.ShardingOf()
         self.sharding  # noqa: B018 (checks the parameters now)
         geometry = BaseGeometry(self.base_optimizer)
-        direction.validate(geometry)
-        check_policy(self.policy, direction.needs_gradient, ascent_steps, distributed)
-        check_gradient_rule(gradient_rule, self.policy, direction.needs_gradient, distributed)
+        check_method(direction, geometry, self.policy, gradient_rule, ascent_steps, distributed)
         self.gradient_rule = gradient_rule
+        self._clean = combination.CleanGradient(self.policy, gradient_rule)
         self._perturbation = Perturbation(
             direction, geometry, ascent_steps=ascent_steps, keep_direction=self.perturb_every > 1
         )
         self._skipped = amp.SkipCount()
-        self._counts = dict.fromkeys(KINDS, 0)
+        self._steps = StepBook(self.policy)
         self._kind: str | None = None  # the kind of a step first_step began
-        self._kept_clean: combination.Kept | None = None  # a fresh step's g, if the policy asks
         self._last_step_taken: bool | None = None
         self._graph_checked = False  # the functional methods' loss graph, checked once
 
@@ -177,27 +127,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         no_sync: Callable[[], AbstractContextManager] | None = None,
     ) -> Tensor | None:
-        """One full step.
-
-        ``step(forward=..., loss_fn=...)``: ``forward()`` returns the logits, ``loss_fn`` maps
-        them to the scalar loss; both passes run here. Returns the clean loss (a tensor).
-        ``micro_batches=[mb, ...]`` (accumulation): ``forward(mb)`` and ``loss_fn(logits, mb)``
-        for each, each loss weighted 1/M, ε from the accumulated clean gradient, the second pass
-        over the same micro-batches (each with its own dlogits and RNG state): with equal-sized
-        micro-batches and mean losses, one step on the concatenated batch. Returns the mean
-        clean loss. ``grad_scaler`` (fp16): both passes scaled and unscaled (ε from unscaled
-        gradients), an overflow in either skips the whole step (counted in ``skipped_steps``, no
-        warning), ``grad_scaler.update()`` called here (never call ``scaler.step``/``update``
-        yourself). ``no_sync``: a DDP model's ``no_sync``: micro-batches all-reduce once per
-        pass, and ``distributed="local"`` keeps the clean pass local.
-
-        ``step(closure)``: the davda54/sam protocol: the caller has run the clean forward and
-        backward; ``closure`` (forward + backward) runs at the perturbed point. Returns its loss;
-        a plain step (ρ = 0, or the policy's) steps on the clean gradient and returns None.
-
-        A momentum method (``msam``; ``mfsam``/``mpfsam`` need ``forward=``) runs no clean
-        backward: ``step(forward=...)`` returns L(θ+ε) for ``msam``, the clean loss of a no-grad
-        forward for the functional ones; ``step(closure)`` calls the closure once, at θ + ε.
+        """One full step: ``step(forward=, loss_fn=)`` (optionally ``micro_batches``,
+        ``grad_scaler``, ``no_sync``) runs both passes and returns the clean loss;
+        ``step(closure)`` (davda54/sam's protocol) runs the closure at θ + ε after the caller's
+        clean backward and returns its loss (None for a plain step). docs/algorithms.md, "The
+        engine's arguments and protocols", says what each returns for each kind of method.
         """
         check_step_arguments(closure, forward, loss_fn, micro_batches, grad_scaler, no_sync)
         if forward is not None:
@@ -205,7 +139,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return self._forward_step(micro, grad_scaler, no_sync)
         if closure is None:
             if dcp.is_state_init_call(self.param_groups):  # torch.distributed.checkpoint's
-                self._init_checkpoint_state()
+                groups, base, state = self.param_groups, self.base_optimizer, self.state
+                dcp.init_state(groups, base, state, self._perturbation, self.policy.stored)
                 return None
             raise TypeError(
                 f"{type(self).__name__}.step needs forward= and loss_fn= (or a closure that "
@@ -234,20 +169,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     @sharded.over_shards
     def first_step(self, zero_grad: bool = False, *, functional_vjp: bool = False) -> bool:
-        """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``.
-
-        Returns whether it did: False when the policy makes this step plain (or a LookSAM
-        reuse), or ρ is 0 in every group: θ stays, and ``second_step()`` steps the base optimizer
-        with the gradient then in ``p.grad`` (the clean one if the second pass is skipped; a
-        second pass at θ gives it again).
-
-        The functional methods refuse this protocol unless ``functional_vjp=True``: the caller
-        then promises to run the second pass as ``logits.backward(r)`` with the clean pass's
-        dlogits r (:func:`flatlm.optim.passes.vjp`; integrations that own the loop do).
-
-        ``msam`` perturbs along the momentum and reads no gradient: call ``first_step()`` before
-        the step's only backward (``first_step(); loss(model(x)).backward(); second_step()``).
-        """
+        """Move θ to θ + ε using the gradient the caller's backward left in ``p.grad``; returns
+        whether it did (False: a plain or reuse step, θ stays). The functional methods need
+        ``functional_vjp=True`` (the second pass then ``logits.backward(r)``); ``msam`` is called
+        before the step's only backward (docs/algorithms.md, "The engine's arguments and
+        protocols")."""
         if not functional_vjp:
             require_classic_protocol(self.functional, type(self).__name__, "first_step()")
         require_policy_protocol(self.policy, "first_step()")
@@ -261,14 +187,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _begin_classic(self, what: str) -> str:
         """The kind of a classic-protocol step from the caller's clean gradient; θ → θ + ε if
         fresh."""
-        kind = self._plan()
+        kind = self._steps.plan(self.param_groups)
         if kind != PLAIN and self.direction.needs_gradient:
             require_clean_gradient(self._grads(), what)
-        if kind == DECIDE:
-            kind = self.policy.decide(self._clean_sq_norm())
-        self._kind = kind
+        self._kind = kind = self._decided(kind)
         if kind == FRESH:
-            self._keep_clean()
+            self._clean.keep(self.param_groups)
             self._perturbation.ascend(self.param_groups, self.state, first=True)
         return kind
 
@@ -281,9 +205,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._descend(warn=True)
         else:
             if kind == REUSE:
-                self._correct()
+                self._clean.correct(self.param_groups, self.state)
             self._update(None, warn=True)
-        self._end_step(kind)
+        self._steps.end(kind, self._last_step_taken)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -292,13 +216,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Undo a started step: θ copied back (bit for bit), nothing stepped; a no-op when no
         step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
         self._perturbation.abort()
-        self._kind = self._kept_clean = None
+        self._kind = self._clean.kept = None
 
     @torch.no_grad()
     @sharded.over_shards
     def perturbation(self) -> list[Tensor | None]:
         """The method's ε per parameter of ``param_groups`` from the gradients now in ``p.grad``.
-
         Changes nothing (θ, gradients, state); None where a parameter has no gradient.
         """
         by_param = self._perturbation.epsilon(self.param_groups, self.state)
@@ -308,7 +231,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def step_counts(self) -> dict[str, int]:
         """Steps taken so far by kind, ``{"fresh": ..., "reuse": ..., "plain": ...}`` (host
         ints, no sync; skipped steps included: their passes were paid). Saved in checkpoints."""
-        return dict(self._counts)
+        return dict(self._steps.counts)
 
     @property
     def skipped_steps(self) -> int:
@@ -319,19 +242,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Bytes held between steps beyond the base optimizer's state: the clean copy of θ and
         the method's own state (GA-SAM's EMA, perturb_every's stored direction); this rank's
         shards under FSDP2."""
-        tensors = [*self._perturbation.clean_copies.values()]
-        tensors += [
-            sharded.local(t)
-            for st in self.state.values()
-            for t in st.values()
-            if torch.is_tensor(t)
-        ]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self._perturbation.extra_bytes(self.state)
 
     @property
     def perturbation_norm(self) -> Tensor | None:
         """‖ε‖ of the last fresh perturbation (a 0-dim tensor; reading it as a number syncs).
-
         Recorded only after ``record_perturbation_norm = True`` (one more norm per step)."""
         return self._perturbation.last_norm
 
@@ -365,21 +280,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer layout, which ``torch.distributed.checkpoint`` reads and reshards
-        like any optimizer's (:mod:`~flatlm.optim.state_layout`): ``state`` by parameter index,
-        each entry the base optimizer's with this method's own merged in under ``flatlm_`` keys
-        (GA-SAM's ``flatlm_grad_sq_ema``, the policy's stored tensor); ``param_groups`` with
-        flatlm's optimizer-wide values (method, skipped steps, step counts, the policy's state)
-        in every group."""
+        like any optimizer's, with this method's state under ``flatlm_`` keys
+        (:mod:`~flatlm.optim.state_layout` says where each value goes)."""
         return state_layout.to_standard(
             self.base_optimizer.state_dict(),
             super().state_dict()["state"],
-            state_layout.Scalars(
-                type(self).__name__,
-                self.skipped_steps,
-                self.policy.since_fresh,
-                tuple(self._counts[k] for k in KINDS),
-                self.policy.dumps(),
-            ),
+            self._steps.scalars(type(self).__name__, self.skipped_steps),
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -394,32 +300,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             {"state": parts.method_state, "param_groups": parts.base["param_groups"]}
         )
         self.param_groups = self.base_optimizer.param_groups
-        scalars = parts.scalars
-        self._skipped = amp.SkipCount(scalars.skipped_steps)
-        self._counts = dict(zip(KINDS, scalars.step_counts, strict=True))
-        saved = state_layout.policy_name(scalars.policy)
-        if saved == self.policy.name:
-            self.policy.loads(scalars.policy)  # type: ignore[arg-type]
-        elif saved is None and self.policy.reuses == "direction":  # before policies were saved
-            since = scalars.steps_since_fresh_perturbation
-            self.policy.since_fresh = None if since is None else int(since)
+        self._skipped = amp.SkipCount(parts.scalars.skipped_steps)
+        self._steps.load(parts.scalars)
         Perturbation.drop_other_stored(self.state, self.policy.stored)
-
-    def _init_checkpoint_state(self) -> None:
-        """Every entry a checkpoint of this optimizer holds (:mod:`~flatlm.optim.dcp`)."""
-
-        def init_stored(params: list[Tensor]) -> None:
-            if self.policy.stored is not None:
-                Perturbation.stored(self.state, params, self.policy.stored)
-
-        dcp.init_state(
-            self.param_groups,
-            self.base_optimizer,
-            self.state,
-            self.direction,
-            self._perturbation.geometry,
-            init_stored,
-        )
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -434,7 +317,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         check_distributed_mode(  # inside step's reducing(self.sharding)
             self.distributed, sharded=sharded.reduces(), scaler=scaler is not None, no_sync=no_sync
         )
-        kind = self._plan()
+        kind = self._steps.plan(self.param_groups)
         # One gradient pass, at θ + ε: ε reused (perturb_every) or made without a gradient.
         one_pass = kind == REUSE and self.policy.reuses == "direction"
         one_pass |= kind == FRESH and not self.direction.needs_gradient
@@ -452,32 +335,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             check_graph=self.functional and not self._graph_checked and not one_pass,
         )
         self._graph_checked |= self.functional and not one_pass
-        clean_overflow = None
-        if scaler is not None:
-            # One pass: no parameter has a clean gradient to unscale (a fresh or just-loaded
-            # scaler has no scale yet), the flag is clear; a non-finite scaled r shows up in the
-            # perturbed gradients instead.
-            clean_overflow = (
-                torch.zeros(1, device=self._device())
-                if one_pass
-                else amp.unscale_clean_(self._grads(), scaler)
-            )
-        if kind == DECIDE:
-            kind = self.policy.decide(self._clean_sq_norm())
+        clean_overflow = amp.unscale_clean_pass_(scaler, self._grads(), one_pass, self._device())
+        kind = self._decided(kind)
         if kind != FRESH and not one_pass:  # plain, or LookSAM's correction: no second pass
             if kind == REUSE:
-                self._correct()
+                self._clean.correct(self.param_groups, self.state)
             if scaler is not None:
                 assert clean_overflow is not None
                 amp.record_unscaled(scaler, self, clean_overflow)
             self._update(clean.ok, warn=scaler is None)
             if scaler is not None:
                 scaler.update()
-            self._end_step(kind)
+            self._steps.end(kind, self._last_step_taken)
             assert clean.loss is not None
             return clean.loss
         if kind == FRESH:
-            self._keep_clean()
+            self._clean.keep(self.param_groups)
 
         ok = clean.ok
         perturbed_loss = None
@@ -500,7 +373,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._descend(warn=scaler is None, ok=ok)
         if scaler is not None:
             scaler.update()
-        self._end_step(kind)
+        self._steps.end(kind, self._last_step_taken)
         loss = clean.loss if clean.loss is not None else perturbed_loss
         assert loss is not None
         return loss
@@ -515,15 +388,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         perturbation.restore()
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
-        kept, self._kept_clean = self._kept_clean, None
-        orthogonal = None
-        if kept is not None and self.policy.keeps_clean_gradient:  # LookSAM
-            orthogonal = combination.orthogonal_of(kept)
-        if kept is not None and self.gradient_rule is not None:  # WSAM, GSAM
-            combination.combine_(kept, self.gradient_rule)
+        orthogonal = self._clean.combine()  # WSAM, GSAM: g_s combined; LookSAM: g_v to keep
         self._update(ok, warn)
         if orthogonal is not None and self._last_step_taken:  # kept only if the step is taken
-            combination.store(self.state, orthogonal, self.policy.stored)  # type: ignore[arg-type]
+            self._clean.store(self.state, orthogonal)
 
     @torch.no_grad()
     def _update(self, ok: Tensor | None, warn: bool) -> None:
@@ -544,37 +412,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # On the device (taken None) the rule is stateless: nothing to keep.
         self._perturbation.finish(self.state, taken=bool(taken))
         if taken is False and warn:  # not for an fp16 overflow: routine while GradScaler scales
-            warnings.warn(
-                f"{type(self).__name__}: non-finite loss or gradient, step skipped "
-                f"(parameters and optimizer state unchanged; {self.skipped_steps} skipped so far)",
-                NonFiniteStepWarning,
-                stacklevel=5,
-            )
+            amp.warn_skipped(type(self).__name__, self.skipped_steps)
 
-    # --- the policy's parts of a step --------------------------------------------------------
-
-    def _plan(self) -> str:
-        """This step's kind: plain when ρ is 0 in every group, else the policy's."""
-        if all(float(g["rho"]) == 0.0 for g in self.param_groups):
-            return PLAIN
-        return self.policy.plan()
-
-    def _end_step(self, kind: str) -> None:
-        self._counts[kind] += 1
-        self.policy.advance(kind, self._last_step_taken)
-
-    def _keep_clean(self) -> None:
-        if self.policy.keeps_clean_gradient or self.gradient_rule is not None:
-            self._kept_clean = combination.keep_clean(self.param_groups)
-
-    def _correct(self) -> None:
-        """LookSAM between fresh steps: the stored g_v added to the clean gradient."""
-        alpha = self.policy.alpha  # type: ignore[attr-defined]
-        combination.correct_(self.param_groups, self.state, self.policy.stored, alpha)  # type: ignore[arg-type]
-
-    def _clean_sq_norm(self) -> float:
-        """‖g‖² of the clean gradient: AE-SAM's statistic, one host read per step."""
-        return float(global_norm(sharded.locals_of(self._grads())) ** 2)
+    def _decided(self, kind: str) -> str:
+        """AE-SAM's kind from ‖g‖² of the clean gradient (one host read per step)."""
+        if kind != DECIDE:
+            return kind
+        return self.policy.decide(float(global_norm(sharded.locals_of(self._grads())) ** 2))
 
     @property
     def sharding(self) -> sharded.Sharding:

@@ -219,6 +219,13 @@ class Perturbation:
             for p, value in zip(self._prepared_params, values, strict=True):
                 state[p][key] = like_param(value, p)
 
+    def extra_bytes(self, state: State) -> int:
+        """Bytes held between steps beyond the base optimizer's state: the clean copy of θ and
+        ``state`` (the rule's and the policy's tensors); this rank's shards under FSDP2."""
+        tensors = [*self.clean_copies.values()]
+        tensors += [local(t) for st in state.values() for t in st.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # --- without moving θ ------------------------------------------------------------------
 
     @torch.no_grad()

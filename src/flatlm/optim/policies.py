@@ -29,7 +29,7 @@ import math
 import random
 from typing import Any, ClassVar
 
-from flatlm.optim.state_layout import KINDS
+from flatlm.optim.state_layout import KINDS, Scalars, policy_name
 
 __all__ = [
     "AESAM",
@@ -44,6 +44,7 @@ __all__ = [
     "LookSAM",
     "RandomSwitch",
     "ReuseDirection",
+    "StepBook",
     "StepPolicy",
     "make_policy",
 ]
@@ -365,6 +366,45 @@ _USES = {
     "aesam": {"aesam_delta", "aesam_c_start", "aesam_c_end", "total_steps"},
     "rst": {"rst_p", "rst_p_end", "total_steps", "policy_seed"},
 }
+
+
+class StepBook:
+    """One optimizer's policy as it runs: each step's kind (``PLAIN`` when ρ is 0 in every group,
+    whatever the policy: the engine's rule), the steps taken by kind, the policy's clock."""
+
+    def __init__(self, policy: StepPolicy) -> None:
+        self.policy = policy
+        self.counts = dict.fromkeys(KINDS, 0)
+
+    def plan(self, groups: list[dict[str, Any]]) -> str:
+        """This step's kind, or ``DECIDE`` (then the policy's ``decide``)."""
+        if all(float(g["rho"]) == 0.0 for g in groups):
+            return PLAIN
+        return self.policy.plan()
+
+    def end(self, kind: str, taken: bool | None) -> None:
+        """After a step of ``kind`` (``taken``: as :meth:`StepPolicy.advance`)."""
+        self.counts[kind] += 1
+        self.policy.advance(kind, taken)
+
+    def scalars(self, method: str, skipped_steps: int) -> Scalars:
+        """The optimizer-wide values a checkpoint saves."""
+        fresh, reuse, plain = (self.counts[k] for k in KINDS)
+        policy = self.policy
+        return Scalars(
+            method, skipped_steps, policy.since_fresh, (fresh, reuse, plain), policy.dumps()
+        )
+
+    def load(self, scalars: Scalars) -> None:
+        """The counts and the policy's state from a checkpoint's scalars; a policy's state saved
+        by another policy is not used."""
+        self.counts = dict(zip(KINDS, scalars.step_counts, strict=True))
+        saved = policy_name(scalars.policy)
+        if saved == self.policy.name:
+            self.policy.loads(scalars.policy)  # type: ignore[arg-type]
+        elif saved is None and self.policy.reuses == "direction":  # before policies were saved
+            since = scalars.steps_since_fresh_perturbation
+            self.policy.since_fresh = None if since is None else int(since)
 
 
 def make_policy(

@@ -17,6 +17,7 @@ __all__ = [
     "check_distributed_mode",
     "check_gradient_rule",
     "check_group_rhos",
+    "check_method",
     "check_one_pass_options",
     "check_options",
     "check_param_lists",
@@ -77,7 +78,9 @@ def check_options(
     max_grad_norm: float | None,
     perturb_every: int,
     distributed: str,
+    wrapper: type,
 ) -> None:
+    """The engine's options; ``wrapper``: the engine's class, which cannot wrap itself."""
     check_rho(rho)
     if distributed not in ("sync", "local"):
         raise ValueError(f"distributed must be 'sync' or 'local', got {distributed!r}")
@@ -110,6 +113,8 @@ def check_options(
         raise ValueError(f"perturb_every must be an integer >= 1, got {perturb_every!r}")
     if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if issubclass(cls, wrapper):
+        raise TypeError("base_optimizer cannot itself be a sharpness-aware optimizer")
 
 
 def flat_params(params: Any) -> list[torch.Tensor]:
@@ -155,6 +160,16 @@ def check_step_arguments(
             raise TypeError("step(forward=...) also needs loss_fn=...")
     elif micro_batches is not None or grad_scaler is not None or no_sync is not None:
         raise TypeError("micro_batches, grad_scaler and no_sync need forward= and loss_fn=")
+
+
+def check_method(
+    direction: Any, geometry: Any, policy: Any, rule: Any, ascent_steps: int, distributed: str
+) -> None:
+    """The direction rule against the base optimizer's geometry; the step policy and the
+    gradient rule against the options they cannot run with."""
+    direction.validate(geometry)
+    check_policy(policy, direction.needs_gradient, ascent_steps, distributed)
+    check_gradient_rule(rule, policy, direction.needs_gradient, distributed)
 
 
 def check_policy(policy: Any, needs_gradient: bool, ascent_steps: int, distributed: str) -> None:
