@@ -225,7 +225,8 @@ def cost_points(data: dict[str, Any], data_dir: Path = DATA) -> list[dict[str, A
         if missing:
             raise SystemExit(f"docs_tables: no time for step kind(s) {missing} of {m!r}")
         costs[m] = sum(share * ms[kind] for kind, share in mix.items()) / ms["adamw"]
-    deltas = {m: {"test": d["test"]} for m, d in data["deltas_vs_adamw"].items()}
+    seeded = {m for m in data["methods"] if len(data["summary"][m]["seeds"]) > 1}  # no grid point
+    deltas = {m: {"test": d["test"]} for m, d in data["deltas_vs_adamw"].items() if m in seeded}
     return cost_quality(deltas, costs)
 
 

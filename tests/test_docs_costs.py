@@ -106,3 +106,11 @@ def test_a_kind_without_a_time_is_an_error(data_dir):
     data["mix"]["msam"] = {"untimed_kind": 1.0}
     with pytest.raises(SystemExit, match="no time for step kind"):
         dt.cost_points(data, data_dir)
+
+
+def test_a_configuration_run_on_one_seed_is_no_point_of_the_chart(data_dir):
+    dt = _docs_tables()
+    data = json.loads((data_dir / "lstm_costs.json").read_text())
+    data["summary"]["msam"]["seeds"] = [0]  # a tuning-grid point: seed 0 only
+    assert "msam" not in {p["method"] for p in dt.cost_points(data, data_dir)}
+    assert "| msam |" not in dt.render_costs(data, data_dir)
