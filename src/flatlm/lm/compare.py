@@ -698,7 +698,7 @@ def probe_step_times(
                 c.optim.method = method
                 torch.manual_seed(0)
                 model = build_model(c.model, corpus.vocab_size).to(device)
-                opt = make_optimizer(model, c.optim, tc.grad_clip)
+                opt = make_optimizer(model, c.optim, tc.grad_clip, c.train.steps)
                 model.train()
                 train_step(model, opt, *batches[0], tc.grad_clip)  # warm-up
                 sync()

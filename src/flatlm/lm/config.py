@@ -370,11 +370,19 @@ def rho_schedule(cfg: OptimConfig) -> str:
     return method_options(cfg)[1].get("rho_schedule", "constant")
 
 
-def optimizer_kwargs(cfg: OptimConfig, grad_clip: float) -> dict[str, Any]:
+def optimizer_kwargs(
+    cfg: OptimConfig, grad_clip: float, total_steps: int | None = None
+) -> dict[str, Any]:
     """Everything ``flatlm.optim.create(cfg.method, params, **kwargs)`` gets in a run: the
-    method's options, the AdamW settings, and clipping (inside the step for SAM-types)."""
+    method's options, the AdamW settings, and clipping (inside the step for SAM-types).
+    ``total_steps`` (the run's ``train.steps``) is the ``total_steps`` of a step policy that
+    moves over training (AE-SAM's threshold, RST with ``rst_p_end``) unless the spec sets it."""
     base, kwargs = method_options(cfg)
     kwargs.pop("rho_schedule", None)  # the run's scheduler, not the optimizer's (rho_schedule())
+    policy = kwargs.get("policy")
+    moves = policy == "aesam" or (policy == "rst" and kwargs.get("rst_p_end") is not None)
+    if moves and total_steps is not None and "total_steps" not in kwargs:
+        kwargs["total_steps"] = total_steps
     if base != "adamw":
         kwargs["max_grad_norm"] = grad_clip if grad_clip > 0 else None
     betas = (cfg.beta1, cfg.beta2)
@@ -426,7 +434,8 @@ def _check_method(key: str, spec: str, cfg: RunConfig, table: dict[str, Any] | N
         _check_options(key, base, table)
     optim = dataclasses.replace(cfg.optim, method=spec)
     try:
-        create(base, [torch.zeros(1, requires_grad=True)], **optimizer_kwargs(optim, 0.0))
+        kwargs = optimizer_kwargs(optim, 0.0, cfg.train.steps)
+        create(base, [torch.zeros(1, requires_grad=True)], **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config key '{key}' ({spec!r}): {e}") from e
 

@@ -90,13 +90,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, grad_clip: float) -> torch.optim.Optimizer:
-    """``flatlm.optim.create`` with the config's hyper-parameters (clipping inside for SAM-types)."""
+def make_optimizer(
+    model: nn.Module, cfg: OptimConfig, grad_clip: float, total_steps: int | None = None
+) -> torch.optim.Optimizer:
+    """``flatlm.optim.create`` with the config's hyper-parameters (clipping inside for SAM-types;
+    ``total_steps``, the run's length, for a step policy that moves over training)."""
     from flatlm.optim import create
 
     groups = param_groups(model, cfg.weight_decay)
     base, _ = method_options(cfg)  # the spec's options are in the kwargs, its schedule apart
-    return create(base, groups, **optimizer_kwargs(cfg, grad_clip))
+    return create(base, groups, **optimizer_kwargs(cfg, grad_clip, total_steps))
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -489,7 +492,7 @@ def _init_run(
     sharded = cfg.train.strategy == "fsdp"
     if sharded:  # before the optimizer: it must see the DTensor parameters
         _fully_shard(model, device, world)
-    opt = make_optimizer(model, cfg.optim, cfg.train.grad_clip)
+    opt = make_optimizer(model, cfg.optim, cfg.train.grad_clip, cfg.train.steps)
     # Under torchrun with DDP the passes go through the DDP wrapper (gradients all-reduced: ε
     # from the global gradient); evaluation and checkpoints use the plain module. Under FSDP2
     # the sharded module is both (its gradients are reduce-scattered; the workbench takes one

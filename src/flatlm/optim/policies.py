@@ -228,7 +228,8 @@ class AESAM(StepPolicy):
     otherwise (on the clean gradient already computed: one pass). c_t moves linearly from
     ``c_start`` at t = 0 to ``c_end`` at t = ``total_steps`` (the paper's λ₂ = 1 → λ₁ = −1, so
     SAM is rarer early and commoner late). μ and σ² start at 0. A non-finite ‖g‖² (a step that
-    will be skipped) is plain and leaves μ, σ² unchanged.
+    will be skipped) is plain and leaves μ, σ² unchanged. The defaults δ = 0.9, λ₂ = 1, λ₁ = −1
+    are unverified against the paper's text (docs/algorithms.md, "Step policies").
     """
 
     name = "aesam"
