@@ -143,6 +143,25 @@ def test_help_version_and_methods_list_what_exists(tmp_path):
     assert rows["asam"].split()[2] == f"{method_info('asam').rho:g}"
     assert rows["msam"].split()[3] == "1" and rows["sam"].split()[3] == "2"  # passes
     assert "perturb_every=1" in listed and "max_grad_norm=None" in listed
+    # the step policies' options with the defaults make_policy uses (LookSAM's alpha from the
+    # paper, AE-SAM's thresholds, RST's probability), and the ρ schedule option
+    from flatlm.optim.policies import AESAM, LookSAM, RandomSwitch, make_policy
+
+    looksam = make_policy("looksam", every=5)
+    aesam = make_policy("aesam", total_steps=10)
+    rst = make_policy("rst")
+    assert isinstance(looksam, LookSAM) and isinstance(aesam, AESAM)
+    assert isinstance(rst, RandomSwitch)
+    for option, value in [
+        ("looksam_alpha", looksam.alpha),
+        ("aesam_delta", aesam.delta),
+        ("aesam_c_start", aesam.c_start),
+        ("aesam_c_end", aesam.c_end),
+        ("rst_p", rst.p),
+        ("policy_seed", rst.seed),
+    ]:
+        assert f"{option}={value!r}" in listed
+    assert "rho_schedule" in listed
 
 
 # Registered after the README's main-job table was measured; adding them re-runs the main job.
@@ -184,6 +203,7 @@ def test_compare_into_a_folder_of_other_runs_leaves_them_out_by_name(home, tmp_p
     shown = flatlm("report", str(run), cwd=home, cache=cache).stdout
     result = json.loads((run / "result.json").read_text())
     assert f"{result['val_loss']:.4f}" in shown and "adamw seed 1, step 3" in shown
+    assert "±" not in shown  # one seed has no spread: the mean alone, not "± 0.0000"
     assert sorted(p.name for p in run.iterdir()) == before and "wrote" not in shown
 
 

@@ -595,12 +595,15 @@ def methods_text() -> str:
     import inspect
 
     from flatlm.optim import METHODS, SharpnessAwareOptimizer
-    from flatlm.optim.registry import ADAMW_OPTIONS, ENGINE_OPTIONS, method_info
+    from flatlm.optim.policies import SPEC_DEFAULTS
+    from flatlm.optim.registry import ADAMW_OPTIONS, ENGINE_OPTIONS, SCHEDULE_OPTIONS, method_info
 
     def defaults(cls: type, names: object) -> str:
         params = inspect.signature(cls.__init__).parameters
+        known = {n: p.default for n, p in params.items()}
+        known |= {n: v for n, v in SPEC_DEFAULTS.items() if v is not None}
         return ", ".join(
-            f"{n}={params[n].default!r}" if n in params else n
+            f"{n}={known[n]!r}" if n in known else n
             for n in names  # type: ignore[attr-defined]
         )
 
@@ -619,7 +622,12 @@ def methods_text() -> str:
     lines += [
         "",
         "every method but adamw also takes (the engine's): rho (the radius; default above), "
-        + defaults(SharpnessAwareOptimizer, [n for n in ENGINE_OPTIONS if n != "rho"]),
+        + defaults(SharpnessAwareOptimizer, [n for n in ENGINE_OPTIONS if n != "rho"])
+        + ", "
+        + ", ".join(SCHEDULE_OPTIONS)
+        + " (every: k, needed by reuse_direction, interval and looksam; total_steps: the run's "
+        "steps, which the workbench fills in; rho_schedule: window:START:END, linear:..., "
+        "cosine:..., lr — docs/workbench.md)",
         "and AdamW's: " + defaults(__import__("torch").optim.AdamW, ADAMW_OPTIONS),
         "Options go in the name (--method 'gasam:alpha=-1,ascent_steps=2'), in "
         "[optim.method_kwargs.NAME] of a config, or as keywords of flatlm.optim.create(NAME, ...).",

@@ -420,10 +420,10 @@ def markdown_table(
         cells = [
             method,
             seeds,
-            f"{r['val_loss']:.4f} ± {r['val_loss_std']:.4f}",
-            f"{r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f}",
-            f"{r['test_loss']:.4f} ± {r['test_loss_std']:.4f}",
-            f"{r['test_ppl']:.2f} ± {r['test_ppl_std']:.2f}",
+            _mean_std_cell(r, "val_loss", ".4f"),
+            _mean_std_cell(r, "val_ppl", ".2f"),
+            _mean_std_cell(r, "test_loss", ".4f"),
+            _mean_std_cell(r, "test_ppl", ".2f"),
             *times,
             f"{r['train_time_s']:.1f}",
             str(r["skipped_steps"]),
@@ -434,6 +434,13 @@ def markdown_table(
             seeds = _seeds_cell(0, _status_counts(incomplete, method))
             lines.append("| " + " | ".join([method, seeds] + ["–"] * (len(cols) - 2)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """ "mean ± std" over a method's seeds; the mean alone for one seed (no spread to show)."""
+    if len(row["seeds"]) < 2:
+        return f"{row[key]:{fmt}}"
+    return f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}"
 
 
 def incomplete_table(incomplete: list[dict[str, Any]]) -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "PLAIN",
     "POLICIES",
     "REUSE",
+    "SPEC_DEFAULTS",
     "EveryStep",
     "Interval",
     "LookSAM",
@@ -359,6 +360,21 @@ SPEC_OPTIONS: dict[str, type] = {
     "policy_seed": int,
     "total_steps": int,
 }
+#: The spec options' defaults, one place for :func:`make_policy` and ``flatlm methods``
+#: (None: none; ``every`` is required by the policies that use it, ``total_steps`` by a
+#: threshold or probability that moves over training).
+SPEC_DEFAULTS: dict[str, Any] = {
+    "policy": "every_step",
+    "every": None,
+    "looksam_alpha": 0.7,
+    "aesam_delta": 0.9,
+    "aesam_c_start": 1.0,
+    "aesam_c_end": -1.0,
+    "rst_p": 0.5,
+    "rst_p_end": None,
+    "policy_seed": 0,
+    "total_steps": None,
+}
 _USES = {
     "every_step": set(),
     "reuse_direction": {"every"},
@@ -437,26 +453,19 @@ def make_policy(
         every = options.get("every")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"step policy {name!r} needs every=<an integer >= 1>, got {every!r}")
-    if name == "looksam" and not math.isfinite(options.get("looksam_alpha", 0.7)):
+    opt = {**SPEC_DEFAULTS, **options}
+    if name == "looksam" and not math.isfinite(opt["looksam_alpha"]):
         raise ValueError("looksam_alpha must be a finite number")
     if name == "every_step":
         return EveryStep()
     if name == "reuse_direction":
-        return ReuseDirection(options["every"])
+        return ReuseDirection(opt["every"])
     if name == "interval":
-        return Interval(options["every"])
+        return Interval(opt["every"])
     if name == "looksam":
-        return LookSAM(options["every"], options.get("looksam_alpha", 0.7))
+        return LookSAM(opt["every"], opt["looksam_alpha"])
     if name == "aesam":
         return AESAM(
-            options.get("aesam_delta", 0.9),
-            options.get("aesam_c_start", 1.0),
-            options.get("aesam_c_end", -1.0),
-            options.get("total_steps"),
+            opt["aesam_delta"], opt["aesam_c_start"], opt["aesam_c_end"], opt["total_steps"]
         )
-    return RandomSwitch(
-        options.get("rst_p", 0.5),
-        options.get("rst_p_end"),
-        options.get("total_steps"),
-        options.get("policy_seed", 0),
-    )
+    return RandomSwitch(opt["rst_p"], opt["rst_p_end"], opt["total_steps"], opt["policy_seed"])
