@@ -349,7 +349,8 @@ def _run(
     resume = resume_sharded if tc.strategy == "fsdp" else resume_run
     records = resume(run, resume_from, cfg, corpus) if resume_from else []
     if resume_from is not None and rank == 0:
-        print(f"resumed at step {run.step} of {tc.steps} from {out}", file=sys.stderr, flush=True)
+        # stdout, like the run's result line: stderr holds only errors and warnings
+        print(f"resumed at step {run.step} of {tc.steps} from {out}", flush=True)
     _say_setting_changes(run)
     # From here on this run changes the folder. result.json describes the last run that ended
     # here: there is none while one runs.
