@@ -235,3 +235,14 @@ class OverflowHook:
     def __call__(self, module, args, output):
         self.count += 1
         return output * float("inf") if self.count in self.calls else None
+
+
+#: A Lightning ``Trainer``'s keyword arguments for tests: one CPU device, nothing written or shown.
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}

@@ -28,19 +28,11 @@ from torch.utils.data import DataLoader
 
 import flatlm.optim
 from flatlm.integrations.lightning import SharpnessAwareMixin, sharpness_aware_step
-from helpers.optim import OverflowHook
+from helpers.optim import QUIET, OverflowHook
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam", "msam", "mfsam"]
 OPT = {"lr": 0.01, "weight_decay": 0.1, "rho": 0.2}
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")

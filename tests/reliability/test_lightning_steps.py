@@ -15,15 +15,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 import flatlm.optim  # noqa: E402
 from flatlm.integrations.lightning import SharpnessAwareMixin  # noqa: E402
-
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
+from helpers.optim import QUIET  # noqa: E402
 
 
 class Lit(SharpnessAwareMixin, pl.LightningModule):
