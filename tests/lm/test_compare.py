@@ -71,6 +71,32 @@ def test_compare_resume_skips_finished_runs(tiny_cfg, tmp_path):
     assert result.stat().st_mtime_ns == before
 
 
+def test_a_comparison_takes_its_runs_from_the_study_queue(tiny_cfg, tmp_path, monkeypatch):
+    """One queue for every sweep: a plain compare pops its runs from a study (flatlm.lm.study,
+    as tune does), longest first, each once, and leaves no queue behind."""
+    from flatlm.lm import study as st
+
+    popped = []
+    pop = st.pop_trial
+
+    def spy(study, *args, **kwargs):
+        trial = pop(study, *args, **kwargs)
+        popped.append(None if trial is None else trial.user_attrs["slot"])
+        return trial
+
+    monkeypatch.setattr(st, "pop_trial", spy)
+    out = tmp_path / "cmp"
+    compare(tiny_cfg(train__steps=2), out, ["adamw", "sam"], [0, 1], quiet=True)
+    assert popped == ["sam s0", "sam s1", "adamw s0", "adamw s1", None]
+    assert not list(out.glob("queue.journal*"))
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "adamw-s0",
+        "adamw-s1",
+        "sam-s0",
+        "sam-s1",
+    ]
+
+
 def test_report_on_a_non_comparison_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a comparison folder"):
         write_report(tmp_path)

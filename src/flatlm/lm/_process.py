@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -189,3 +191,63 @@ def sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _worker_main(target: Callable[..., None], args: tuple[Any, ...], stop: Flag) -> None:
+    join_sweep(stop)  # signals only set the shared flag; the parent decides to abort
+    target(*args, stop)
+
+
+def run_workers(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    jobs: int,
+    stop: Flag,
+    *,
+    poll: Callable[[], None],
+    on_death: Callable[[int, int], None] | None = None,
+    poll_s: float = 0.5,
+) -> list[int | None]:
+    """Run ``target(*args, stop)`` in ``jobs`` spawned processes (each takes its work from a
+    queue, :mod:`flatlm.lm.study`) until all return; ``poll()`` every ``poll_s`` seconds (the
+    parent's progress). A process that ends with a non-zero exit code (killed, or crashed) is
+    passed to ``on_death(pid, exitcode)`` at once; the others go on. KeyboardInterrupt (a
+    second interrupt) kills them all and is raised. Returns the exit codes."""
+    ctx = mp.get_context("spawn")
+    with sigint_ignored():  # workers start ignoring SIGINT until join_sweep
+        procs = [
+            ctx.Process(target=_worker_main, args=(target, args, stop), daemon=True)
+            for _ in range(jobs)
+        ]
+        for p in procs:
+            p.start()
+    dead: set[int] = set()
+
+    def bury() -> None:
+        for p in procs:
+            if p.pid not in dead and p.exitcode:
+                dead.add(p.pid)  # type: ignore[arg-type]
+                if on_death is not None:
+                    on_death(p.pid, p.exitcode)  # type: ignore[arg-type]
+
+    try:
+        while alive := [p for p in procs if p.is_alive()]:
+            wait_for([p.sentinel for p in alive], poll_s)
+            bury()
+            poll()
+        bury()
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [p.exitcode for p in procs]

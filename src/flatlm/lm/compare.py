@@ -2,7 +2,8 @@
 
 Every (method, seed) trains into ``runs/<method>-s<seed>/`` of the comparison folder
 (:func:`flatlm.lm.report.run_dir`), one at a time in this process or ``jobs`` at a time in
-spawned worker processes. With ``resume`` a finished run is reused and an interrupted one
+spawned worker processes, which take them from a study queue (:mod:`flatlm.lm.study`, the queue
+of ``flatlm tune`` and ``compare --tune/--storage``; :func:`_run_queued`). With ``resume`` a finished run is reused and an interrupted one
 continued, but only if it was made with the same settings. The report
 (:func:`flatlm.lm.report.write_report`) is written at the end.
 
@@ -24,8 +25,10 @@ report's cost column.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -36,7 +39,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,8 +47,7 @@ from flatlm.lm._process import (
     Flag,
     SharedFlag,
     default_threads,
-    join_sweep,
-    sigint_ignored,
+    run_workers,
     stop_on_signals,
     torch_threads,
 )
@@ -68,6 +69,8 @@ from flatlm.optim.registry import method_info
 UNFINISHED = frozenset({"interrupted", "stopped", "not started"})
 POLL_S = 0.5  # how often the parent looks at the running runs' metrics files
 PROBE_STEPS, PROBE_ROUNDS, PROBE_BUDGET_S = 8, 3, 60.0
+QUEUE_FILE = "queue.journal"  # the comparison's run queue while it runs (flatlm.lm.study)
+QUEUE = "compare/runs"
 
 
 @dataclass
@@ -231,7 +234,8 @@ def _compare(
     out.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank runs this loop, one distributed run at a time; rank 0 writes.
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
         jobs = 1
     jobs = max(1, min(jobs, len(methods) * len(seeds)))
     threads, thread_note = _threads(cfg, jobs)
@@ -256,10 +260,10 @@ def _compare(
                 (out / PROBE_FILE).unlink(missing_ok=True)  # an earlier sweep's; redone below
             if not stop.is_set():
                 progress.begin()
-                if jobs == 1:
+                if distributed:
                     _run_here(tasks, stop, progress)
                 else:
-                    _run_workers(tasks, jobs, stop, progress)
+                    _run_queued(tasks, jobs, out, stop, progress)
             progress.end(stop)
             if probe and jobs > 1 and main_rank and not stop.is_set():
                 progress.say(
@@ -327,8 +331,9 @@ def _tasks(
 
 
 def _run_here(tasks: list[Task], stop: Flag, progress: SweepProgress) -> None:
-    """``jobs == 1``: the runs one after another in this process (the training loop shares
-    ``stop``: see :func:`flatlm.lm._process.stop_on_signals`)."""
+    """Under torchrun: every rank trains the same runs in the same order, one distributed run
+    at a time (the training loop shares ``stop``: see
+    :func:`flatlm.lm._process.stop_on_signals`)."""
     for task in tasks:
         if stop.is_set():
             break
@@ -336,97 +341,145 @@ def _run_here(tasks: list[Task], stop: Flag, progress: SweepProgress) -> None:
         progress.finished(task, _run(task, stop))
 
 
-# ----------------------------------------------------------------------------- workers
+# ----------------------------------------------------------------------------- the queue
 
 
-def _worker(conn: Any, stop: Flag) -> None:
-    """A worker process: runs the tasks its connection sends until it sends None."""
-    join_sweep(stop)  # signals only set the shared flag; the parent decides to abort
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
+def _run_queued(
+    tasks: list[Task], jobs: int, out: Path, stop: Flag, progress: SweepProgress
+) -> None:
+    """The runs handed out by a study queue (:mod:`flatlm.lm.study`, the queue of ``flatlm
+    tune`` and ``compare --tune/--storage``) in the comparison folder: taken one after another
+    here (``jobs == 1``) or by ``jobs`` spawned workers (:func:`~flatlm.lm._process.run_workers`,
+    the pool ``flatlm tune`` uses). The run folders stay the record (``--resume`` reads them):
+    the queue is made afresh from the tasks by every comparison and removed when it ends. A
+    worker that dies takes only its run with it ("failed"); an error in a run stops the sweep
+    (the other runs checkpoint) and is raised here."""
+    from flatlm.lm import study as st
+
+    queue = out / QUEUE_FILE
+    _remove_queue(queue)  # a comparison killed with -9 left its queue; the folders say the rest
+    study = st.open_study(st.open_storage(str(queue), out), QUEUE)
+    st.add_slots(study, [{"slot": t.name, "kind": "run", "task": i} for i, t in enumerate(tasks)])
+    if jobs == 1:
+        _take_runs(str(queue), tasks, stop, progress)
+    else:
+        events = _QueueEvents(study, tasks, stop, progress)
+        run_workers(
+            _take_runs,
+            (str(queue), tasks),
+            jobs,
+            stop,
+            poll=events.poll,
+            on_death=events.death,
+            poll_s=POLL_S,
+        )
+        events.poll()
+        if events.error is not None:
+            raise events.error
+    _remove_queue(queue)
+
+
+def _remove_queue(queue: Path) -> None:
+    for path in (queue, queue.with_name(queue.name + ".lock")):
+        path.unlink(missing_ok=True)
+
+
+def _take_runs(
+    queue: str, tasks: list[Task], stop: Flag, progress: SweepProgress | None = None
+) -> None:
+    """A worker: take runs from the queue until none waits or ``stop`` is set. In the parent
+    (``progress`` given) an error is raised; in a worker process it is recorded on its trial
+    for the parent to raise, and stops the sweep."""
+    from flatlm.lm import study as st
+
+    study = st.open_study(st.open_storage(queue, Path(queue).parent), QUEUE, create=False)
+    while not stop.is_set():
+        trial = st.pop_trial(study)
+        if trial is None:
             return
-        if task is None:
-            return
+        task = tasks[trial.user_attrs["task"]]
+        trial.set_user_attr("pid", os.getpid())
+        if progress is not None:
+            progress.running(task)
         try:
-            conn.send(("done", _run(task, stop)))
+            with st.heartbeat(study, trial):
+                result = _run(task, stop)
         except Exception as e:
-            conn.send(("error", _picklable(e)))
+            trial.set_user_attr("error", _pickled(e))
+            study.tell(trial, state=st.TrialState.FAIL)
+            if progress is not None:
+                raise
+            stop.set()
+            return
+        trial.set_user_attr("result", result)
+        value = result.get("val_loss")
+        if not _finished(result):  # interrupted: --resume continues it from its checkpoint
+            study.tell(trial, state=st.TrialState.FAIL)
+        else:
+            study.tell(
+                trial, value if isinstance(value, float) and math.isfinite(value) else math.inf
+            )
+        if progress is not None:
+            progress.finished(task, result)
 
 
-def _picklable(e: Exception) -> Exception:
-    """The worker's exception, with its traceback as a note, or a RuntimeError naming it."""
+class _QueueEvents:
+    """The parent's view of the queue under ``jobs > 1``: which runs started and ended (for the
+    progress), the run of a worker that died (failed at once, named), a worker's error."""
+
+    def __init__(self, study: Any, tasks: list[Task], stop: Flag, progress: SweepProgress) -> None:
+        self.study, self.tasks, self.stop, self.progress = study, tasks, stop, progress
+        self.started: set[int] = set()
+        self.ended: set[int] = set()
+        self.error: BaseException | None = None
+
+    def poll(self) -> None:
+        from flatlm.lm import study as st
+
+        for t in self.study.get_trials(deepcopy=False):
+            task, attrs = self.tasks[t.user_attrs["task"]], t.user_attrs
+            if t.state == st.TrialState.RUNNING and t.number not in self.started:
+                self.started.add(t.number)
+                self.progress.running(task)
+            elif (
+                t.state in (st.TrialState.COMPLETE, st.TrialState.FAIL)
+                and t.number not in self.ended
+            ):
+                self.ended.add(t.number)
+                if "error" in attrs:
+                    error = _unpickled(attrs["error"])
+                    self.error = self.error or error
+                    self.progress.finished(task, {"status": "failed", "reason": str(error)})
+                elif "result" in attrs or "death" in attrs:
+                    result = attrs.get("result") or {"status": "failed", "reason": attrs["death"]}
+                    self.progress.finished(task, result)
+        self.progress.poll(self.stop)
+
+    def death(self, pid: int, exitcode: int) -> None:
+        """A worker ended with ``exitcode`` in the middle of a run: that run failed (not run
+        again: ``--resume`` continues it from its last checkpoint)."""
+        from flatlm.lm import study as st
+
+        storage = self.study._storage
+        for t in self.study.get_trials(deepcopy=False, states=(st.TrialState.RUNNING,)):
+            if t.user_attrs.get("pid") == pid:
+                storage.set_trial_user_attr(t._trial_id, "death", _death(exitcode))
+                storage.set_trial_state_values(t._trial_id, state=st.TrialState.FAIL)
+
+
+def _pickled(e: Exception) -> str:
+    """The worker's exception (with its traceback as a note, or a RuntimeError naming it) as
+    text a study stores."""
     e.add_note("in the worker process:\n" + "".join(traceback.format_exception(e)))
     try:
-        pickle.dumps(e)
-        return e
+        data = pickle.dumps(e)
     except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
+        data = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+    return base64.b64encode(data).decode()
 
 
-@dataclass
-class _Worker:
-    proc: Any
-    conn: Any
-    task: Task | None = None
-
-
-def _run_workers(tasks: list[Task], jobs: int, stop: Flag, progress: SweepProgress) -> None:
-    """The runs in ``jobs`` spawned processes, each sent one task at a time. A worker that
-    dies takes only its run with it ("failed"); an exception in a run stops the sweep (the other
-    runs checkpoint) and is raised here; KeyboardInterrupt (a second interrupt) kills them."""
-    ctx = mp.get_context("spawn")
-    workers: list[_Worker] = []
-    queue = list(tasks)
-    error: BaseException | None = None
-    try:
-        with sigint_ignored():  # workers start ignoring SIGINT until join_sweep
-            for _ in range(jobs):
-                here, there = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(there, stop), daemon=True)
-                proc.start()
-                there.close()
-                workers.append(_Worker(proc, here))
-        for w in workers:
-            _dispatch(w, queue, stop, progress)
-        while busy := [w for w in workers if w.task is not None]:
-            ready = wait_for([w.conn for w in busy] + [w.proc.sentinel for w in busy], POLL_S)
-            progress.notice_stop(stop)
-            for w in busy:
-                task = w.task
-                assert task is not None
-                if w.conn in ready or w.proc.sentinel in ready:
-                    try:
-                        kind, payload = w.conn.recv()
-                    except (EOFError, OSError):  # the process died in the middle of the run
-                        w.proc.join(5)
-                        reason = _death(w.proc.exitcode)
-                        progress.finished(task, {"status": "failed", "reason": reason})
-                        w.task = None
-                        continue
-                    if kind == "error":
-                        error = error or payload
-                        stop.set()
-                        progress.finished(task, {"status": "failed", "reason": str(payload)})
-                    else:
-                        progress.finished(task, payload)
-                    _dispatch(w, queue, stop, progress)
-            progress.poll(stop)
-    except BaseException:
-        for w in workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-        raise
-    finally:
-        for w in workers:
-            w.proc.join(60)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-            w.conn.close()
-    if error is not None:
-        raise error
+def _unpickled(text: str) -> BaseException:
+    return pickle.loads(base64.b64decode(text))  # our own worker's, in our own folder's queue
 
 
 def _death(exitcode: int | None) -> str:
@@ -439,20 +492,6 @@ def _death(exitcode: int | None) -> str:
         killer = " (by another process, or the out-of-memory killer)" if name == "SIGKILL" else ""
         return f"its worker process was killed by {name}{killer}"
     return f"its worker process died (exit code {exitcode})"
-
-
-def _dispatch(w: _Worker, queue: list[Task], stop: Flag, progress: SweepProgress) -> None:
-    """Send the worker its next task, or None (exit) when none is left or the sweep stops."""
-    w.task = queue.pop(0) if queue and not stop.is_set() else None
-    try:
-        w.conn.send(w.task)
-    except (BrokenPipeError, OSError):  # the process is gone: its run goes back in the queue
-        if w.task is not None:
-            queue.insert(0, w.task)
-        w.task = None
-        return
-    if w.task is not None:
-        progress.running(w.task)
 
 
 # ----------------------------------------------------------------------------- progress

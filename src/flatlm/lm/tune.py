@@ -38,14 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flatlm.lm import study as st
-from flatlm.lm._process import (
-    Flag,
-    SharedFlag,
-    default_threads,
-    join_sweep,
-    sigint_ignored,
-    stop_on_signals,
-)
+from flatlm.lm._process import Flag, SharedFlag, default_threads, run_workers, stop_on_signals
 from flatlm.lm.config import (
     RESUME_ALLOWED,
     ConfigError,
@@ -635,34 +628,12 @@ def _trials_text(job: Job) -> str:
     return f"{job.trials} trials each"
 
 
-def _worker(job: Job, stop: Flag) -> None:
-    join_sweep(stop)
-    work(job, stop)
-
-
 def _run_workers(job: Job, jobs: int, stop: Flag, progress: Progress) -> None:
-    """``jobs`` spawned workers on the same storage; the parent prints their trials. A worker
-    that dies leaves its trial to the heartbeat (the others re-run it); a second interrupt
-    (KeyboardInterrupt) kills them all."""
-    ctx = mp.get_context("spawn")
-    with sigint_ignored():
-        procs = [ctx.Process(target=_worker, args=(job, stop), daemon=True) for _ in range(jobs)]
-        for p in procs:
-            p.start()
-    try:
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(POLL_S / len(procs))
-            progress.update()
-    except BaseException:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        raise
-    finally:
-        for p in procs:
-            p.join()
-    failed = [p.exitcode for p in procs if p.exitcode]
+    """``jobs`` spawned workers on the same storage (:func:`flatlm.lm._process.run_workers`, the
+    pool ``flatlm compare`` uses too); the parent prints their trials. A worker that dies leaves
+    its trial to the heartbeat (the others re-run it); a second interrupt kills them all."""
+    codes = run_workers(work, (job,), jobs, stop, poll=progress.update, poll_s=POLL_S)
+    failed = [c for c in codes if c]
     if failed and not stop.is_set():
         progress.say(f"{len(failed)} worker(s) failed (exit codes {failed}); see above")
 
