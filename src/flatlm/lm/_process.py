@@ -1,4 +1,5 @@
-"""Process-wide settings a run borrows and gives back: torch's thread count, the stop signals.
+"""Process-wide settings a run borrows and gives back (torch's thread count, the stop signals),
+and the one pool of worker processes every sweep runs (:func:`run_workers`).
 
 Threads: :func:`default_threads` is the policy for ``train.threads = 0`` (one count per process
 that fits the machine, the other jobs and the load already on it). Signals: a run checkpoints
