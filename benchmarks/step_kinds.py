@@ -14,6 +14,8 @@ what the run did, not pass counts. Kinds (each with the setting's tuned full-SAM
 - ``looksam_reuse``: LookSAM's in-between step (a clean pass, then the stored correction added),
   every past the first by the same trick;
 - ``msam``: the one-pass Momentum-SAM step;
+- ``wsam``, ``gsam``, ``friendlysam``, ``gcsam``: each method's own fresh step (two passes, and
+  the elementwise work of its rule);
 - more with ``--kind NAME=SPEC`` (e.g. a step policy's in-between step).
 
 Kinds are interleaved (each round times every kind once, in a shuffled order) and the median
@@ -56,6 +58,9 @@ KINDS = {
     "reuse": f"sam:perturb_every={HUGE}",
     "looksam_reuse": f"sam:policy=looksam,every={HUGE}",
     "msam": "msam",
+    # The SAM family's two-pass methods whose fresh step does elementwise work beyond SAM's
+    # (docs_tables prices their fresh steps with these): WSAM, GSAM, FriendlySAM, GCSAM.
+    **{m: m for m in ("wsam", "gsam", "friendlysam", "gcsam")},
 }
 
 

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "data"
 DOCS = ("README.md", "docs/*.md")
 BASELINE = "adamw"
+#: Methods whose fresh (two-pass) step benchmarks/step_kinds.py times as a kind of its own.
+OWN_FRESH_KIND = ("wsam", "gsam", "friendlysam", "gcsam")
 
 MARKER = re.compile(
     r"(?P<open><!-- table (?P<name>[\w.-]+):(?P<kind>[\w-]+)[^\n]*-->\n)"
@@ -100,24 +102,25 @@ def step_mix(spec: str, counts: dict[str, float] | None, steps: int) -> dict[str
         return {"adamw": 1.0}
     if not method_info(base).clean_backward:  # the one-pass methods: a kind of their own
         return {base: 1.0}
+    fresh = base if base in OWN_FRESH_KIND else "fresh"
     if counts is not None:  # LookSAM's reuse step is a clean pass and a correction: its own kind
         reuse = "looksam_reuse" if options.get("policy") == "looksam" else "reuse"
-        names = {"fresh": "fresh", "reuse": reuse, "plain": "plain"}
+        names = {"fresh": fresh, "reuse": reuse, "plain": "plain"}
         return {names[k]: counts[k] / steps for k in ("fresh", "reuse", "plain") if counts[k]}
     schedule = parse_rho_schedule(options.get("rho_schedule", "constant"))
     k = int(options.get("perturb_every", 1))
     if schedule.name != "constant" and k > 1:
         raise SystemExit(f"docs_tables: no step mix for {spec!r} without recorded step counts")
     if k > 1:
-        fresh = -(-steps // k)
-        return {"fresh": fresh / steps, "reuse": (steps - fresh) / steps}
+        n = -(-steps // k)
+        return {fresh: n / steps, "reuse": (steps - n) / steps}
     group = {"params": [], "rho": 1.0}
     sched = build_rho_schedule(_Groups([group]), schedule, steps)
     active = steps if sched is None else sum(sched.factor(i) > 0 for i in range(steps))
     return (
-        {"fresh": active / steps, "plain": (steps - active) / steps}
+        {fresh: active / steps, "plain": (steps - active) / steps}
         if active < steps
-        else {"fresh": 1.0}
+        else {fresh: 1.0}
     )
 
 

@@ -81,6 +81,21 @@ def test_each_mix_is_priced_by_the_measured_step_kinds(data_dir):
     assert costs[LOOKSAM] == pytest.approx((0.25 * 210 + 0.75 * 108) / 100)
 
 
+def test_a_family_methods_fresh_step_is_its_own_kind():
+    """WSAM's fresh step is timed as the kind "wsam" (its rule's work beyond SAM's), also
+    inside a window and under perturb_every."""
+    dt = _docs_tables()
+    assert dt.step_mix("wsam", None, 100) == {"wsam": 1.0}
+    assert dt.step_mix("gcsam:rho_schedule=window:0:0.25", None, 100) == {
+        "gcsam": 0.25,
+        "plain": 0.75,
+    }
+    assert dt.step_mix("gsam:perturb_every=4", None, 100) == {"gsam": 0.25, "reuse": 0.75}
+    counts = {"fresh": 10, "reuse": 0, "plain": 90}
+    assert dt.step_mix("friendlysam", counts, 100) == {"friendlysam": 0.1, "plain": 0.9}
+    assert dt.step_mix("sam", None, 100) == {"fresh": 1.0}
+
+
 def test_the_costs_table_and_the_step_kinds_table(data_dir, tmp_path):
     dt = _docs_tables()
     rows = dt.render("lstm_costs", "costs", data_dir).splitlines()

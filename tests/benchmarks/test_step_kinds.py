@@ -31,7 +31,11 @@ def test_every_kind_is_timed_and_written(tiny_settings, tmp_path):
     out = step_kinds.main([*fast, "--kind", "pe4=sam:perturb_every=4", "--json", str(path)])
     assert json.loads(path.read_text()) == out
     lstm = out["settings"]["lstm"]
-    assert set(lstm["ms"]) == {"adamw", "fresh", "plain", "reuse", "looksam_reuse", "msam", "pe4"}
+    family = {"wsam", "gsam", "friendlysam", "gcsam"}
+    assert (
+        set(lstm["ms"])
+        == {"adamw", "fresh", "plain", "reuse", "looksam_reuse", "msam", "pe4"} | family
+    )
     assert lstm["vs_adamw"]["adamw"] == 1.0 and lstm["rho"] == 0.2
     assert all(v > 0 for v in lstm["ms"].values())
     assert out["command"].startswith("python benchmarks/step_kinds.py --repeats 2")
