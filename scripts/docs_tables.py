@@ -16,7 +16,8 @@ The data set ``quick`` is ``docs/data/quick.json``: the parts of a comparison's
     python scripts/docs_tables.py --from runs/x --name x # another data set, docs/data/x.json
 
 Kinds: ``summary`` (val and test loss, Δ val vs AdamW with its interval, verdict: the README's
-table), ``losses`` (val and test loss, mean ± std), ``verdicts`` (seeds, Δ val loss, its
+table), ``tuned`` (a ``compare --tune`` folder's data set: each tuned method's search, chosen
+settings and Δ test vs AdamW and vs tuned SAM), ``losses`` (val and test loss, mean ± std), ``verdicts`` (seeds, Δ val loss, its
 95 % t-interval, verdict), ``costs`` (each method's steps by kind, its measured cost × AdamW,
 Δ test with its interval, the share of full SAM's gain, the Pareto front) and ``step_kinds``
 (``docs/data/step_kinds.json``: each kind of step timed alone by ``benchmarks/step_kinds.py``).
@@ -53,8 +54,12 @@ MARKER = re.compile(
 # ----------------------------------------------------------------------------- data
 
 
-def extract(results: dict[str, Any], source: str = "") -> dict[str, Any]:
-    """The parts of a ``results.json`` the tables show (and nothing per run)."""
+def extract(
+    results: dict[str, Any], source: str = "", tune: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The parts of a ``results.json`` the tables show (and nothing per run); with the
+    ``tune.json`` of a ``compare --tune`` folder also each method's tuning (``tuned``) and its
+    test loss against tuned SAM's, paired by seed (``deltas_vs_sam``)."""
     methods = [m for m in results["methods"] if m in results["summary"]]
     summary = {
         m: {
@@ -73,7 +78,10 @@ def extract(results: dict[str, Any], source: str = "") -> dict[str, Any]:
     for m, d in results["deltas_vs_adamw"].items():
         deltas[m]["test"] = {k: d["test"][k] for k in ("n", "mean", "t_low", "t_high", "verdict")}
     steps = {r["method"]: r["step"] for r in results["runs"] if r.get("status") == "completed"}
-    return {
+    extra: dict[str, Any] = {}
+    if tune is not None:
+        extra = {"tuned": tuned_summary(tune), "deltas_vs_sam": deltas_vs(results, "sam")}
+    return extra | {
         "source": source,
         "methods": methods,
         "summary": summary,
@@ -88,6 +96,41 @@ def extract(results: dict[str, Any], source: str = "") -> dict[str, Any]:
             if r.get("status") == "completed" and r["seed"] == 0
         },
     }
+
+
+def tuned_summary(tune: dict[str, Any]) -> dict[str, Any]:
+    """Per tuned method: the search space, the chosen settings, trials (pruned), the training
+    steps the search ran (pruned trials included) and the best seed-0 validation loss."""
+    out = {}
+    for method, m in tune["methods"].items():
+        best = m["best"] or {}
+        out[method] = {
+            "space": tune["meta"]["spaces"][method],
+            "params": best.get("params"),
+            "value": best.get("value"),
+            "trials": len(m["trials"]),
+            "pruned": m["pruned"],
+            "steps_run": m["steps_run"],
+            "full_run_steps": m["full_run_steps"],
+        }
+    return out
+
+
+def deltas_vs(results: dict[str, Any], reference: str) -> dict[str, Any]:
+    """Each method's test loss minus ``reference``'s at the same seed, with its t-interval."""
+    from flatlm.lm.stats import paired_delta
+
+    done = [r for r in results["runs"] if r.get("status") == "completed"]
+
+    def by_seed(method: str) -> dict[int, float]:
+        return {r["seed"]: r["test_loss"] for r in done if r["method"] == method}
+
+    out = {}
+    for m in results["methods"]:
+        d = paired_delta(by_seed(m), by_seed(reference)) if m != reference else None
+        if d is not None:
+            out[m] = {k: d[k] for k in ("n", "mean", "t_low", "t_high", "verdict")}
+    return out
 
 
 def step_mix(spec: str, counts: dict[str, float] | None, steps: int) -> dict[str, float]:
@@ -291,6 +334,35 @@ def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
     return _table(head, rows)
 
 
+def render_tuned(data: dict[str, Any]) -> str:
+    """Each tuned method: the chosen settings, what the search cost, Δ test vs AdamW and vs
+    tuned SAM (paired by seed, 95 % t-intervals)."""
+    rows = []
+    for m in (m for m in data["methods"] if m in data["tuned"]):
+        t = data["tuned"][m]
+        chosen = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in (t["params"] or {}).items())
+        space = "; ".join(
+            f"{p['key'].split('.')[-1]} {p['low']:g}–{p['high']:g}"
+            + (" log" if p["kind"] == "log" else "")
+            if p["kind"] != "cat"
+            else f"{p['key'].split('.')[-1]} {{{', '.join(map(str, p['choices']))}}}"
+            for p in t["space"]
+        )
+        full = t["steps_run"] / t["full_run_steps"]
+        vs_adamw = data["deltas_vs_adamw"][m]["test"]
+        vs_sam = data["deltas_vs_sam"].get(m)
+        rows.append([
+            m, space, f"{t['trials']} ({t['pruned']})", f"{full:.2f}", chosen or "–",
+            f"{t['value']:.4f}" if t["value"] is not None else "–",
+            f"{_signed(vs_adamw['mean'])} {_interval(vs_adamw)}", vs_adamw["verdict"],
+            f"{_signed(vs_sam['mean'])} {_interval(vs_sam)}" if vs_sam else "–",
+            vs_sam["verdict"] if vs_sam else "–",
+        ])  # fmt: skip
+    head = ["method", "searched", "trials (pruned)", "search cost (full runs)", "chosen"]
+    head += ["seed-0 val", "Δ test vs AdamW [95 %]", "verdict", "Δ test vs tuned SAM [95 %]"]
+    return _table([*head, "vs SAM"], rows)
+
+
 def render_grid(data: dict[str, Any]) -> str:
     """The tuning grid: every sharpness-aware method's seed-0 validation loss (how the
     configurations of the costs table were chosen), AdamW's first."""
@@ -340,6 +412,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "costs": render_costs,
     "grid": render_grid,
     "step_kinds": render_step_kinds,
+    "tuned": render_tuned,
 }
 
 
@@ -393,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--charts", action="store_true", help="redraw the cost-quality charts")
     args = parser.parse_args(argv)
     if args.source is not None:
-        data = extract(load_results(args.source), source=str(args.source))
+        tune_json = args.source / "tune.json" if args.source.is_dir() else None
+        tune = json.loads(tune_json.read_text()) if tune_json and tune_json.is_file() else None
+        data = extract(load_results(args.source), source=str(args.source), tune=tune)
         if args.setting:
             data["setting"] = args.setting
         DATA.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,52 @@ def test_a_configuration_run_on_one_seed_is_no_point_of_the_chart(data_dir):
     data["summary"]["msam"]["seeds"] = [0]  # a tuning-grid point: seed 0 only
     assert "msam" not in {p["method"] for p in dt.cost_points(data, data_dir)}
     assert "| msam |" not in dt.render_costs(data, data_dir)
+
+
+def test_the_tuned_table_pairs_each_method_with_tuned_sam(tmp_path):
+    """A compare --tune folder's data set: chosen settings and search cost from tune.json, and
+    Δ test vs tuned SAM paired by seed with its t-interval (scipy's t quantile)."""
+    from scipy import stats
+
+    from flatlm.lm.report import run_dir, write_report
+
+    comparison = tmp_path / "cmp"
+    methods = ["adamw", "sam", "wsam"]
+    test = {"adamw": [6.0, 6.1, 6.3], "sam": [5.6, 5.75, 5.8], "wsam": [5.7, 5.76, 5.95]}
+    (comparison / "runs").mkdir(parents=True)
+    (comparison / "compare.json").write_text(json.dumps({"methods": methods, "jobs": 1}))
+    for method in methods:
+        for seed in range(3):
+            folder = run_dir(comparison, method, seed)
+            folder.mkdir()
+            v = test[method][seed]
+            result = {
+                "method": method, "seed": seed, "status": "completed", "step": 4, "steps": 4,
+                "val_loss": v - 0.1, "test_loss": v, "val_ppl": 1.0, "test_ppl": 1.0,
+                "time_per_step_s": 0.01, "train_time_s": 0.04, "skipped_steps": 0,
+            }  # fmt: skip
+            (folder / "result.json").write_text(json.dumps(result))
+    write_report(comparison)
+    space = [{"key": "optim.rho", "kind": "log", "low": 0.02, "high": 1.0, "choices": []}]
+    tune = {
+        "meta": {"spaces": {"sam": space, "wsam": space}},
+        "methods": {
+            m: {"best": {"params": {"optim.rho": rho}, "value": test[m][0] - 0.1},
+                "trials": [{}] * 6, "pruned": pruned, "steps_run": steps, "full_run_steps": 4}
+            for m, rho, pruned, steps in (("sam", 0.1, 4, 12), ("wsam", 0.02, 1, 21))
+        },
+    }  # fmt: skip
+    dt = _docs_tables()
+    data = dt.extract(dt.load_results(comparison), tune=tune)
+    diffs = [w - s for w, s in zip(test["wsam"], test["sam"], strict=True)]
+    mean = sum(diffs) / 3
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / 3**0.5
+    d = data["deltas_vs_sam"]["wsam"]
+    assert d["mean"] == pytest.approx(mean, abs=1e-12)
+    assert (d["t_low"], d["t_high"]) == pytest.approx((mean - half, mean + half), abs=1e-12)
+    assert "sam" not in data["deltas_vs_sam"]
+    table = dt.render_tuned(data)
+    wsam = next(line for line in table.splitlines() if line.startswith("| wsam |"))
+    assert "| rho 0.02–1 log | 6 (1) | 5.25 | rho 0.02 | 5.6000 |" in wsam
+    sam = next(line for line in table.splitlines() if line.startswith("| sam |"))
+    assert sam.endswith("| – | – |")
