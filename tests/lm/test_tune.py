@@ -1,7 +1,8 @@
 """`flatlm tune` and `flatlm compare --tune/--storage`: the study queue on Optuna.
 
 Exactly one finished trial per slot however many workers share a study (two local processes;
-two processes on a real PostgreSQL server, one killed with SIGKILL mid-trial); a study stopped
+two processes on a real PostgreSQL server, one killed with SIGKILL mid-trial; a worker killed at
+any point of claiming a trial); a record of any length fits a database column; a study stopped
 in the middle of a trial continues to the same numbers as one never stopped; the report written
 from the storage alone equals the one written from the run folders; bad input is a one-line
 error before anything runs.
@@ -160,7 +161,7 @@ def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
     resumed = next(t for t in b if t.system_attrs.get("failed_trial") == failed[0].number)
     assert resumed.user_attrs["run_dir"] == failed[0].user_attrs["run_dir"]  # continued there
     summary = json.loads((tmp_path / "parts" / "tune.json").read_text())["methods"]["sam"]
-    steps = [t.user_attrs["record"]["result"]["step"] for t in b]
+    steps = [st.get_record(t)["result"]["step"] for t in b]
     assert summary["steps_run"] == sum(steps)
     assert any(t.state == st.TrialState.PRUNED for t in b)  # the median pruner stopped one
     assert min(steps) < 8
@@ -211,7 +212,7 @@ def test_a_trial_taken_for_dead_while_running_is_counted_once(tiny_cfg, tmp_path
     tune.run_trial(job, storage, study, trial, threading.Event())  # must not raise
     monkeypatch.setattr(train_module, "train", real_train)
     dead = study.get_trials()[0]
-    assert dead.state == st.TrialState.FAIL and "record" not in dead.user_attrs
+    assert dead.state == st.TrialState.FAIL and st.get_record(dead) is None
     stopped = json.loads((Path(dead.user_attrs["run_dir"]) / "result.json").read_text())
     assert stopped["status"] == "pruned" and "taken for dead" in stopped["reason"]
     assert not (Path(dead.user_attrs["run_dir"]) / st.TRIAL_FILE).exists()
@@ -352,3 +353,141 @@ def _kill_one_mid_trial(storage, workers) -> int | None:
             return t.number
         victim.send_signal(signal.SIGCONT)
     return None
+
+
+# ----------------------------------------------------------------------------- the storage
+
+
+@pytest.fixture(params=["journal", "sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def storage_url(request, tmp_path) -> str:
+    """A storage URL of each kind: the journal file, a database (sqlite file, PostgreSQL)."""
+    if request.param == "journal":
+        return str(tmp_path / st.JOURNAL)
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres")
+
+
+class Killed(BaseException):
+    """A worker's kill -9: nothing after the point it strikes runs, nothing is cleaned up."""
+
+
+def _dies_after(storage, writes: int) -> None:
+    """Make this worker's ``storage`` raise :class:`Killed` right after its ``writes``-th
+    heartbeat or state change: a worker killed at that point of claiming a trial."""
+    done: list[str] = []
+    for name in ("record_heartbeat", "set_trial_state_values"):
+        real = getattr(storage, name)
+
+        def write(*args, real=real, name=name, **kwargs):
+            out = real(*args, **kwargs)
+            done.append(name)
+            if len(done) == writes:
+                raise Killed(f"killed after {done}")
+            return out
+
+        setattr(storage, name, write)
+
+
+@pytest.mark.parametrize("writes", [1, 2])
+def test_a_worker_killed_while_claiming_a_trial_leaves_nothing_stuck(storage_url, tmp_path, writes):
+    """A worker killed after each write of its claim (heartbeat, state change, in whatever
+    order) leaves its trial waiting, or running with a heartbeat that goes stale: another worker
+    runs the slot (the trial itself, or its retry after the grace period), and the study ends
+    with exactly one complete trial per slot. A running trial without a heartbeat row would be
+    stuck for ever: Optuna's database storage never takes it for stale."""
+    dying = st.open_storage(storage_url, tmp_path, heartbeat_s=1)
+    study = st.open_study(dying, "g/runs")
+    st.add_slots(study, [{"slot": "a"}, {"slot": "b"}])
+    _dies_after(dying, writes)
+    with pytest.raises(Killed):
+        st.pop_trial(study)
+    del dying, study
+
+    storage = st.open_storage(storage_url, tmp_path, heartbeat_s=1)  # another worker
+    study = st.open_study(storage, "g/runs", create=False)
+    victim = study.get_trials()[0]
+    assert victim.user_attrs["slot"] == "a" and victim.state in (
+        st.TrialState.WAITING,
+        st.TrialState.RUNNING,
+    )
+    deadline = time.monotonic() + 30  # the grace period is 2 s (the sqlite clock ticks in s)
+    while not st.settled(study) and time.monotonic() < deadline:
+        trial = st.pop_trial(study)
+        if trial is None:
+            time.sleep(0.25)
+        else:
+            study.tell(trial, float(trial.number))
+    trials = study.get_trials()
+    stuck = [(t.number, t.state.name) for t in trials if not t.state.is_finished()]
+    assert st.settled(study), f"left unfinished for good: {stuck}"
+    done = [t for t in trials if t.state == st.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["slot"] for t in done) == ["a", "b"]  # once each
+    a = next(t for t in done if t.user_attrs["slot"] == "a")
+    if victim.state == st.TrialState.RUNNING:  # killed once running: its retry ran the slot
+        assert trials[0].state == st.TrialState.FAIL
+        assert a.system_attrs["failed_trial"] == victim.number
+    else:  # killed before: the trial itself ran
+        assert a.number == victim.number
+
+
+def test_a_trial_is_claimed_by_one_worker_of_two(storage_url, tmp_path):
+    """Two workers claiming the same waiting trial: one gets it; the loser's heartbeat on it is
+    harmless (the winner's trial is not taken for stale)."""
+    one, two = (st.open_storage(storage_url, tmp_path, heartbeat_s=1) for _ in range(2))
+    study = st.open_study(one, "g/runs")
+    st.add_slots(study, [{"slot": "a"}])
+    trial_id = study.get_trials()[0]._trial_id
+    assert st.claim(one, trial_id) is True
+    assert st.claim(two, trial_id) is False
+    assert st.pop_trial(study) is None  # a look for work neither fails it nor gets it
+    assert one.get_trial(trial_id).state == st.TrialState.RUNNING
+
+
+MYSQL_TEXT = 65_535  # bytes a MySQL TEXT column holds
+
+
+def _long_record(steps: int) -> dict:
+    """A run record shaped as :func:`flatlm.lm.study.run_record` writes one: the train loss at
+    every step, the validation loss every 100; text that JSON escapes, and non-ASCII."""
+    metrics = [{"step": s, "split": "train", "loss": 7.0 / (1 + s) ** 0.3} for s in range(steps)]
+    metrics += [
+        {"step": s, "split": "val", "loss": 6.0 / (1 + s) ** 0.2} for s in range(0, steps, 100)
+    ]
+    result = {"status": "completed", "step": steps, "val_loss": metrics[-1]["loss"]}
+    config = {"optim": {"method": "sam", "rho": 0.05}, "note": 'a "quoted" \\path\\ ρ ∇ \n'}
+    return {"result": result, "metrics": metrics, "config": config}
+
+
+def test_a_long_record_is_stored_in_chunks_a_mysql_column_holds(storage_url, tmp_path):
+    """A record of > 200 kB round-trips exactly through the storage, read from it alone, and no
+    stored attribute exceeds what a MySQL TEXT column holds (a database stores each as its
+    JSON text); a study written before (one ``record`` attribute) still reads."""
+    record = _long_record(4000)
+    assert len(json.dumps(record)) > 200_000
+    storage = st.open_storage(storage_url, tmp_path, heartbeat_s=1)
+    study = st.open_study(storage, "g/runs")
+    st.add_slots(study, [{"slot": "a"}, {"slot": "old"}])
+    trial = st.pop_trial(study)
+    st.set_record(trial, record)
+    study.tell(trial, 1.0)
+    old = st.pop_trial(study)
+    old.set_user_attr("record", _long_record(3))  # as studies before chunking stored it
+    study.tell(old, 2.0)
+
+    fresh = st.open_storage(storage_url, tmp_path, heartbeat_s=1)  # another machine
+    rows = st.records(fresh, "g")["g/runs"]
+    assert [r["slot"] for r in rows] == ["a", "old"]
+    assert rows[0]["record"] == record and rows[1]["record"] == _long_record(3)
+    frozen = st.open_study(fresh, "g/runs", create=False).get_trials()[0]
+    assert st.get_record(frozen) == record and frozen.user_attrs["record#n"] > 1
+    sizes = [len(json.dumps(v).encode()) for v in frozen.user_attrs.values()]
+    if "://" in storage_url:  # what the database holds
+        import sqlalchemy
+
+        with fresh.engine.connect() as db:
+            rows = db.execute(sqlalchemy.text("SELECT value_json FROM trial_user_attributes"))
+            sizes += [len(v.encode()) for (v,) in rows]
+    assert max(sizes) <= 2 * st.RECORD_CHUNK + 2 < MYSQL_TEXT
+    # a record cut short (a worker killed while writing it) is not read as one
+    assert st.get_record(type("T", (), {"user_attrs": {"record#0": "{"}})()) is None

@@ -15,15 +15,18 @@ processes share it safely through its file lock); ``--storage URL`` names a data
 MySQL) that workers on many machines share.
 
 A worker that dies: each running trial records a heartbeat every ``heartbeat_s`` seconds (Optuna's
-for a database, :class:`HeartbeatJournalStorage` for the journal); a worker looking for work
-first fails the trials whose heartbeat is older than ``2 * heartbeat_s``, and Optuna's retry
-callback enqueues each again with its slot, parameters and reported evaluations (a fresh run in
-a fresh folder). A trial interrupted cleanly (Ctrl-C) is re-enqueued the same way, and continues
-from its checkpoint when its next worker runs on the same host.
+for a database, :class:`HeartbeatJournalStorage` for the journal), the first one before it is
+set running (:func:`claim`: no moment leaves a running trial without one); a worker looking
+for work first fails the trials whose heartbeat is older than ``2 * heartbeat_s``, and Optuna's
+retry callback enqueues each again with its slot, parameters and reported evaluations (a fresh
+run in a fresh folder). A trial interrupted cleanly (Ctrl-C) is re-enqueued the same way, and
+continues from its checkpoint when its next worker runs on the same host.
 
 Records: a finished trial stores its run's ``result.json`` and the curves of its
 ``metrics.jsonl`` (:func:`run_record`) in the study, so a report can be written from the
-storage alone (:func:`records`), with no access to the machines that ran the trials.
+storage alone (:func:`records`), with no access to the machines that ran the trials. It is
+stored in chunks that fit a MySQL TEXT column however long its curves (:func:`set_record`,
+read back by :func:`get_record`).
 """
 
 from __future__ import annotations
@@ -242,12 +245,8 @@ def pop_trial(study: Any, sampler_for: Callable[[int], Any] | None = None) -> An
     # study stopped and continued runs its trials in the order of one never stopped.
     waiting.sort(key=lambda t: ("failed_trial" not in t.system_attrs, t.number))
     for t in waiting:
-        try:
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
+        if not claim(storage, t._trial_id):
             continue
-        beat_once(storage, t._trial_id)
         if sampler_for is not None:
             study.sampler = sampler_for(t.number)
         trial = optuna.Trial(study, t._trial_id)
@@ -258,6 +257,27 @@ def pop_trial(study: Any, sampler_for: Callable[[int], Any] | None = None) -> An
             continue
         return trial
     return None
+
+
+def claim(storage: BaseStorage, trial_id: int) -> bool:
+    """Make the waiting trial this worker's (RUNNING); False if another worker took it first.
+
+    The first heartbeat is written *before* the state change, so a worker killed at any moment
+    leaves its trial either WAITING (the next worker pops it) or RUNNING with a heartbeat that
+    goes stale after the grace period (the next worker fails it and runs its retry). The other
+    order left, for a worker killed between the two writes, a RUNNING trial without a heartbeat
+    row, which Optuna's database storage never takes for stale: a study that never ends.
+    A beat on a trial that stays WAITING (another worker won it, or this one died) is harmless:
+    only RUNNING trials are checked, and the winner's trial holds the winner's own beat, written
+    just before its state change, or a newer one. The state change is the one atomic step (one worker of any number
+    wins it). A database storage stamps every beat with the database's own clock (its now(),
+    on insert as on update), the clock its stale check reads: the workers' clocks never meet.
+    """
+    beat_once(storage, trial_id)
+    try:
+        return storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def beat_once(storage: BaseStorage, trial_id: int) -> None:
@@ -334,6 +354,41 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     return {"result": result, "metrics": metrics, "config": config}
 
 
+# A database storage keeps each user attribute as json.dumps(value) in one TEXT column, which
+# holds 65,535 bytes in MySQL: a record (its curves grow with the steps logged) is stored in
+# chunks of its JSON text. The text is ASCII (ensure_ascii), and json.dumps of an ASCII string
+# writes each character as at most two (`"` and `\` are escaped): a chunk of RECORD_CHUNK
+# characters is stored in at most 2 * RECORD_CHUNK + 2 bytes.
+RECORD_CHUNK = 30_000
+_RECORD = "record"  # a study written before chunking: the record as one attribute
+_RECORD_COUNT = "record#n"
+
+
+def set_record(trial: Any, record: dict[str, Any] | None) -> None:
+    """Store ``record`` on the running ``trial`` (``optuna.Trial``) as ``record#0``,
+    ``record#1``, ... and their count ``record#n``, written last: a worker killed in the middle
+    leaves no count, so no partial record is ever read (and the trial, not finished, is run
+    again). A record of None (a reused trial without one) stores nothing."""
+    if record is None:
+        return
+    text = json.dumps(record, ensure_ascii=True, allow_nan=True)
+    chunks = [text[i : i + RECORD_CHUNK] for i in range(0, len(text), RECORD_CHUNK)] or [""]
+    for i, chunk in enumerate(chunks):
+        trial.set_user_attr(f"record#{i}", chunk)
+    trial.set_user_attr(_RECORD_COUNT, len(chunks))
+
+
+def get_record(trial: Any) -> dict[str, Any] | None:
+    """The record :func:`set_record` stored on ``trial`` (an ``optuna.Trial`` or a
+    ``FrozenTrial``), or the single ``record`` attribute of a study written before; None if
+    it has none (or only part of one)."""
+    attrs = trial.user_attrs
+    n = attrs.get(_RECORD_COUNT)
+    if n is None:
+        return attrs.get(_RECORD)
+    return json.loads("".join(attrs[f"record#{i}"] for i in range(n)))
+
+
 def trial_summary(trial: FrozenTrial, study_name: str) -> dict[str, Any]:
     """A finished trial as the reports see it (no run record)."""
     return {
@@ -360,7 +415,7 @@ def records(storage: BaseStorage, group: str) -> dict[str, list[dict[str, Any]]]
         study = open_study(storage, name, create=False)
         rows = []
         for t in study.get_trials(deepcopy=False, states=FINISHED):
-            rows.append(trial_summary(t, name) | {"record": t.user_attrs.get("record")})
+            rows.append(trial_summary(t, name) | {"record": get_record(t)})
         out[name] = sorted(rows, key=lambda r: r["number"])
     return out
 
