@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_before_anything_runs(corpus_file, tmp_path, capsy
 def test_a_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     monkeypatch.delitem(sys.modules, "flatlm.lm.study")
-    with pytest.raises(ImportError, match=r"pip install 'flatlm\[tune\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'flatlm\[lm\]'"):
         importlib.import_module("flatlm.lm.study")
 
 

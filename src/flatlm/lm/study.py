@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 from flatlm._extras import require
 
-optuna = require("optuna", "tune", feature="flatlm tune (and compare --tune/--storage)")
+optuna = require("optuna", "lm", feature="flatlm compare and tune (their run queue)")
 from optuna.storages import BaseStorage, JournalStorage  # noqa: E402
 from optuna.storages._heartbeat import BaseHeartbeat, fail_stale_trials, get_heartbeat_thread  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402

@@ -494,7 +494,7 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
     if kind == "reuse":
         src_name, number = attrs["from"]
         src = st.open_study(storage, src_name, create=False).trials[number]
-        trial.set_user_attr("record", src.user_attrs.get("record"))
+        st.set_record(trial, st.get_record(src))
         for key in ("run_dir", "host"):
             trial.set_user_attr(key, src.user_attrs.get(key))
         frozen = study.tell(trial, src.value)
@@ -553,7 +553,7 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
         if status in ("interrupted", "stopped"):  # Ctrl-C: again later, from the checkpoint
             st.requeue(study, trial, resume_dir=str(folder))
             return
-        trial.set_user_attr("record", st.run_record(folder))
+        st.set_record(trial, st.run_record(folder))
         value = result.get("val_loss")
         if status == "pruned":
             frozen = study.tell(trial, state=st.TrialState.PRUNED)
@@ -667,7 +667,7 @@ class Progress:
 
     def line(self, name: str, t: Any, n: int, slots: int, study: Any) -> str:
         short = name.removeprefix(f"{self.job.group}/")
-        result = (t.user_attrs.get("record") or {}).get("result") or {}
+        result = (st.get_record(t) or {}).get("result") or {}
         head = f"[{short} {n}/{slots}]"
         steps = f"{result.get('step', '?')}/{result.get('steps', '?')} steps"
         if t.user_attrs.get("kind") in ("run", "reuse"):
