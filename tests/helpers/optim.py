@@ -6,16 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatlm.optim import METHODS
+from flatlm.optim import METHODS, BSAMBase
 
-#: Every sharpness-aware method by short name.
-SAM_METHODS = [m for m in METHODS if m != "adamw"]
+#: bSAM needs the number of training examples (its noise variance is 1/(N·s)).
+BSAM = "bsam:num_data=64"
+#: Every sharpness-aware method by short name (bsam as a spec with its required num_data).
+SAM_METHODS = [BSAM if m == "bsam" else m for m in METHODS if m != "adamw"]
+#: The methods that step with their own base optimizer (base_optimizer= is refused).
+OWN_BASE_METHODS = [BSAM]
 #: The one-pass methods: ε along the base optimizer's momentum, no clean backward.
 MOMENTUM_METHODS = ["msam", "mfsam", "mpfsam"]
 #: The methods that make ε from a clean gradient (two gradient passes a step).
 GRADIENT_METHODS = [m for m in SAM_METHODS if m not in MOMENTUM_METHODS]
 #: The methods whose update combines the clean and perturbed gradients (no perturb_every).
-COMBINING_METHODS = ["wsam", "gsam"]
+COMBINING_METHODS = ["wsam", "gsam", BSAM]
 
 
 def forward_calls(name: str) -> int:
@@ -85,6 +89,12 @@ def make_spy(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
 
 SpySGD = make_spy(torch.optim.SGD)
 SpyAdamW = make_spy(torch.optim.AdamW)
+SpyBSAMBase = make_spy(BSAMBase)
+
+
+def spy_base(name: str) -> type[torch.optim.Optimizer]:
+    """The spy base optimizer a test builds ``name`` over: AdamW's, or bsam's own base's."""
+    return SpyBSAMBase if name in OWN_BASE_METHODS else SpyAdamW
 
 
 def poisoned_forward(model: nn.Module, x: torch.Tensor, bad_call: int, value: float = float("nan")):

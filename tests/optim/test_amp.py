@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from flatlm.optim import create
 from helpers.optim import (
+    OWN_BASE_METHODS,
     PERTURB_EVERY_CASES,
     POISON_CASES,
     SAM_METHODS,
@@ -99,8 +100,9 @@ def test_autocast_steps_track_the_float32_steps(name, dtype):
     x, y = make_batch(dtype=torch.float32)
     a, b = make_mlp(dtype=torch.float32), make_mlp(dtype=torch.float32)
     start = params_of(a)
-    opt_a = create(name, a.parameters(), rho=0.2, lr=0.01)
-    opt_b = create(name, b.parameters(), rho=0.2, lr=0.01)
+    lr = 1.0 if name in OWN_BASE_METHODS else 0.01  # bSAM's step is ≈ lr·m/s, SGD-sized
+    opt_a = create(name, a.parameters(), rho=0.2, lr=lr)
+    opt_b = create(name, b.parameters(), rho=0.2, lr=lr)
     scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
 
     def low_precision_forward():

@@ -11,11 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from flatlm.optim import METHODS, create
+from flatlm.optim import create
 from helpers.distributed import ddp_worker, global_batches
-from helpers.optim import make_mlp
+from helpers.optim import SAM_METHODS, make_mlp
 
-SAM_METHODS = [m for m in METHODS if m != "adamw"]
 # Step policies: every rank takes the same decisions (AE-SAM from the all-reduced ‖g‖², RST from
 # its seed) and LookSAM's g_v from the all-reduced gradients.
 POLICY_SPECS = [

@@ -23,7 +23,6 @@ from flatlm.optim import (
 from helpers.optim import (
     POISON_CASES,
     SAM_METHODS,
-    SpyAdamW,
     SpySGD,
     assert_bitwise_equal,
     ce,
@@ -32,6 +31,7 @@ from helpers.optim import (
     make_mlp,
     params_of,
     poisoned_forward,
+    spy_base,
     state_tensors,
 )
 
@@ -40,7 +40,7 @@ from helpers.optim import (
 def test_base_optimizer_steps_from_the_exact_clean_parameters(name):
     x, y = make_batch()
     model = make_mlp(dtype=torch.float32)
-    opt = create(name, model.parameters(), base_optimizer=SpyAdamW, rho=5.0, lr=0.1)
+    opt = create(name, model.parameters(), base_optimizer=spy_base(name), rho=5.0, lr=0.1)
     for _ in range(3):
         before = params_of(model)
         opt.step(forward=lambda: model(x.float()), loss_fn=ce(y))
@@ -239,7 +239,9 @@ def test_parameters_without_gradient_are_left_alone(name):
 def test_an_all_zero_gradient_gives_no_perturbation_and_no_nan(name):
     x, _ = make_batch()
     model = make_mlp()
-    opt = create(name, model.parameters(), base_optimizer=SpyAdamW, rho=0.5, lr=0.1, weight_decay=0)
+    opt = create(
+        name, model.parameters(), base_optimizer=spy_base(name), rho=0.5, lr=0.1, weight_decay=0
+    )
     before = params_of(model)
     opt.step(forward=lambda: model(x), loss_fn=lambda logits: 0.0 * logits.sum())
     assert all(torch.equal(e, torch.zeros_like(e)) for e in opt.perturbation())

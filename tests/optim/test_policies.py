@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
-from flatlm.optim import create
+from flatlm.optim import BSAMBase, create
 from flatlm.optim.policies import AESAM, LookSAM, make_policy
 from helpers.optim import (
+    OWN_BASE_METHODS,
     SAM_METHODS,
     assert_bitwise_equal,
     ce,
@@ -158,7 +159,10 @@ def test_rho_zero_is_the_plain_base_step_with_one_pass_for_every_method(name):
     x, y = make_batch()
     micro = [(x[:8], y[:8]), (x[8:], y[8:])]
     ref = make_mlp()
-    base = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    if name in OWN_BASE_METHODS:  # bsam's own base: its update with g for both g and g_ε
+        base = BSAMBase(ref.parameters(), num_data=64, lr=0.05)
+    else:
+        base = torch.optim.AdamW(ref.parameters(), lr=0.05)
     for _ in range(3):
         base.zero_grad()
         for xb, yb in micro:

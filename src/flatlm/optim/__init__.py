@@ -12,6 +12,7 @@ base optimizer), ``amp`` (fp16 scaling across two passes).
 
 from __future__ import annotations
 
+from flatlm.optim.bsam import BSAMBase
 from flatlm.optim.directions import (
     AdaptiveDirection,
     EuclideanDirection,
@@ -22,6 +23,7 @@ from flatlm.optim.directions import (
 from flatlm.optim.engine import NonFiniteStepWarning, SharpnessAwareOptimizer
 from flatlm.optim.methods import (
     ASAM,
+    BSAM,
     GASAM,
     GCSAM,
     GSAM,
@@ -51,6 +53,7 @@ from flatlm.optim.sharded import gradient_sync
 __all__ = [
     "AESAM",
     "ASAM",
+    "BSAM",
     "GASAM",
     "GCSAM",
     "GSAM",
@@ -59,6 +62,7 @@ __all__ = [
     "SAM",
     "WSAM",
     "AdaptiveDirection",
+    "BSAMBase",
     "EuclideanDirection",
     "EveryStep",
     "FriendlySAM",

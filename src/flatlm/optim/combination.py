@@ -1,6 +1,7 @@
 """Gradient combinations: update directions made from the clean gradient g and the perturbed
 one g_s: LookSAM's stored g_v (a step policy), and the gradient rules of WSAM and GSAM, which
-replace g_s by a combination of both before the base optimizer steps (:class:`GradientRule`).
+replace g_s by a combination of both before the base optimizer steps (:class:`GradientRule`),
+and bSAM's, which hands g to its base optimizer beside g_s (:class:`NoisyScale`).
 
 The engine keeps a copy of the clean gradient (:class:`CleanGradient`) only on a fresh step of a
 policy that asks for it (``StepPolicy.keeps_clean_gradient``) or of a method with a gradient
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ __all__ = [
     "CleanGradient",
     "GradientRule",
     "Kept",
+    "NoisyScale",
     "SurrogateGap",
     "WeightedSharpness",
     "add_correction_",
@@ -109,6 +111,9 @@ def add_correction_(grads: list[Tensor], stored: list[Tensor], alpha: float) -> 
 class GradientRule:
     """How a fresh step's update gradient is made from the clean g and the perturbed g_s."""
 
+    #: True: the base optimizer gets the clean g too (its ``noisy_grads``, for one step).
+    hands_clean_to_base: ClassVar[bool] = False
+
     def validate(self) -> None:
         """Raise at construction for options out of range."""
         return None
@@ -153,6 +158,18 @@ class SurrogateGap(GradientRule):
         torch._foreach_add_(perturbed, vertical, alpha=-self.alpha)
 
 
+@dataclass(frozen=True)
+class NoisyScale(GradientRule):
+    """bSAM (Möllenhoff & Khan, ICLR 2023): the update gradient stays g_ε = ∇L(θ+ε); the clean
+    pass's g (taken at the noisy point θ + e) goes to the base optimizer, whose scale s it
+    updates (:class:`flatlm.optim.bsam.BSAMBase`)."""
+
+    hands_clean_to_base: ClassVar[bool] = True
+
+    def __call__(self, perturbed: list[Tensor], clean: list[Tensor]) -> None:
+        return None
+
+
 def combine_(kept: Kept, rule: GradientRule) -> None:
     """Apply ``rule`` to the gradients now in ``p.grad`` (the perturbed ones) with the kept
     clean ones, for the parameters that have both."""
@@ -171,6 +188,8 @@ class CleanGradient:
     def __init__(self, policy: Any, rule: GradientRule | None) -> None:
         self.policy, self.rule = policy, rule  # policy: a flatlm.optim.policies.StepPolicy
         self.kept: Kept | None = None
+        #: The clean g for the base optimizer (bSAM), between :meth:`combine` and its step.
+        self.for_base: Kept | None = None
 
     def keep(self, groups: list[dict[str, Any]]) -> None:
         if self.policy.keeps_clean_gradient or self.rule is not None:
@@ -185,6 +204,8 @@ class CleanGradient:
             orthogonal = orthogonal_of(kept)
         if kept is not None and self.rule is not None:  # WSAM, GSAM
             combine_(kept, self.rule)
+            if self.rule.hands_clean_to_base:  # bSAM
+                self.for_base = kept
         return orthogonal
 
     def store(self, state: State, orthogonal: Kept) -> None:

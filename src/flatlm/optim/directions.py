@@ -13,6 +13,7 @@ scaled by T           T² g                   T g
   ASAM                T = |θ| + η
   GA-SAM              T = D = (ŝ + ξ)^α
 preconditioned        P⁻¹ g                  P⁻¹ g
+  bSAM (P = s)        P⁻¹ g                  none: ε = ρ·u
 momentum (MSAM)       −m                     −m
   preconditioned      −P⁻¹ m                 −P⁻¹ m
 FriendlySAM           g − σ m                g − σ m
@@ -127,6 +128,8 @@ class Direction:
     stateful: ClassVar[bool] = False
     #: False for a rule that makes ε without a clean gradient (``source`` supplies its input).
     needs_gradient: ClassVar[bool] = True
+    #: False: ε = ρ·u, not scaled to radius ρ (bSAM's ε = ρ·g/s).
+    to_radius: bool = True
 
     def validate(self, geometry: BaseGeometry) -> None:
         """Raise at construction if the rule cannot work with this base optimizer."""
@@ -232,9 +235,11 @@ class PreconditionedDirection(Direction):
     coordinate and a coordinate it has never seen gets P = |g| + eps, not eps. ``"previous"``:
     the second moment before this step (P = I for a parameter without state yet), as flatlm
     did before 0.2: a coordinate seen for the first time is then amplified by 1/eps.
+    ``to_radius=False``: ε = ρ·P⁻¹g as it is (bSAM, P = its scale s), not scaled to length ρ.
     """
 
     moment: str = "current"
+    to_radius: bool = True
 
     def validate(self, geometry: BaseGeometry) -> None:
         if self.moment not in ("current", "previous"):

@@ -11,6 +11,9 @@ One step (see docs/algorithms.md and docs/architecture.md):
 4. θ restored bit for bit from a copy (never by subtracting ε), the base optimizer steps, or
    the whole step is skipped if anything was non-finite (:mod:`~flatlm.optim.amp` for fp16).
 
+With ``noisy_pass`` (bSAM) the clean pass runs at θ + e, e drawn by the base optimizer
+(``draw_noise``), and θ is copied back before ε is made.
+
 A method is therefore a direction rule plus one flag (``functional``), not a class of its own.
 """
 
@@ -31,6 +34,7 @@ from flatlm.optim.policies import DECIDE, FRESH, PLAIN, REUSE, StepBook, StepPol
 from flatlm.optim.preconditioners import BaseGeometry
 from flatlm.optim.validation import (
     base_params,
+    check_base_hooks,
     check_closure_origin,
     check_distributed_mode,
     check_method,
@@ -74,6 +78,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         replay_rng: bool = True,
         skip_nonfinite: bool = True,
         distributed: str = "sync",
+        noisy_pass: bool = False,
         **base_kwargs: Any,
     ):
         options = (rho, functional, ascent_steps, max_grad_norm, perturb_every, distributed)
@@ -103,6 +108,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.sharding  # noqa: B018 (checks the parameters now)
         geometry = BaseGeometry(self.base_optimizer)
         check_method(direction, geometry, self.policy, gradient_rule, ascent_steps, distributed)
+        check_base_hooks(self.base_optimizer, noisy_pass, gradient_rule)
+        self.noisy_pass = noisy_pass
         self.gradient_rule = gradient_rule
         self._clean = combination.CleanGradient(self.policy, gradient_rule)
         self._perturbation = Perturbation(
@@ -187,6 +194,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _begin_classic(self, what: str) -> str:
         """The kind of a classic-protocol step from the caller's clean gradient; θ → θ + ε if
         fresh."""
+        if self.noisy_pass:
+            raise RuntimeError(
+                f"{type(self).__name__} draws weight noise before the clean pass, which {what} "
+                "cannot do (the caller runs that pass): use step(forward=, loss_fn=)"
+            )
         kind = self._steps.plan(self.param_groups)
         if kind != PLAIN and self.direction.needs_gradient:
             require_clean_gradient(self._grads(), what)
@@ -216,7 +228,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Undo a started step: θ copied back (bit for bit), nothing stepped; a no-op when no
         step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
         self._perturbation.abort()
-        self._kind = self._clean.kept = None
+        self._kind = self._clean.kept = self._clean.for_base = None
 
     @torch.no_grad()
     @sharded.over_shards
@@ -324,16 +336,25 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         # A step that may run a second pass records what the replay needs.
         may_perturb = one_pass or kind in (FRESH, DECIDE)
         self.zero_grad(set_to_none=True)
-        clean = passes.clean_pass(
-            micro,
-            functional=self.functional and may_perturb,
-            scaler=scaler,
-            no_sync=no_sync,
-            local=self.distributed == "local" and may_perturb,
-            rng_devices=self._cuda_devices() if self.replay_rng and may_perturb else None,
-            parameter_grads=not one_pass,
-            check_graph=self.functional and not self._graph_checked and not one_pass,
-        )
+        noisy = self.noisy_pass and may_perturb and not one_pass
+        if noisy:  # bSAM: θ → θ + e for the clean pass, copied back after it
+            self._perturbation.shift(self.param_groups, self.base_optimizer.draw_noise)  # type: ignore[attr-defined]
+        try:
+            clean = passes.clean_pass(
+                micro,
+                functional=self.functional and may_perturb,
+                scaler=scaler,
+                no_sync=no_sync,
+                local=self.distributed == "local" and may_perturb,
+                rng_devices=self._cuda_devices() if self.replay_rng and may_perturb else None,
+                parameter_grads=not one_pass,
+                check_graph=self.functional and not self._graph_checked and not one_pass,
+            )
+        except BaseException:
+            self.abort_step()
+            raise
+        if noisy:
+            self._perturbation.restore()
         self._graph_checked |= self.functional and not one_pass
         clean_overflow = amp.unscale_clean_pass_(scaler, self._grads(), one_pass, self._device())
         kind = self._decided(kind)
@@ -389,7 +410,16 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         assert perturbation.clean_ok is not None
         ok = perturbation.clean_ok if ok is None else perturbation.clean_ok & ok
         orthogonal = self._clean.combine()  # WSAM, GSAM: g_s combined; LookSAM: g_v to keep
-        self._update(ok, warn)
+        handed, self._clean.for_base = self._clean.for_base, None
+        if handed is None:
+            self._update(ok, warn)
+        else:  # bSAM: the base optimizer's scale update reads the clean (noisy-point) g
+            base: Any = self.base_optimizer
+            base.noisy_grads = dict(zip(handed.params, handed.values, strict=True))
+            try:
+                self._update(ok, warn)
+            finally:
+                base.noisy_grads = {}
         if orthogonal is not None and self._last_step_taken:  # kept only if the step is taken
             self._clean.store(self.state, orthogonal)
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatlm.optim.combination import SurrogateGap, WeightedSharpness
+from flatlm.optim.bsam import BSAMBase
+from flatlm.optim.combination import NoisyScale, SurrogateGap, WeightedSharpness
 from flatlm.optim.directions import (
     AdaptiveDirection,
     CentralizedDirection,
@@ -22,6 +23,7 @@ from flatlm.optim.engine import SharpnessAwareOptimizer
 
 __all__ = [
     "ASAM",
+    "BSAM",
     "GASAM",
     "GCSAM",
     "GSAM",
@@ -294,3 +296,44 @@ class GCSAM(SharpnessAwareOptimizer):
         **kw: Any,
     ):
         super().__init__(params, base_optimizer, rho=rho, direction=CentralizedDirection(), **kw)
+
+
+class BSAM(SharpnessAwareOptimizer):
+    """bSAM (Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes", ICLR 2023, Algorithm 1)
+    over its own base optimizer :class:`~flatlm.optim.bsam.BSAMBase`: the clean pass at the
+    noisy point θ + e, e ~ N(0, 1/(N·s)), gives g; ε = ρ·g/s (elementwise, not scaled to length
+    ρ); the perturbed pass gives g_ε; θ is copied back; then m ← β₁m + (1 − β₁)(g_ε + δθ),
+    s ← β₂s + (1 − β₂)(√s·|g| + δ + γ), θ ← θ − α·m/s.
+
+    ``num_data`` (N, the training examples) is required; ``lr`` (0.5), ``betas``, ``weight_decay``
+    δ, ``damping`` γ (0.1), ``s0`` (1) and ``seed`` go to BSAMBase; ρ = 0.01 and α = 0.5 are the
+    authors' CIFAR settings. Needs ``step(forward=, loss_fn=)``: the noise goes in before the
+    clean pass, which the classic protocols leave to the caller. docs/algorithms.md, "bSAM".
+    """
+
+    DEFAULT_RHO = 0.01
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type[torch.optim.Optimizer] = BSAMBase,
+        rho: float = DEFAULT_RHO,
+        **kw: Any,
+    ):
+        base = base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer)
+        if not issubclass(base, BSAMBase):
+            raise TypeError(
+                f"bsam steps with its own base optimizer (flatlm.optim.BSAMBase: its momentum, "
+                f"scale s and noise), not {base.__name__}: leave base_optimizer out"
+            )
+        if kw.get("ascent_steps", 1) != 1:
+            raise ValueError("bsam takes one ascent step (ε = ρ·g/s): leave ascent_steps out")
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            direction=PreconditionedDirection("previous", to_radius=False),
+            gradient_rule=NoisyScale(),
+            noisy_pass=True,
+            **kw,
+        )

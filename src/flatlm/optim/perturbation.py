@@ -26,6 +26,8 @@ STORED = "perturb_direction"
 #: Every policy's per-parameter stored tensor (flatlm.optim.policies: ``StepPolicy.stored``).
 STORED_KEYS = (STORED, "looksam_gv")
 State = MutableMapping[Tensor, dict[str, Any]]
+#: ``noise_of(params) -> e`` per parameter, as local shards (``BSAMBase.draw_noise``).
+NoiseSource = Callable[[list[Tensor]], list[Tensor]]
 
 
 def inverse_norm(norm: Tensor) -> Tensor:
@@ -147,7 +149,7 @@ class Perturbation:
                 self.drop_stored(state, keep=params)
 
         if self.ascent_steps == 1:
-            factor: Tensor | float = inverse_norm(norm)
+            factor: Tensor | float = inverse_norm(norm) if self.direction.to_radius else 1.0
             if self.keep_direction:  # keep the unit direction δ for the steps in between
                 torch._foreach_mul_(u, factor)
                 torch._foreach_copy_(self.stored(state, gathered.params), u)
@@ -173,6 +175,20 @@ class Perturbation:
             self.last_norm = global_norm(eps)
         if params:  # none: nothing to perturb yet (a momentum rule's first step)
             torch._foreach_add_(params, eps)
+        _forget_autocast_copies()
+
+    @torch.no_grad()
+    def shift(self, groups: list[dict[str, Any]], noise_of: NoiseSource) -> None:
+        """θ → θ + e before the clean pass (bSAM's noisy point), e = ``noise_of(params)`` for
+        every parameter that requires grad; :meth:`restore` copies θ back."""
+        if self.active is not None:
+            self.restore()
+        gathered = Gathered.of(groups, lambda p: p.requires_grad)
+        check_dense(gathered.params)
+        self._store_clean(gathered.params)
+        self.active = gathered
+        if gathered.params:
+            torch._foreach_add_(gathered.shards, noise_of(gathered.params))
         _forget_autocast_copies()
 
     @torch.no_grad()
@@ -238,7 +254,8 @@ class Perturbation:
             shards, grads, _rule_state(state, gathered.params), self.geometry
         )
         u, n = self.direction(shards, grads, prepared)
-        eps = gathered.scale_(u, inverse_norm(global_norm(n)))
+        factor = inverse_norm(global_norm(n)) if self.direction.to_radius else 1.0
+        eps = gathered.scale_(u, factor)
         return {p: like_param(e, p) for p, e in zip(gathered.params, eps, strict=True)}
 
     def _inputs(self, groups: list[dict[str, Any]], copy: bool) -> tuple[Gathered, list[Tensor]]:

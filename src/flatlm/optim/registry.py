@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from flatlm.optim.bsam import BSAMBase
 from flatlm.optim.methods import (
     ASAM,
+    BSAM,
     GASAM,
     GCSAM,
     GSAM,
@@ -86,6 +88,8 @@ class MethodInfo:
     rho: float | None = 0.05
     #: False for the one-pass methods, which perturb along the momentum without a clean backward.
     clean_backward: bool = True
+    #: The base optimizer ``create`` builds when none is given (AdamW; bsam's own BSAMBase).
+    base: type[torch.optim.Optimizer] = torch.optim.AdamW
 
     @property
     def sharpness_aware(self) -> bool:
@@ -122,6 +126,13 @@ _INFO: dict[str, MethodInfo] = {
         MethodInfo("gsam", GSAM, {"alpha": float}),
         MethodInfo("friendlysam", FriendlySAM, {"sigma": float, "lmbda": float}),
         MethodInfo("gcsam", GCSAM),
+        MethodInfo(
+            "bsam",
+            BSAM,
+            {"num_data": int, "damping": float, "s0": float, "seed": int},
+            rho=BSAM.DEFAULT_RHO,
+            base=BSAMBase,
+        ),
     )
 }
 
@@ -250,7 +261,7 @@ def create(
     name: str,
     params: Any,
     *,
-    base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer = torch.optim.AdamW,
+    base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build a method by its short name (see ``METHODS``, ``parse_method``) over ``base_optimizer``.
@@ -267,6 +278,8 @@ def create(
     """
     key, overrides = parse_method(name)
     info = _INFO[key]
+    if base_optimizer is None:  # AdamW, or the method's own (bsam's BSAMBase)
+        base_optimizer = info.base
     kwargs = {k: v for k, v in {**kwargs, **overrides}.items() if v is not None}
     if kwargs.pop("rho_schedule", "constant") != "constant":
         raise ValueError(

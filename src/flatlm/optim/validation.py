@@ -12,6 +12,7 @@ from flatlm.optim import state_layout
 __all__ = [
     "LIGHTNING_AUTOMATIC_OPTIMIZATION",
     "base_params",
+    "check_base_hooks",
     "check_closure_origin",
     "check_dense",
     "check_distributed_mode",
@@ -170,6 +171,22 @@ def check_method(
     direction.validate(geometry)
     check_policy(policy, direction.needs_gradient, ascent_steps, distributed)
     check_gradient_rule(rule, policy, direction.needs_gradient, distributed)
+
+
+def check_base_hooks(base: Any, noisy_pass: bool, rule: Any) -> None:
+    """A noisy clean pass needs a base optimizer that draws the noise, and a rule that hands the
+    clean gradient to the base optimizer needs one that takes it (bSAM's
+    :class:`~flatlm.optim.bsam.BSAMBase` does both)."""
+    if noisy_pass and not callable(getattr(base, "draw_noise", None)):
+        raise TypeError(
+            f"noisy_pass=True needs a base optimizer that draws the weight noise (draw_noise), "
+            f"which {type(base).__name__} does not: use flatlm.optim.BSAMBase"
+        )
+    if getattr(rule, "hands_clean_to_base", False) and not hasattr(base, "noisy_grads"):
+        raise TypeError(
+            f"{type(rule).__name__} hands the clean gradient to the base optimizer, which "
+            f"{type(base).__name__} does not take (noisy_grads): use flatlm.optim.BSAMBase"
+        )
 
 
 def check_policy(policy: Any, needs_gradient: bool, ascent_steps: int, distributed: str) -> None:
