@@ -399,6 +399,77 @@ MUTATIONS = [
         '            group["rho"] = base',
         ("tests/optim/test_family.py::test_gsam_rho_follows_the_learning_rate_schedule",),
     ),
+    # bSAM, one mutation in each line of Algorithm 1 (docs/algorithms.md, "bSAM")
+    Mutation(
+        "bsam 1: noise of std 1/(N·s) (pytorch_optimizer's) instead of √(1/(N·s))",
+        f"{OPTIM}/bsam.py",
+        "        torch._foreach_rsqrt_(std)",
+        "        torch._foreach_reciprocal_(std)",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 1: every step draws the first step's noise",
+        f"{OPTIM}/bsam.py",
+        '            group["noise_draws"] = draw + 1',
+        '            group["noise_draws"] = draw',
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 1: the clean pass at θ, the noise drawn but never added",
+        f"{OPTIM}/perturbation.py",
+        "            torch._foreach_add_(gathered.shards, noise_of(gathered.params))",
+        "            noise_of(gathered.params)",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 2: ε scaled to length ρ like SAM's, not ρ·g/s",
+        f"{OPTIM}/perturbation.py",
+        "            factor: Tensor | float = inverse_norm(norm) if self.direction.to_radius else 1.0",
+        "            factor: Tensor | float = inverse_norm(norm)",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 3: g_ε at θ + e + ε (the noise kept in θ, as pytorch_optimizer)",
+        f"{OPTIM}/perturbation.py",
+        "        self._store_clean(gathered.params)\n        self.active = gathered\n        if gathered.params:\n            torch._foreach_add_(gathered.shards, noise_of(gathered.params))\n",
+        "        self.active = gathered\n        if gathered.params:\n            torch._foreach_add_(gathered.shards, noise_of(gathered.params))\n        self._store_clean(gathered.params)\n",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 4: the momentum averages g_ε without δθ",
+        f"{OPTIM}/bsam.py",
+        "    decayed = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads",
+        "    decayed = grads",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 5: s from g_ε, not the noisy-point g",
+        f"{OPTIM}/bsam.py",
+        "    torch._foreach_mul_(curvature, torch._foreach_abs(noisy_grads))",
+        "    torch._foreach_mul_(curvature, torch._foreach_abs(grads))",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 5: the engine never hands g to the base optimizer",
+        f"{OPTIM}/engine.py",
+        "            base.noisy_grads = dict(zip(handed.params, handed.values, strict=True))",
+        "            base.noisy_grads = {}",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 5: s averages (√s·|g| + δ + γ)² (pytorch_optimizer's square)",
+        f"{OPTIM}/bsam.py",
+        "    torch._foreach_add_(curvature, weight_decay + damping)",
+        "    torch._foreach_add_(curvature, weight_decay + damping)\n    torch._foreach_mul_(curvature, curvature)",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
+    Mutation(
+        "bsam 6: θ divided by the old s (the authors' code's order)",
+        f"{OPTIM}/bsam.py",
+        "    torch._foreach_mul_(scales, beta2)\n    torch._foreach_add_(scales, curvature, alpha=1.0 - beta2)\n    torch._foreach_addcdiv_(params, momenta, scales, value=-lr)",
+        "    torch._foreach_addcdiv_(params, momenta, scales, value=-lr)\n    torch._foreach_mul_(scales, beta2)\n    torch._foreach_add_(scales, curvature, alpha=1.0 - beta2)",
+        ("tests/optim/test_bsam.py::test_bsam_equals_algorithm_1_in_float64",),
+    ),
 ]
 
 

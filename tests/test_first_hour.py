@@ -165,7 +165,7 @@ def test_help_version_and_methods_list_what_exists(tmp_path):
 
 
 # Registered after the README's main-job table was measured; adding them re-runs the main job.
-NOT_YET_IN_THE_MAIN_JOB = {"wsam", "gsam", "friendlysam", "gcsam"}
+NOT_YET_IN_THE_MAIN_JOB = {"wsam", "gsam", "friendlysam", "gcsam", "bsam"}
 
 
 def test_the_main_job_compares_every_method_but_the_newest():

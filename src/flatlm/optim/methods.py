@@ -318,9 +318,15 @@ class BSAM(SharpnessAwareOptimizer):
         params: Params,
         base_optimizer: type[torch.optim.Optimizer] = BSAMBase,
         rho: float = DEFAULT_RHO,
+        num_data: int | None = None,
+        damping: float = 0.1,
+        s0: float = 1.0,
+        seed: int = 0,
         **kw: Any,
     ):
         base = base_optimizer if isinstance(base_optimizer, type) else type(base_optimizer)
+        if isinstance(base_optimizer, type):  # a built BSAMBase has its own
+            kw.update(num_data=num_data, damping=damping, s0=s0, seed=seed)
         if not issubclass(base, BSAMBase):
             raise TypeError(
                 f"bsam steps with its own base optimizer (flatlm.optim.BSAMBase: its momentum, "
