@@ -199,6 +199,7 @@ CHECKPOINTED = [
     ("gasam", {"perturb_every": 2}),
     ("psam", {}),
     ("sam:policy=looksam,every=2", {}),  # g_v stored sharded, resumed mid-cycle
+    ("bsam:num_data=64", {}),  # m and s sharded, the noise count in the groups
 ]
 
 

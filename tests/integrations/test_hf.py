@@ -134,7 +134,7 @@ def reference_run(
         {"params": [p for n, p in named if n in decay], "weight_decay": trainer.args.weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
-    opt = flatlm.optim.create(method, groups, fused=True, **kwargs)
+    opt = flatlm.optim.create(method, groups, **{"fused": True, **kwargs})  # fused=None: not
     norms: list[float] = []
     opt.base_optimizer.register_step_pre_hook(
         lambda o, a, k: norms.append(float(global_norm(grads_of(o))))
@@ -386,6 +386,44 @@ def test_a_model_output_gets_errors_that_say_what_to_write():
     )
     with pytest.raises(TypeError, match=r"a Hugging Face ModelOutput"):  # return_dict=False
         _gpt2_steps("sam", lambda m, x: m(x, return_dict=False), lambda o, x: o, steps=1)
+
+
+def test_trainer_runs_bsam_as_the_engine_step(tmp_path):
+    """bSAM: the Trainer's clean passes at the noisy point θ + e (one draw per update, from
+    add_noise in training_step), first_step copies θ back, the replay at θ + ε: equal to the
+    engine's own step(forward=, micro_batches=) on the same micro-batches."""
+    spec, rho, max_grad_norm = "bsam:num_data=64", 0.1, 0.05
+    model = tiny_gpt2()
+    initial = copy.deepcopy(model)
+    start = params_of(initial)
+    trainer = Recording(
+        model=model,
+        args=make_args(tmp_path, max_grad_norm=max_grad_norm, learning_rate=1.0),  # bSAM's α
+        train_dataset=lm_data(8),
+        sam_method=spec,
+        sam_rho=rho,
+    )
+    trainer.train()
+    assert trainer.sam_optimizer.param_groups[0]["noise_draws"] == 2
+    assert trainer.sam_optimizer.step_counts["fresh"] == 2
+    updates = [trainer.seen[0:2], trainer.seen[2:4]]
+    reference, _ = reference_run(
+        spec,
+        initial,
+        updates,
+        trainer,
+        fused=None,
+        lr=1.0,
+        weight_decay=0.1,
+        betas=(0.9, 0.999),
+        rho=rho,
+        max_grad_norm=max_grad_norm,
+    )
+    got, want = params_of(model), params_of(reference)
+    moved = max(float((got[n] - start[n]).abs().max()) for n in start)
+    assert moved > 1e-4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("method", [*SAM_METHODS, "wsam", "gsam", "friendlysam", "gcsam"])

@@ -31,7 +31,7 @@ from flatlm.integrations.lightning import SharpnessAwareMixin, sharpness_aware_s
 from helpers.optim import QUIET, OverflowHook
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam", "msam", "mfsam"]
+METHODS = ["sam", "asam", "fsam", "psam", "pfsam", "gasam", "msam", "mfsam", "bsam:num_data=64"]
 OPT = {"lr": 0.01, "weight_decay": 0.1, "rho": 0.2}
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

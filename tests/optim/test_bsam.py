@@ -318,14 +318,68 @@ def test_bad_options_are_refused_with_the_fix(spec, kw, match):
         create(spec, model.parameters(), **kw)
 
 
-def test_another_base_optimizer_and_the_classic_protocols_are_refused():
-    model = make_mlp()
+def test_another_base_optimizer_is_refused():
     with pytest.raises(TypeError, match="its own base optimizer"):
-        create(SPEC, model.parameters(), base_optimizer=torch.optim.AdamW)
+        create(SPEC, make_mlp().parameters(), base_optimizer=torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("protocol", ["two_phase", "closure"])
+def test_the_classic_protocols_with_add_noise_equal_the_forward_step(protocol):
+    model = make_mlp()
+    opt = create(SPEC, model, rho=RHO, lr=LR, betas=BETAS, weight_decay=WD)
+    for x, y in _batches():
+        before = params_of(model)
+        assert opt.add_noise() and opt.add_noise()  # the second call changes nothing
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        opt.zero_grad()
+        ce(y)(model(x)).backward()
+        if protocol == "two_phase":
+            assert opt.first_step(zero_grad=True)
+            ce(y)(model(x)).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.step(lambda x=x, y=y: ce(y)(model(x)).backward())
+    names, decay = _groups_of(model)
+    assert _max_diff(model, reference(make_mlp(), names, decay, _batches())) < 1e-12
+
+
+def test_the_classic_protocols_without_add_noise_say_so_and_abort_restores():
+    model = make_mlp()
     opt = create(SPEC, model.parameters())
     x, y = make_batch()
     ce(y)(model(x)).backward()
-    with pytest.raises(RuntimeError, match=r"use step\(forward=, loss_fn=\)"):
+    with pytest.raises(RuntimeError, match=r"call opt.add_noise\(\) before the clean forward"):
         opt.first_step()
-    with pytest.raises(RuntimeError, match="draws weight noise before the clean pass"):
-        opt.step(lambda: ce(y)(model(x)))
+    with pytest.raises(RuntimeError, match=r"opt.add_noise\(\)"):
+        opt.step(lambda: ce(y)(model(x)).backward())
+    before = params_of(model)
+    opt.add_noise()
+    opt.abort_step()  # θ copied back
+    assert_bitwise_equal(params_of(model), before)
+    opt.add_noise()
+    with pytest.raises(RuntimeError, match="draws the noise itself"):
+        opt.step(forward=lambda: model(x), loss_fn=ce(y))
+    assert_bitwise_equal(params_of(model), before)
+    for g in opt.param_groups:  # a plain step next: no noise
+        g["rho"] = 0.0
+    assert not opt.add_noise()
+    assert_bitwise_equal(params_of(model), before)
+
+
+def test_torch_distributed_checkpoints_state_init_call_leaves_s_at_s0():
+    # get/set_optimizer_state_dict call step() with zero gradients at lr 0 on a fresh optimizer:
+    # the state appears at its value before a first step (a zero bSAM step would move s).
+    model = make_mlp()
+    opt = create(SPEC, model.parameters())
+    before = params_of(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    assert opt.step() is None
+    assert_bitwise_equal(params_of(model), before)
+    for p in model.parameters():
+        state = opt.base_optimizer.state[p]
+        assert torch.equal(state["scale"], torch.full_like(p, S0))
+        assert torch.equal(state["momentum"], torch.zeros_like(p))
+    assert opt.param_groups[0]["noise_draws"] == 0

@@ -134,6 +134,7 @@ def test_no_recompilation_after_the_warm_up(compiled):
         "sam:perturb_every=2",
         "fsam:policy=looksam,every=2",
         "sam:policy=interval,every=2",
+        "bsam:num_data=64",  # the noisy clean pass: θ + e, copied back, compiles nothing new
     ]
     opts = {name: create(name, model.parameters(), lr=1e-3) for name in specs}
     toggled = [create(name, model.parameters(), lr=1e-3) for name in ("fsam", "gasam", "msam")]

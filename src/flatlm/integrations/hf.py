@@ -8,7 +8,8 @@ One update over the Trainer's M accumulation micro-batches:
 
 1. ``training_step`` (called M times by the Trainer) runs the Trainer's own clean forward and
    backward and stashes what the second pass needs: the inputs, ``num_items_in_batch``, the RNG
-   state from before the forward and, for the functional methods, the dlogits r.
+   state from before the forward and, for the functional methods, the dlogits r. For bSAM the
+   first of them moves θ to the noisy point θ + e (``add_noise``), which ``first_step`` undoes.
 2. The Trainer calls ``optimizer.step()``. The optimizer is :class:`SharpnessAwareStep`, whose
    ``step`` runs ``first_step`` (θ → θ+ε from the gradient accumulated over all M micro-batches),
    replays the M micro-batches at θ+ε (same inputs, same RNG, and the Trainer's own
@@ -288,7 +289,10 @@ class SharpnessAwareTrainerMixin:
                 "max_grad_norm": self.sam_max_grad_norm,
             }
             optim = str(getattr(self.args.optim, "value", self.args.optim))
-            if optim == "adamw_torch_fused" and not {"fused", "foreach"} & set(self.sam_kwargs):
+            own_base = method_info(self.sam_method).base is not torch.optim.AdamW
+            if own_base:  # bsam's BSAMBase: no eps (it divides by s ≥ γ), nothing fused
+                del kwargs["eps"]
+            elif optim == "adamw_torch_fused" and not {"fused", "foreach"} & set(self.sam_kwargs):
                 kwargs["fused"] = True  # what the Trainer itself would build
             kwargs.update(self.sam_kwargs)
             sam = create(self.sam_method, groups, **kwargs)
@@ -325,8 +329,12 @@ class SharpnessAwareTrainerMixin:
         if self._sam_stash_step != self.state.global_step:
             # A new update. A leftover stash means the last one never reached our step (GradScaler
             # skipped it for an overflow in the clean pass): drop it.
+            if self._sam_stash and sam.noisy_pass:
+                sam.abort_step()  # bSAM's θ + e of the update that never stepped: θ back
             self._sam_stash = []
             self._sam_stash_step = self.state.global_step
+        if sam.noisy_pass:  # bSAM: this update's clean passes at θ + e (one draw for all of them)
+            sam.add_noise()
         rng = passes.RngState(self._cuda_devices(model))
         capture = passes.LogitsCapture(model, want_grad=True) if sam.functional else None
         try:

@@ -111,6 +111,15 @@ class BSAMBase(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Every parameter's state at its value before a first step (m = 0, s = s0), changing
+        nothing else: what ``torch.distributed.checkpoint``'s state initialisation needs
+        (a zero step at lr 0 would move s)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p, group)
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         loss = None
         if closure is not None:

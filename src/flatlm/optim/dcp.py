@@ -53,8 +53,9 @@ def init_state(
     """Every entry a checkpoint holds, at its value before a first step (see the module);
     ``stored``: the key of the step policy's per-parameter tensors (None: none)."""
     params = [p for g in groups for p in g["params"] if p.requires_grad]
-    if not base_optimizer.state:
-        base_optimizer.step()
+    if not base_optimizer.state:  # a base with its own (bSAM's: s = s0, not one step's s)
+        own = getattr(base_optimizer, "init_state", None)
+        own() if callable(own) else base_optimizer.step()
     direction, geometry = perturbation.direction, perturbation.geometry
     if direction.stateful:  # the rule's keys, shapes and dtypes, from one zero input
         shards = sharded.locals_of(params)

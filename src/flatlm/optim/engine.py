@@ -110,6 +110,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         check_method(direction, geometry, self.policy, gradient_rule, ascent_steps, distributed)
         check_base_hooks(self.base_optimizer, noisy_pass, gradient_rule)
         self.noisy_pass = noisy_pass
+        self._noised = False  # add_noise() moved θ to θ + e for the caller's clean pass
         self.gradient_rule = gradient_rule
         self._clean = combination.CleanGradient(self.policy, gradient_rule)
         self._perturbation = Perturbation(
@@ -191,15 +192,36 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
         return fresh
 
+    @torch.no_grad()
+    @sharded.over_shards
+    def add_noise(self) -> bool:
+        """bSAM in the classic protocols: θ → θ + e before the caller's clean forward and
+        backward (``first_step``/``step(closure)`` then copy θ back bit for bit); returns whether
+        it did (False: the next step is plain, whose clean pass is at θ). Calling it again
+        before that step changes nothing (one noise for all of a step's micro-batches)."""
+        if not self.noisy_pass:
+            raise RuntimeError(f"{type(self).__name__} draws no weight noise (noisy_pass=False)")
+        if self._noised:
+            return True
+        if self._steps.plan(self.param_groups) == PLAIN:
+            return False
+        self._perturbation.shift(self.param_groups, self.base_optimizer.draw_noise)  # type: ignore[attr-defined]
+        self._noised = True
+        return True
+
     def _begin_classic(self, what: str) -> str:
         """The kind of a classic-protocol step from the caller's clean gradient; θ → θ + ε if
         fresh."""
-        if self.noisy_pass:
-            raise RuntimeError(
-                f"{type(self).__name__} draws weight noise before the clean pass, which {what} "
-                "cannot do (the caller runs that pass): use step(forward=, loss_fn=)"
-            )
         kind = self._steps.plan(self.param_groups)
+        if self.noisy_pass and self._noised:  # the caller's clean pass ran at θ + e: θ back
+            self._perturbation.restore()
+            self._noised = False
+        elif self.noisy_pass and kind != PLAIN:
+            raise RuntimeError(
+                f"{type(self).__name__} takes its clean gradient at the noisy point θ + e: call "
+                f"opt.add_noise() before the clean forward and backward, then {what} (or use "
+                "step(forward=, loss_fn=), which does both)"
+            )
         if kind != PLAIN and self.direction.needs_gradient:
             require_clean_gradient(self._grads(), what)
         self._kind = kind = self._decided(kind)
@@ -229,6 +251,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         step is under way. ``step`` calls it when a pass raises; two-phase loops should too."""
         self._perturbation.abort()
         self._kind = self._clean.kept = self._clean.for_base = None
+        self._noised = False
 
     @torch.no_grad()
     @sharded.over_shards
@@ -329,6 +352,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         check_distributed_mode(  # inside step's reducing(self.sharding)
             self.distributed, sharded=sharded.reduces(), scaler=scaler is not None, no_sync=no_sync
         )
+        if self._noised:
+            self.abort_step()  # θ back before raising
+            raise RuntimeError(
+                "add_noise() is for the classic protocols: step(forward=, loss_fn=) draws the "
+                "noise itself (θ was copied back)"
+            )
         kind = self._steps.plan(self.param_groups)
         # One gradient pass, at θ + ε: ε reused (perturb_every) or made without a gradient.
         one_pass = kind == REUSE and self.policy.reuses == "direction"

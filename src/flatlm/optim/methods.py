@@ -307,8 +307,9 @@ class BSAM(SharpnessAwareOptimizer):
 
     ``num_data`` (N, the training examples) is required; ``lr`` (0.5), ``betas``, ``weight_decay``
     δ, ``damping`` γ (0.1), ``s0`` (1) and ``seed`` go to BSAMBase; ρ = 0.01 and α = 0.5 are the
-    authors' CIFAR settings. Needs ``step(forward=, loss_fn=)``: the noise goes in before the
-    clean pass, which the classic protocols leave to the caller. docs/algorithms.md, "bSAM".
+    authors' CIFAR settings. The classic protocols need ``opt.add_noise()`` before the
+    caller's clean forward (``step(forward=, loss_fn=)`` does it itself). docs/algorithms.md,
+    "bSAM: Bayesian SAM".
     """
 
     DEFAULT_RHO = 0.01
