@@ -37,7 +37,12 @@ from flatlm.optim import METHODS, SharpnessAwareOptimizer, create, parse_method
 
 PTO = "pto-sam"  # pytorch_optimizer's SAM over the same AdamW
 #: Every method, then SAM with a fresh ε every k-th step only.
-DEFAULT_METHODS = [*METHODS, *(f"sam:perturb_every={k}" for k in (2, 4, 8))]
+#: bsam needs N (its noise variance is 1/(N·s)); any N times the same passes.
+BSAM = "bsam:num_data=10000"
+DEFAULT_METHODS = [
+    *(BSAM if m == "bsam" else m for m in METHODS),
+    *(f"sam:perturb_every={k}" for k in (2, 4, 8)),
+]
 RHO = 0.05  # SAM's default, used for flatlm's SAM and pytorch_optimizer's alike
 
 

@@ -18,7 +18,7 @@ FAST = ["--repeats", "2", "--steps", "2", "--warmup", "0", "--threads", "1"]
 def test_rows_for_every_method_with_the_memory_each_must_keep(tmp_path):
     pytest.importorskip("pytorch_optimizer")
     methods = ["adamw", "sam", "gasam", "fsam", "sam:perturb_every=2", "msam", "mfsam"]
-    methods += ["wsam", "gsam", "friendlysam", "gcsam"]
+    methods += ["wsam", "gsam", "friendlysam", "gcsam", overhead.BSAM]
     rows = overhead.main([*SMALL, *FAST, "--methods", *methods, "--json", str(tmp_path / "o.json")])
     by_method = {r["method"]: r for r in rows}
     assert list(by_method) == [*methods, "pto-sam"]  # pytorch_optimizer's SAM joins the run
@@ -28,6 +28,8 @@ def test_rows_for_every_method_with_the_memory_each_must_keep(tmp_path):
     copies |= {"msam": 1, "mfsam": 1}
     # WSAM and GSAM hold the clean gradient only within a step; FriendlySAM keeps its EMA
     copies |= {"wsam": 1, "gsam": 1, "friendlysam": 2, "gcsam": 1}
+    # bSAM: the clean copy (its m and s are its base optimizer's, as AdamW's two moments)
+    copies |= {overhead.BSAM: 1}
     for method, n in copies.items():  # (GA-SAM also keeps a scalar step count per tensor)
         assert by_method[method]["extra_param_copies"] == pytest.approx(n, abs=1e-3), method
     logits = 2 * 16 * 64 * 4  # batch x seq x vocab float32

@@ -282,6 +282,26 @@ def test_rho_zero_is_one_plain_pass_of_the_base_update_without_noise():
     assert opt.param_groups[0]["noise_draws"] == 0
 
 
+def test_a_policys_plain_steps_draw_no_noise_and_a_rho_window_switches_bsam_on_and_off():
+    from flatlm.optim.schedules import build_rho_schedule
+
+    model = make_mlp()
+    opt = create(SPEC + ",policy=interval,every=2", model.parameters(), rho=RHO, lr=LR)
+    for x, y in _batches(4):
+        opt.step(forward=lambda x=x: model(x), loss_fn=ce(y))
+    assert opt.step_counts == {"fresh": 2, "reuse": 0, "plain": 2}
+    assert opt.param_groups[0]["noise_draws"] == 2  # one draw per fresh step only
+    other = make_mlp()
+    windowed = create(SPEC, other.parameters(), rho=RHO, lr=LR)
+    schedule = build_rho_schedule(windowed, "window:0:0.5", 4)  # ρ in the first half only
+    for x, y in _batches(4):
+        windowed.step(forward=lambda x=x: other(x), loss_fn=ce(y))
+        schedule.step()
+    assert [g["rho"] for g in windowed.param_groups] == [0.0]
+    assert windowed.step_counts == {"fresh": 2, "reuse": 0, "plain": 2}
+    assert windowed.param_groups[0]["noise_draws"] == 2
+
+
 def test_the_registry_builds_bsam_over_its_own_base_and_reads_its_scale():
     model = make_mlp()
     opt = create(SPEC, model.parameters())

@@ -220,8 +220,9 @@ def check_options(
     """One-line errors naming the fix, before anything is built."""
     if num_data is None:
         raise ValueError(
-            "bsam needs num_data=N, the number of training examples (the noise variance is "
-            "1/(N·s)): e.g. 'bsam:num_data=50000' or BSAM(params, num_data=len(train_set))"
+            "bsam needs num_data=N, the number of training examples, tokens for a language "
+            "model's per-token mean loss (the noise variance is 1/(N·s)): e.g. "
+            "'bsam:num_data=50000' or BSAM(params, num_data=len(train_set))"
         )
     if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0:
         raise ValueError(
