@@ -14,8 +14,8 @@ what the run did, not pass counts. Kinds (each with the setting's tuned full-SAM
 - ``looksam_reuse``: LookSAM's in-between step (a clean pass, then the stored correction added),
   every past the first by the same trick;
 - ``msam``: the one-pass Momentum-SAM step;
-- ``wsam``, ``gsam``, ``friendlysam``, ``gcsam``: each method's own fresh step (two passes, and
-  the elementwise work of its rule);
+- ``wsam``, ``gsam``, ``friendlysam``, ``gcsam``, ``bsam``: each method's own fresh step (two
+  passes, and the elementwise work of its rule; bSAM's noise draw, copy-back and own update);
 - more with ``--kind NAME=SPEC`` (e.g. a step policy's in-between step).
 
 Kinds are interleaved (each round times every kind once, in a shuffled order) and the median
@@ -59,8 +59,10 @@ KINDS = {
     "looksam_reuse": f"sam:policy=looksam,every={HUGE}",
     "msam": "msam",
     # The SAM family's two-pass methods whose fresh step does elementwise work beyond SAM's
-    # (docs_tables prices their fresh steps with these): WSAM, GSAM, FriendlySAM, GCSAM.
+    # (docs_tables prices their fresh steps with these): WSAM, GSAM, FriendlySAM, GCSAM, bSAM
+    # (any N times the same work).
     **{m: m for m in ("wsam", "gsam", "friendlysam", "gcsam")},
+    "bsam": "bsam:num_data=100000",
 }
 
 

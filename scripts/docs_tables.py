@@ -41,7 +41,7 @@ DATA = ROOT / "docs" / "data"
 DOCS = ("README.md", "docs/*.md")
 BASELINE = "adamw"
 #: Methods whose fresh (two-pass) step benchmarks/step_kinds.py times as a kind of its own.
-OWN_FRESH_KIND = ("wsam", "gsam", "friendlysam", "gcsam")
+OWN_FRESH_KIND = ("wsam", "gsam", "friendlysam", "gcsam", "bsam")
 
 MARKER = re.compile(
     r"(?P<open><!-- table (?P<name>[\w.-]+):(?P<kind>[\w-]+)[^\n]*-->\n)"

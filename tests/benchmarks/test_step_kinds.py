@@ -31,7 +31,7 @@ def test_every_kind_is_timed_and_written(tiny_settings, tmp_path):
     out = step_kinds.main([*fast, "--kind", "pe4=sam:perturb_every=4", "--json", str(path)])
     assert json.loads(path.read_text()) == out
     lstm = out["settings"]["lstm"]
-    family = {"wsam", "gsam", "friendlysam", "gcsam"}
+    family = {"wsam", "gsam", "friendlysam", "gcsam", "bsam"}
     assert (
         set(lstm["ms"])
         == {"adamw", "fresh", "plain", "reuse", "looksam_reuse", "msam", "pe4"} | family

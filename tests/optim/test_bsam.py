@@ -302,6 +302,19 @@ def test_a_policys_plain_steps_draw_no_noise_and_a_rho_window_switches_bsam_on_a
     assert windowed.param_groups[0]["noise_draws"] == 2
 
 
+def test_aesam_decides_on_the_noisy_clean_pass_and_steps_from_theta_either_way():
+    model = make_mlp()
+    spec = SPEC + ",policy=aesam,aesam_c_start=0.5,aesam_c_end=0.5"
+    opt = create(spec, model.parameters(), base_optimizer=make_spy(BSAMBase), rho=RHO, lr=LR)
+    for x, y in _batches(6):
+        before = params_of(model)
+        opt.step(forward=lambda x=x: model(x), loss_fn=ce(y))
+        assert_bitwise_equal(opt.base_optimizer.seen_params[-1], before)
+    counts = opt.step_counts
+    assert counts["fresh"] > 0 and counts["plain"] > 0 and counts["fresh"] + counts["plain"] == 6
+    assert opt.param_groups[0]["noise_draws"] == 6  # every clean pass was noisy
+
+
 def test_the_registry_builds_bsam_over_its_own_base_and_reads_its_scale():
     model = make_mlp()
     opt = create(SPEC, model.parameters())
