@@ -115,7 +115,8 @@ ARG_GROUPS["study"] = (
         default=[],
         metavar="KEY=SPEC",
         help="a setting to tune: KEY=log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH or A,B,C "
-        "(repeatable; default: optim.rho over a log range around each method's default)",
+        "(repeatable; METHOD@KEY=SPEC for one method only; default: optim.rho over a log range "
+        "around each method's default)",
     ),
     arg("--trials", type=int, default=20, help="trials per tuned method (default 20)"),
     arg("--sampler", default="tpe", help="tpe (default), random, or grid (the listed values)"),

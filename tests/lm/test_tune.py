@@ -82,6 +82,28 @@ def test_param_specs_parse_and_bad_ones_name_the_problem(tiny_cfg):
         tune.make_job(cfg, "unused", ["sam"], ["optim.rho=log:0.01:1"], sampler="grid")
 
 
+def test_a_param_scoped_to_one_method_is_that_methods_space_alone(tiny_cfg):
+    """METHOD@KEY=SPEC: bSAM's ρ and lr on their own scales, the shared ρ range for the others,
+    AdamW untuned in a comparison."""
+    bsam = "bsam:num_data=64"
+    params = [
+        "optim.rho=log:0.02:1",
+        f"{bsam}@optim.lr=log:0.001:1",
+        f"{bsam}@optim.rho=log:1e-4:0.1",
+    ]
+    job = tune.make_job(tiny_cfg(), "unused", ["adamw", "sam", bsam], params, final_seeds=[0, 1])
+    ranges = {m: {p["key"]: (p["low"], p["high"]) for p in s} for m, s in job.spaces.items()}
+    assert ranges == {
+        "adamw": {},
+        "sam": {"optim.rho": (0.02, 1.0)},
+        bsam: {"optim.lr": (0.001, 1.0), "optim.rho": (1e-4, 0.1)},
+    }
+    with pytest.raises(ConfigError, match="'gsam' is not one of --methods"):
+        tune.make_job(tiny_cfg(), "unused", ["sam"], ["gsam@optim.rho=log:0.1:1"])
+    with pytest.raises(ConfigError, match="empty or inverted range"):
+        tune.make_job(tiny_cfg(), "unused", ["sam"], ["sam@optim.rho=log:1:0.1"])
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -140,6 +140,28 @@ def parse_param(item: str) -> Param:
     return Param(key, "cat", choices=choices)
 
 
+def scoped_params(
+    items: list[str], methods: list[str]
+) -> tuple[list[Param], dict[str, list[Param]]]:
+    """``--param`` items: ``KEY=SPEC`` for every tuned method, ``METHOD@KEY=SPEC`` for that
+    method alone (its space is then its own ``@`` items only: a method whose settings live on
+    another scale, e.g. bSAM's ρ and lr). Returns (the shared items, {method: its items})."""
+    shared: list[Param] = []
+    scoped: dict[str, list[Param]] = {}
+    for item in items:
+        method, at, rest = item.partition("@")
+        if not at:
+            shared.append(parse_param(item))
+            continue
+        if method.strip() not in methods:
+            raise ConfigError(
+                f"--param {item!r}: {method.strip()!r} is not one of --methods "
+                f"({', '.join(methods)}); write METHOD@KEY=SPEC with METHOD as --methods names it"
+            )
+        scoped.setdefault(method.strip(), []).append(parse_param(rest))
+    return shared, scoped
+
+
 def default_space(method: str) -> list[Param]:
     """ρ on a log scale around the method's default radius; nothing for AdamW."""
     rho = default_rho(method)
@@ -280,12 +302,13 @@ def make_job(
     if not methods:
         raise ConfigError("no methods to tune: name them with --methods")
     check_device_present(cfg.train.device)
-    given = [parse_param(p) for p in params]
+    given, scoped = scoped_params(params, methods)
     spaces: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
-        space = (given or default_space(method)) if tune else []
+        space = (scoped.get(method) or given or default_space(method)) if tune else []
         if tune and given and method == BASELINE and final_seeds is not None:
             space = [p for p in given if p.key != "optim.rho"]  # AdamW has no radius
+            space = scoped.get(method) or space
         check_space(cfg, method, space)
         if sampler == "grid":
             grid_points(space)
