@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,3 +258,36 @@ QUIET = {
     "enable_progress_bar": False,
     "enable_model_summary": False,
 }
+
+
+def step_all(model: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
+    """One engine step (single-call protocol) per (x, y) batch."""
+    for x, y in batches:
+        opt.step(forward=lambda x=x: model(x), loss_fn=ce(y))
+
+
+def check_resume_mid_training(make_model, make_opt, batches, split: int, *, global_rng=False):
+    """Train ``make_opt(model)`` over every batch; and, from the ``state_dict`` saved after
+    ``split`` batches, a fresh optimizer (over a fresh model holding the parameters of that
+    moment) over the rest: parameters and every state tensor must be bit-identical (with
+    ``global_rng`` torch's RNG is restored too, for dropout). Returns both optimizers for the
+    caller's own checks."""
+    model = make_model(0)
+    opt = make_opt(model)
+    step_all(model, opt, batches[:split])
+    saved = copy.deepcopy(opt.state_dict())  # the live state keeps changing
+    theta, rng = params_of(model), torch.get_rng_state()
+    step_all(model, opt, batches[split:])
+
+    resumed_model = make_model(3)
+    with torch.no_grad():
+        for p, v in zip(resumed_model.parameters(), theta, strict=True):
+            p.copy_(v)
+    resumed = make_opt(resumed_model)
+    resumed.load_state_dict(saved)
+    if global_rng:
+        torch.set_rng_state(rng)
+    step_all(resumed_model, resumed, batches[split:])
+    assert_bitwise_equal(params_of(resumed_model), params_of(model))
+    assert_bitwise_equal(state_tensors(resumed), state_tensors(opt))
+    return opt, resumed

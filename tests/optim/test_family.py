@@ -12,7 +12,6 @@ Convention differences are shown, not hidden (docs/algorithms.md names each).
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -26,6 +25,7 @@ from helpers.optim import (
     SpySGD,
     assert_bitwise_equal,
     ce,
+    check_resume_mid_training,
     make_batch,
     make_mlp,
     params_of,
@@ -395,28 +395,12 @@ def test_a_non_finite_pass_skips_the_whole_step(name, bad_call):
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_a_state_dict_round_trip_mid_training_is_bit_exact(name):
-    batches = _batches(6, seed=110)
-
-    def run(model, opt, part):
-        for x, y in part:
-            opt.step(forward=lambda x=x: model(x), loss_fn=ce(y))
-
-    model = make_mlp()
-    opt = create(name, model.parameters(), rho=RHO, lr=0.05)
-    run(model, opt, batches[:3])
-    saved = copy.deepcopy(opt.state_dict())
-    theta = params_of(model)
-    run(model, opt, batches[3:])
-
-    resumed_model = make_mlp(seed=3)
-    with torch.no_grad():
-        for p, v in zip(resumed_model.parameters(), theta, strict=True):
-            p.copy_(v)
-    resumed = create(name, resumed_model.parameters(), rho=RHO, lr=0.05)
-    resumed.load_state_dict(saved)
-    run(resumed_model, resumed, batches[3:])
-    assert_bitwise_equal(params_of(resumed_model), params_of(model))
-    assert_bitwise_equal(state_tensors(resumed), state_tensors(opt))
+    check_resume_mid_training(
+        lambda seed: make_mlp(seed=seed),
+        lambda model: create(name, model.parameters(), rho=RHO, lr=0.05),
+        _batches(6, seed=110),
+        split=3,
+    )
 
 
 def _wsam_update(gamma):

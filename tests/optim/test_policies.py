@@ -7,7 +7,6 @@ direction the policy hands to the base optimizer is checked exactly.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 
@@ -23,10 +22,10 @@ from helpers.optim import (
     SAM_METHODS,
     assert_bitwise_equal,
     ce,
+    check_resume_mid_training,
     make_batch,
     make_mlp,
     params_of,
-    state_tensors,
 )
 
 LR, RHO, STEPS = 0.1, 0.3, 9
@@ -233,28 +232,12 @@ def test_a_gasam_plain_window_leaves_its_ema_unchanged():
     ],
 )
 def test_resume_mid_policy_is_bit_exact(spec):
-    batches = [make_batch(seed=40 + t) for t in range(8)]
-
-    def run(model, opt, part):
-        for x, y in part:
-            opt.step(forward=lambda x=x: model(x), loss_fn=ce(y))
-
-    model = make_mlp()
-    opt = create(spec, model.parameters(), rho=RHO, lr=0.05)
-    run(model, opt, batches[:4])  # mid-cycle: LookSAM/perturb_every hold a stored tensor
-    saved = copy.deepcopy(opt.state_dict())  # the live state keeps changing
-    theta = [p.detach().clone() for p in model.parameters()]
-    run(model, opt, batches[4:])
-
-    resumed_model = make_mlp(seed=3)
-    with torch.no_grad():
-        for p, v in zip(resumed_model.parameters(), theta, strict=True):
-            p.copy_(v)
-    resumed = create(spec, resumed_model.parameters(), rho=RHO, lr=0.05)
-    resumed.load_state_dict(saved)
-    run(resumed_model, resumed, batches[4:])
-    assert_bitwise_equal(params_of(resumed_model), params_of(model))
-    assert_bitwise_equal(state_tensors(resumed), state_tensors(opt))
+    opt, resumed = check_resume_mid_training(
+        lambda seed: make_mlp(seed=seed),
+        lambda model: create(spec, model.parameters(), rho=RHO, lr=0.05),
+        [make_batch(seed=40 + t) for t in range(8)],
+        split=4,  # mid-cycle: LookSAM/perturb_every hold a stored tensor
+    )
     assert resumed.step_counts == opt.step_counts
     assert resumed.policy.state_dict() == opt.policy.state_dict()
 
