@@ -97,3 +97,16 @@ def test_method_options_are_checked_when_the_config_loads():
         load_config(overrides={"compare.seeds": [0, 1, 0]})
     cfg = load_config(overrides={"optim.method_kwargs": {"gasam:alpha=-1": {"beta": 0.5}}})
     assert cfg.optim.method_kwargs == {"gasam:alpha=-1": {"beta": 0.5}}
+    # a base's table completes the run's spec of that base: bSAM's N comes from the spec
+    table = {"optim.method_kwargs": {"bsam": {"damping": 0.2}}}
+    cfg = load_config(overrides={"optim.method": "bsam:num_data=64", **table})
+    assert cfg.optim.method_kwargs == {"bsam": {"damping": 0.2}}
+    with pytest.raises(ConfigError, match=r"'optim\.method_kwargs\.bsam'.*num_data"):
+        load_config(overrides=table)  # and no spec gives N
+    with pytest.raises(ConfigError, match=r"'optim\.method_kwargs\.bsam'.*damping"):
+        load_config(
+            overrides={
+                "optim.method": "bsam:num_data=64",
+                **{"optim.method_kwargs": {"bsam": {"damping": -1.0}}},
+            }
+        )

@@ -440,6 +440,23 @@ def _check_method(key: str, spec: str, cfg: RunConfig, table: dict[str, Any] | N
         raise ConfigError(f"config key '{key}' ({spec!r}): {e}") from e
 
 
+def _spec_for_table(key: str, cfg: RunConfig) -> str:
+    """The spec a ``[optim.method_kwargs.<base>]`` table is checked with: the run's own method
+    (or a compared one) of that base when there is one, since a table may complete a spec whose
+    base alone cannot be built (bSAM needs ``num_data``); else the key itself."""
+    from flatlm.optim import parse_method
+
+    if ":" in key:
+        return key
+    for spec in (cfg.optim.method, *cfg.compare.methods):
+        try:
+            if ":" in spec and parse_method(spec)[0] == key:
+                return spec
+        except ValueError:  # checked on its own below
+            continue
+    return key
+
+
 def _check_rho_schedule(spec: str) -> None:
     from flatlm.optim.schedules import parse_rho_schedule
 
@@ -555,7 +572,7 @@ def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     _check_strategy(cfg.train)
     for key, table in cfg.optim.method_kwargs.items():  # keyed by method name, options allowed
-        _check_method(f"optim.method_kwargs.{key}", key, cfg, table)
+        _check_method(f"optim.method_kwargs.{key}", _spec_for_table(key, cfg), cfg, table)
     _check_method("optim.method", cfg.optim.method, cfg)
     for i, method in enumerate(cfg.compare.methods):
         _check_method(f"compare.methods[{i}]", method, cfg)
