@@ -377,7 +377,7 @@ def test_the_base_optimizer_steps_from_theta_restored_bit_for_bit(name):
         assert_bitwise_equal(opt.base_optimizer.seen_params[-1], before)
 
 
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", [*FAMILY, "bsam:num_data=40"])  # bSAM: its noise and s too
 @pytest.mark.parametrize("bad_call", [0, 1])
 def test_a_non_finite_pass_skips_the_whole_step(name, bad_call):
     model = make_mlp()
