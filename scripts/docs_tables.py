@@ -55,11 +55,15 @@ MARKER = re.compile(
 
 
 def extract(
-    results: dict[str, Any], source: str = "", tune: dict[str, Any] | None = None
+    results: dict[str, Any],
+    source: str = "",
+    tune: dict[str, Any] | None = None,
+    reference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The parts of a ``results.json`` the tables show (and nothing per run); with the
     ``tune.json`` of a ``compare --tune`` folder also each method's tuning (``tuned``) and its
-    test loss against tuned SAM's, paired by seed (``deltas_vs_sam``)."""
+    test loss against tuned SAM's, paired by seed (``deltas_vs_sam``; SAM's runs from
+    ``reference``, another comparison's results, when this one has none)."""
     methods = [m for m in results["methods"] if m in results["summary"]]
     summary = {
         m: {
@@ -80,7 +84,10 @@ def extract(
     steps = {r["method"]: r["step"] for r in results["runs"] if r.get("status") == "completed"}
     extra: dict[str, Any] = {}
     if tune is not None:
-        extra = {"tuned": tuned_summary(tune), "deltas_vs_sam": deltas_vs(results, "sam")}
+        extra = {
+            "tuned": tuned_summary(tune),
+            "deltas_vs_sam": deltas_vs(results, "sam", reference),
+        }
     return extra | {
         "source": source,
         "methods": methods,
@@ -116,11 +123,28 @@ def tuned_summary(tune: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deltas_vs(results: dict[str, Any], reference: str) -> dict[str, Any]:
-    """Each method's test loss minus ``reference``'s at the same seed, with its t-interval."""
+def deltas_vs(
+    results: dict[str, Any], reference: str, other: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Each method's test loss minus ``reference``'s at the same seed, with its t-interval.
+    ``reference``'s runs come from ``other`` (another comparison's results) when ``results``
+    has none; then both must hold the same AdamW runs (equal per-seed test losses: the same
+    config, seeds and code), else the pairing would compare unlike runs."""
     from flatlm.lm.stats import paired_delta
 
     done = [r for r in results["runs"] if r.get("status") == "completed"]
+    if other is not None and not any(r["method"] == reference for r in done):
+        theirs = [r for r in other["runs"] if r.get("status") == "completed"]
+
+        def adamw(runs: list[dict[str, Any]]) -> dict[int, float]:
+            return {r["seed"]: r["test_loss"] for r in runs if r["method"] == BASELINE}
+
+        if not adamw(done) or adamw(done) != adamw(theirs):
+            raise SystemExit(
+                f"docs_tables: --reference holds other AdamW runs ({adamw(theirs)} against "
+                f"{adamw(done)}): its {reference} cannot be paired with these runs"
+            )
+        done += [r for r in theirs if r["method"] == reference]
 
     def by_seed(method: str) -> dict[int, float]:
         return {r["seed"]: r["test_loss"] for r in done if r["method"] == method}
@@ -461,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         "--from", dest="source", type=Path, help="a comparison folder or results.json"
     )
     parser.add_argument("--name", default="quick", help="the data set to write (default: quick)")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="a comparison folder whose tuned SAM runs the 'tuned' table pairs with (same AdamW)",
+    )
     parser.add_argument("--check", action="store_true", help="only check; exit 1 on a difference")
     parser.add_argument("--setting", help="the step_kinds.json setting that prices its costs")
     parser.add_argument("--charts", action="store_true", help="redraw the cost-quality charts")
@@ -468,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.source is not None:
         tune_json = args.source / "tune.json" if args.source.is_dir() else None
         tune = json.loads(tune_json.read_text()) if tune_json and tune_json.is_file() else None
-        data = extract(load_results(args.source), source=str(args.source), tune=tune)
+        ref = load_results(args.reference) if args.reference else None
+        data = extract(load_results(args.source), source=str(args.source), tune=tune, reference=ref)
         if args.setting:
             data["setting"] = args.setting
         DATA.mkdir(parents=True, exist_ok=True)

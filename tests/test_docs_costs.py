@@ -136,25 +136,8 @@ def test_the_tuned_table_pairs_each_method_with_tuned_sam(tmp_path):
     Δ test vs tuned SAM paired by seed with its t-interval (scipy's t quantile)."""
     from scipy import stats
 
-    from flatlm.lm.report import run_dir, write_report
-
-    comparison = tmp_path / "cmp"
-    methods = ["adamw", "sam", "wsam"]
     test = {"adamw": [6.0, 6.1, 6.3], "sam": [5.6, 5.75, 5.8], "wsam": [5.7, 5.76, 5.95]}
-    (comparison / "runs").mkdir(parents=True)
-    (comparison / "compare.json").write_text(json.dumps({"methods": methods, "jobs": 1}))
-    for method in methods:
-        for seed in range(3):
-            folder = run_dir(comparison, method, seed)
-            folder.mkdir()
-            v = test[method][seed]
-            result = {
-                "method": method, "seed": seed, "status": "completed", "step": 4, "steps": 4,
-                "val_loss": v - 0.1, "test_loss": v, "val_ppl": 1.0, "test_ppl": 1.0,
-                "time_per_step_s": 0.01, "train_time_s": 0.04, "skipped_steps": 0,
-            }  # fmt: skip
-            (folder / "result.json").write_text(json.dumps(result))
-    write_report(comparison)
+    comparison = _comparison(tmp_path / "cmp", test)
     space = [{"key": "optim.rho", "kind": "log", "low": 0.02, "high": 1.0, "choices": []}]
     tune = {
         "meta": {"spaces": {"sam": space, "wsam": space}},
@@ -178,3 +161,34 @@ def test_the_tuned_table_pairs_each_method_with_tuned_sam(tmp_path):
     assert "| rho 0.02–1 log | 6 (1) | 5.25 | rho 0.02 | 5.6000 |" in wsam
     sam = next(line for line in table.splitlines() if line.startswith("| sam |"))
     assert sam.endswith("| – | – |")
+
+    # SAM from another comparison with the same AdamW runs (--reference); refused otherwise
+    other = _comparison(tmp_path / "other", {"adamw": test["adamw"], "bsam": [5.9, 6.0, 6.1]})
+    tune["meta"]["spaces"]["bsam"] = space
+    tune["methods"] = {"bsam": tune["methods"]["wsam"]}
+    paired = dt.extract(dt.load_results(other), tune=tune, reference=dt.load_results(comparison))
+    diffs = [b - s for b, s in zip([5.9, 6.0, 6.1], test["sam"], strict=True)]
+    assert paired["deltas_vs_sam"]["bsam"]["mean"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+    unlike = _comparison(tmp_path / "unlike", {"adamw": [6.0, 6.1, 6.31], "bsam": [5.9, 6, 6.1]})
+    with pytest.raises(SystemExit, match="other AdamW runs"):
+        dt.extract(dt.load_results(unlike), tune=tune, reference=dt.load_results(comparison))
+
+
+def _comparison(folder: Path, test: dict[str, list[float]]) -> Path:
+    """A comparison folder whose runs have these test losses (seeds 0, 1, 2), and its report."""
+    from flatlm.lm.report import run_dir, write_report
+
+    (folder / "runs").mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"methods": list(test), "jobs": 1}))
+    for method, losses in test.items():
+        for seed, v in enumerate(losses):
+            run = run_dir(folder, method, seed)
+            run.mkdir()
+            result = {
+                "method": method, "seed": seed, "status": "completed", "step": 4, "steps": 4,
+                "val_loss": v - 0.1, "test_loss": v, "val_ppl": 1.0, "test_ppl": 1.0,
+                "time_per_step_s": 0.01, "train_time_s": 0.04, "skipped_steps": 0,
+            }  # fmt: skip
+            (run / "result.json").write_text(json.dumps(result))
+    write_report(folder)
+    return folder
