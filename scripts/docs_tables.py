@@ -19,8 +19,9 @@ Kinds: ``summary`` (val and test loss, Δ val vs AdamW with its interval, verdic
 table), ``tuned`` (a ``compare --tune`` folder's data set: each tuned method's search, chosen
 settings and Δ test vs AdamW and vs tuned SAM), ``losses`` (val and test loss, mean ± std), ``verdicts`` (seeds, Δ val loss, its
 95 % t-interval, verdict), ``costs`` (each method's steps by kind, its measured cost × AdamW,
-Δ test with its interval, the share of full SAM's gain, the Pareto front) and ``step_kinds``
-(``docs/data/step_kinds.json``: each kind of step timed alone by ``benchmarks/step_kinds.py``).
+Δ test with its interval, the share of full SAM's gain, the Pareto front), ``step_kinds``
+(``docs/data/step_kinds.json``: each kind of step timed alone by ``benchmarks/step_kinds.py``)
+and ``overhead`` (a ``benchmarks/overhead.py --json`` file kept as a data set, as it is).
 A ``costs`` table prices each method's mix of steps with the step-kind times of the data set's
 ``setting`` (``--setting``), so re-running the benchmark and this script updates the costs;
 ``--charts`` also redraws ``docs/img/<name>_cost_quality.png`` for every ``costs`` data set.
@@ -387,6 +388,23 @@ def render_tuned(data: dict[str, Any]) -> str:
     return _table([*head, "vs SAM"], rows)
 
 
+def render_overhead(data: dict[str, Any]) -> str:
+    """``benchmarks/overhead.py --json`` rows: each method's step time, its IQR, × AdamW, over
+    two AdamW steps, and the memory it keeps between steps beyond AdamW's state."""
+    rows = []
+    for r in data["rows"]:
+        mib = r["extra_bytes"] / 2**20
+        rows.append([
+            r["size"], f"{r['params'] / 1e6:.2f} M", r["method"], f"{r['step_ms']:.2f}",
+            f"{r['iqr_ms']:.2f}", f"{r['x_adamw']:.3f}",
+            f"{r['ratio_to_2x_adamw']:.3f}" if r["ratio_to_2x_adamw"] is not None else "–",
+            f"{mib:.2f} MiB" if r["extra_bytes"] else "–",
+            f"{r['extra_param_copies']:.2f}" if r["extra_bytes"] else "–",
+        ])  # fmt: skip
+    head = ["size", "params", "method", "step ms", "IQR ms", "× AdamW", "/(2·AdamW)"]
+    return _table([*head, "extra memory", "× params"], rows)
+
+
 def render_grid(data: dict[str, Any]) -> str:
     """The tuning grid: every sharpness-aware method's seed-0 validation loss (how the
     configurations of the costs table were chosen), AdamW's first."""
@@ -437,6 +455,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], str]] = {
     "grid": render_grid,
     "step_kinds": render_step_kinds,
     "tuned": render_tuned,
+    "overhead": render_overhead,
 }
 
 

@@ -192,3 +192,24 @@ def _comparison(folder: Path, test: dict[str, list[float]]) -> Path:
             (run / "result.json").write_text(json.dumps(result))
     write_report(folder)
     return folder
+
+
+def test_best_runs_puts_several_comparisons_in_one_and_refuses_unlike_adamw(tmp_path):
+    spec = importlib.util.spec_from_file_location("best_runs", ROOT / "scripts" / "best_runs.py")
+    best_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(best_runs)
+    adamw = [6.0, 6.1, 6.3]
+    a = _comparison(tmp_path / "a", {"adamw": adamw, "sam": [5.6, 5.75, 5.8]})
+    b = _comparison(tmp_path / "b", {"adamw": adamw, "bsam": [5.9, 6.0, 6.1]})
+    out = tmp_path / "all"
+    assert best_runs.main([str(out), f"{a}:adamw", f"{a}:sam", f"{b}:bsam"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["summary"]) == ["adamw", "sam", "bsam"]
+    bsam = results["deltas_vs_adamw"]["bsam"]["test"]
+    assert bsam["mean"] == pytest.approx(
+        sum(x - y for x, y in zip([5.9, 6.0, 6.1], adamw, strict=True)) / 3
+    )
+    c = _comparison(tmp_path / "c", {"adamw": [6.0, 6.1, 6.29], "gsam": [5.7, 5.8, 5.9]})
+    with pytest.raises(SystemExit, match="holds other adamw runs"):
+        best_runs.main([str(tmp_path / "x"), f"{a}:adamw", f"{c}:gsam"])
+    assert not (tmp_path / "x").exists()
