@@ -305,10 +305,10 @@ def make_job(
     given, scoped = scoped_params(params, methods)
     spaces: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
-        space = (scoped.get(method) or given or default_space(method)) if tune else []
-        if tune and given and method == BASELINE and final_seeds is not None:
-            space = [p for p in given if p.key != "optim.rho"]  # AdamW has no radius
-            space = scoped.get(method) or space
+        shared = given
+        if method == BASELINE and final_seeds is not None:
+            shared = [p for p in given if p.key != "optim.rho"]  # AdamW has no radius
+        space = (scoped.get(method) or shared or default_space(method)) if tune else []
         check_space(cfg, method, space)
         if sampler == "grid":
             grid_points(space)
