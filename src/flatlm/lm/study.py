@@ -265,13 +265,10 @@ def claim(storage: BaseStorage, trial_id: int) -> bool:
     The first heartbeat is written *before* the state change, so a worker killed at any moment
     leaves its trial either WAITING (the next worker pops it) or RUNNING with a heartbeat that
     goes stale after the grace period (the next worker fails it and runs its retry). The other
-    order left, for a worker killed between the two writes, a RUNNING trial without a heartbeat
-    row, which Optuna's database storage never takes for stale: a study that never ends.
-    A beat on a trial that stays WAITING (another worker won it, or this one died) is harmless:
-    only RUNNING trials are checked, and the winner's trial holds the winner's own beat, written
-    just before its state change, or a newer one. The state change is the one atomic step (one worker of any number
-    wins it). A database storage stamps every beat with the database's own clock (its now(),
-    on insert as on update), the clock its stale check reads: the workers' clocks never meet.
+    order left a RUNNING trial without a heartbeat row, which Optuna's database storage never
+    takes for stale: a study that never ends. A beat on a trial that stays WAITING is harmless
+    (only RUNNING trials are checked); the state change is the one atomic step, which one worker
+    wins. A database stamps beats with its own clock, the clock its stale check reads.
     """
     beat_once(storage, trial_id)
     try:
