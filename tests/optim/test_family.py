@@ -229,7 +229,8 @@ def _wsam_step(opt, model, x, y):
 
 def _max_diff(a, b):
     return max(
-        float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+        float((p - q).detach().abs().max())
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
 
 
