@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad
 
 from flatlm.optim import METHODS, BSAMBase
 
@@ -291,3 +293,19 @@ def check_resume_mid_training(make_model, make_opt, batches, split: int, *, glob
     assert_bitwise_equal(params_of(resumed_model), params_of(model))
     assert_bitwise_equal(state_tensors(resumed), state_tensors(opt))
     return opt, resumed
+
+
+# The float64 references' maths on {name: tensor} dicts (torch.func: no optimizer involved).
+
+
+def grad_at(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """∇ of the cross-entropy at the parameters ``params`` (a {name: tensor} dict)."""
+    return grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
+
+
+def dict_norm(g: dict) -> float:
+    return math.sqrt(sum(float((v**2).sum()) for v in g.values()))
+
+
+def dict_dot(a: dict, b: dict) -> float:
+    return sum(float((a[n] * b[n]).sum()) for n in a)

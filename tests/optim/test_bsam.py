@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad
 
 from flatlm.optim import BSAMBase, create
 from helpers.optim import (
     assert_bitwise_equal,
     ce,
     check_resume_mid_training,
+    grad_at,
     make_batch,
     make_mlp,
     make_spy,
@@ -38,10 +38,6 @@ def _batches(n=STEPS, seed=30):
     return [make_batch(seed=seed + t) for t in range(n)]
 
 
-def _grad_at(model, w, x, y):
-    return grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(w)
-
-
 def reference(model, names, decay, batches, *, s0=S0, **switches):
     """Algorithm 1 on {name: tensor} in float64; ``names`` in the optimizer's group order,
     ``decay[name]`` the tensor's δ. ``switches`` (see PTO) select pytorch_optimizer's forms."""
@@ -58,11 +54,11 @@ def reference(model, names, decay, batches, *, s0=S0, **switches):
         else:  # theirs: std 1/(N s), torch's global generator
             e = {n: torch.normal(0.0, 1.0 / (N * s[n])) for n in names}
         noisy = {n: w[n] + e[n] for n in w}
-        g = _grad_at(model, noisy, x, y)
+        g = grad_at(model, noisy, x, y)
         eps = {n: RHO * g[n] / s[n] for n in w}
         origin = w if how["restore"] else noisy  # theirs never takes e (or ε) back out
         point = {n: origin[n] + eps[n] for n in w}
-        g_eps = _grad_at(model, point, x, y)
+        g_eps = grad_at(model, point, x, y)
         for n in names:
             d = decay[n]
             if how["momentum"] == "paper":

@@ -12,12 +12,9 @@ Convention differences are shown, not hidden (docs/algorithms.md names each).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad
 
 from flatlm.optim import NonFiniteStepWarning, create
 from flatlm.optim.schedules import RhoFollowsLR, build_rho_schedule
@@ -26,6 +23,9 @@ from helpers.optim import (
     assert_bitwise_equal,
     ce,
     check_resume_mid_training,
+    dict_dot,
+    dict_norm,
+    grad_at,
     make_batch,
     make_mlp,
     params_of,
@@ -35,18 +35,6 @@ from helpers.optim import (
 
 LR, RHO, STEPS = 0.1, 0.3, 7
 FAMILY = ["wsam", "gsam", "friendlysam", "gcsam"]
-
-
-def _grad_at(model, params, x, y):
-    return grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
-
-
-def _norm(g):
-    return math.sqrt(sum(float((v**2).sum()) for v in g.values()))
-
-
-def _dot(a, b):
-    return sum(float((a[n] * b[n]).sum()) for n in a)
 
 
 def _batches(n=STEPS, seed=20):
@@ -72,7 +60,7 @@ def _reference(update, lr_of=lambda t: LR):
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
     memo: dict = {}
     for t, (x, y) in enumerate(_batches()):
-        g = _grad_at(model, w, x, y)
+        g = grad_at(model, w, x, y)
         u = update(t, w, g, x, y, memo, model)
         w = {n: w[n] - lr_of(t) * u[n] for n in w}
     return w
@@ -85,8 +73,8 @@ def _close(model, w, atol=1e-12):
 
 def _perturbed(model, w, d, rho, x, y):
     """∇L(w + ρ·d/‖d‖)."""
-    n = _norm(d)
-    return _grad_at(model, {k: w[k] + rho * d[k] / n for k in w}, x, y)
+    n = dict_norm(d)
+    return grad_at(model, {k: w[k] + rho * d[k] / n for k in w}, x, y)
 
 
 # --- the papers' updates -------------------------------------------------------------------------
@@ -115,7 +103,7 @@ def _gsam_update(alpha, rho_of):
     # g_⊥ = g − (⟨g, g_s⟩/‖g_s‖²)·g_s, the part of g orthogonal to g_s.
     def update(t, w, g, x, y, memo, model):
         gs = _perturbed(model, w, g, rho_of(t), x, y)
-        c = _dot(g, gs) / _dot(gs, gs)
+        c = dict_dot(g, gs) / dict_dot(gs, gs)
         return {n: gs[n] - alpha * (g[n] - c * gs[n]) for n in g}
 
     return update
@@ -359,7 +347,7 @@ def test_gcsam_normalises_the_centralized_gradient_where_pytorch_optimizer_uses_
     ce(y)(theirs(x)).backward()
     ref.first_step()
     their_eps = [p.detach() - b for p, b in zip(theirs.parameters(), before, strict=True)]
-    ratio = _norm(_centralized(g)) / _norm(g)
+    ratio = dict_norm(_centralized(g)) / dict_norm(g)
     assert ratio < 0.99  # centralising changed the norm
     for e, f in zip(ours_eps, their_eps, strict=True):
         torch.testing.assert_close(e * ratio, f, rtol=0, atol=1e-12)

@@ -13,7 +13,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad
 
 from flatlm.optim import BSAMBase, create
 from flatlm.optim.policies import AESAM, LookSAM, make_policy
@@ -23,6 +22,9 @@ from helpers.optim import (
     assert_bitwise_equal,
     ce,
     check_resume_mid_training,
+    dict_dot,
+    dict_norm,
+    grad_at,
     make_batch,
     make_mlp,
     params_of,
@@ -31,21 +33,9 @@ from helpers.optim import (
 LR, RHO, STEPS = 0.1, 0.3, 9
 
 
-def _grad_at(model, params, x, y):
-    return grad(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))(params)
-
-
-def _norm(g):
-    return math.sqrt(sum(float((v**2).sum()) for v in g.values()))
-
-
-def _dot(a, b):
-    return sum(float((a[n] * b[n]).sum()) for n in a)
-
-
 def _sam_grad(model, w, g, x, y):
-    n = _norm(g)
-    return _grad_at(model, {k: w[k] + RHO * g[k] / n for k in w}, x, y)
+    n = dict_norm(g)
+    return grad_at(model, {k: w[k] + RHO * g[k] / n for k in w}, x, y)
 
 
 def _batches():
@@ -65,7 +55,7 @@ def _reference(decide, combine=None):
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
     kinds, memo = [], {}
     for t, (x, y) in enumerate(_batches()):
-        g = _grad_at(model, w, x, y)
+        g = grad_at(model, w, x, y)
         kind = decide(t, w, g, memo)
         if kind == "fresh":
             update = _sam_grad(model, w, g, x, y)
@@ -73,7 +63,7 @@ def _reference(decide, combine=None):
                 combine(memo, g, update)
         elif kind == "reuse":
             gv = memo["gv"]
-            coef = memo["alpha"] * _norm(g) / _norm(gv)
+            coef = memo["alpha"] * dict_norm(g) / dict_norm(gv)
             update = {n: g[n] + coef * gv[n] for n in g}
         else:
             update = g
@@ -103,7 +93,7 @@ def test_looksam_matches_the_published_update_with_its_stored_orthogonal_part():
     alpha, k = 0.7, 4
 
     def combine(memo, g, gs):
-        coef = _dot(gs, g) / _dot(g, g)
+        coef = dict_dot(gs, g) / dict_dot(g, g)
         memo["gv"] = {n: gs[n] - coef * g[n] for n in g}
         memo["alpha"] = alpha
 
@@ -116,7 +106,7 @@ def test_looksam_matches_the_published_update_with_its_stored_orthogonal_part():
 
 def _aesam_decide(delta, c_start, c_end, total):
     def decide(t, w, g, memo):
-        sq = _norm(g) ** 2
+        sq = dict_norm(g) ** 2
         mu = delta * memo.get("mu", 0.0) + (1 - delta) * sq
         var = delta * memo.get("var", 0.0) + (1 - delta) * (sq - mu) ** 2
         memo["mu"], memo["var"] = mu, var
