@@ -339,8 +339,11 @@ def test_postgres_two_workers_one_killed_mid_trial(postgres, corpus_file, tmp_pa
     assert killed in [t.number for t in failed] and len(trials) == n + len(failed)
     # Each failed trial was re-run in a folder of its own: the killed one, and any whose
     # heartbeat the other worker found late on this busy machine (its own tell then fails).
+    seen = [(t.number, t.state.name, t.user_attrs, t.system_attrs) for t in trials]
     for dead in failed:
-        rerun = next(t for t in done if dead.number in t.system_attrs.get("retry_history", []))
+        reruns = [t for t in done if dead.number in t.system_attrs.get("retry_history", [])]
+        assert len(reruns) == 1, f"trial {dead.number} failed and was not re-run once: {seen}"
+        rerun = reruns[0]
         assert rerun.params == dead.params and rerun.user_attrs["slot"] == dead.user_attrs["slot"]
         assert rerun.user_attrs["run_dir"] != dead.user_attrs["run_dir"]
 
@@ -464,6 +467,30 @@ def test_a_trial_is_claimed_by_one_worker_of_two(storage_url, tmp_path):
     assert st.claim(two, trial_id) is False
     assert st.pop_trial(study) is None  # a look for work neither fails it nor gets it
     assert one.get_trial(trial_id).state == st.TrialState.RUNNING
+
+
+def test_slots_enqueued_by_another_worker_during_the_look_are_not_enqueued_twice(
+    storage_url, tmp_path, monkeypatch
+):
+    """Two workers starting at once: the second finds a slot missing, then the first enqueues
+    it and marks its claim done before the second lists the claims. The second must look
+    again after winning its own claim; enqueuing the slot twice left a trial to be dropped
+    unrun (a failed trial that no retry answers)."""
+    slots = [{"slot": "a"}, {"slot": "b"}]
+    first, second = (st.open_storage(storage_url, tmp_path, heartbeat_s=1) for _ in range(2))
+    study = st.open_study(second, "g/runs")
+    real_names, interleaved = st.study_names, []
+
+    def names_after_the_first_worker(storage, group, *, claims=False):
+        if claims and not interleaved:  # between the second worker's two looks
+            interleaved.append(None)
+            interleaved[0] = st.add_slots(st.open_study(first, "g/runs", create=False), slots)
+        return real_names(storage, group, claims=claims)
+
+    monkeypatch.setattr(st, "study_names", names_after_the_first_worker)
+    assert st.add_slots(study, slots) == 0 and interleaved == [2]
+    trials = study.get_trials()
+    assert sorted(t.user_attrs["slot"] for t in trials) == ["a", "b"]
 
 
 MYSQL_TEXT = 65_535  # bytes a MySQL TEXT column holds

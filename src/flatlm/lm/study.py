@@ -223,6 +223,9 @@ def add_slots(study: Any, slots: list[dict[str, Any]]) -> int:
                 marker = None  # another worker claimed it first: wait for it
             if marker is not None:
                 marker.set_user_attr("at", time.time())
+                # Look again: a claim that was done by the time it was listed (after the
+                # first look) has enqueued some of them; enqueuing those twice drops trials.
+                missing = _missing(study, slots)
                 for slot in missing:
                     attrs = {k: v for k, v in slot.items() if k != "params"}
                     study.enqueue_trial(dict(slot.get("params") or {}), user_attrs=attrs)
