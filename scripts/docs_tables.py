@@ -374,12 +374,13 @@ def render_tuned(data: dict[str, Any]) -> str:
             for p in t["space"]
         )
         full = t["steps_run"] / t["full_run_steps"]
-        vs_adamw = data["deltas_vs_adamw"][m]["test"]
+        vs_adamw = data["deltas_vs_adamw"][m]["test"] if m != BASELINE else None
         vs_sam = data["deltas_vs_sam"].get(m)
         rows.append([
             m, space, f"{t['trials']} ({t['pruned']})", f"{full:.2f}", chosen or "–",
             f"{t['value']:.4f}" if t["value"] is not None else "–",
-            f"{_signed(vs_adamw['mean'])} {_interval(vs_adamw)}", vs_adamw["verdict"],
+            f"{_signed(vs_adamw['mean'])} {_interval(vs_adamw)}" if vs_adamw else "–",
+            vs_adamw["verdict"] if vs_adamw else "baseline (its lr tuned too)",
             f"{_signed(vs_sam['mean'])} {_interval(vs_sam)}" if vs_sam else "–",
             vs_sam["verdict"] if vs_sam else "–",
         ])  # fmt: skip

@@ -161,6 +161,16 @@ def test_the_tuned_table_pairs_each_method_with_tuned_sam(tmp_path):
     assert "| rho 0.02–1 log | 6 (1) | 5.25 | rho 0.02 | 5.6000 |" in wsam
     sam = next(line for line in table.splitlines() if line.startswith("| sam |"))
     assert sam.endswith("| – | – |")
+    # AdamW tuned too (its lr): the baseline row, paired with tuned SAM
+    lr = [{"key": "optim.lr", "kind": "log", "low": 1e-3, "high": 0.1, "choices": []}]
+    tune["meta"]["spaces"]["adamw"] = lr
+    tune["methods"]["adamw"] = {"best": {"params": {"optim.lr": 0.03}, "value": 5.9},
+                                "trials": [{}] * 4, "pruned": 1, "steps_run": 13,
+                                "full_run_steps": 4}  # fmt: skip
+    table = dt.render_tuned(dt.extract(dt.load_results(comparison), tune=tune))
+    adamw = next(line for line in table.splitlines() if line.startswith("| adamw |"))
+    assert "| lr 0.001–0.1 log | 4 (1) | 3.25 | lr 0.03 | 5.9000 | – | baseline" in adamw
+    assert adamw.endswith("| +0.4167 [+0.2269, +0.6064] | worse |")  # AdamW − SAM
 
     # SAM from another comparison with the same AdamW runs (--reference); refused otherwise
     other = _comparison(tmp_path / "other", {"adamw": test["adamw"], "bsam": [5.9, 6.0, 6.1]})
