@@ -120,7 +120,12 @@ ARG_GROUPS["study"] = (
     ),
     arg("--trials", type=int, default=20, help="trials per tuned method (default 20)"),
     arg("--sampler", default="tpe", help="tpe (default), random, or grid (the listed values)"),
-    arg("--pruner", default="median", help="median (default), hyperband or none"),
+    arg(
+        "--pruner",
+        default="median",
+        help="median (default), hyperband or none; NAME:F prunes nothing before a fraction F "
+        "of the steps (median:0.5 for learning rates, whose early losses mislead)",
+    ),
     arg(
         "--storage",
         help="a database URL (postgresql://...) that workers on many machines "

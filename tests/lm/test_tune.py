@@ -105,12 +105,48 @@ def test_a_param_scoped_to_one_method_is_that_methods_space_alone(tiny_cfg):
 
 
 @pytest.mark.parametrize(
+    ("spec", "first"),
+    [("median", 20), ("median:0.5", 50), ("median:0.01", 20), ("hyperband:0.3", 30)],
+)
+def test_a_pruner_prunes_nothing_before_the_first_evaluation_or_its_fraction(tiny_cfg, spec, first):
+    """``NAME:F``: no trial is pruned before F of the steps (nor before the first evaluation);
+    the median pruner then compares with the finished trials at the same step."""
+    cfg = tiny_cfg()
+    cfg.train.steps, cfg.train.eval_every = 100, 20
+    job = tune.make_job(cfg, "unused", ["sam"], [], pruner=spec)
+    pruner = tune._pruner(job)
+    if spec.startswith("median"):
+        assert isinstance(pruner, st.optuna.pruners.MedianPruner)
+        assert pruner._n_warmup_steps == first and pruner._n_startup_trials == 2
+        study = st.optuna.create_study(pruner=pruner)
+        for value in (1.0, 1.0):  # two finished trials with a low loss at every step
+            t = study.ask()
+            for step in range(20, 101, 20):
+                t.report(value, step)
+            study.tell(t, value)
+        worse = study.ask()
+        pruned_at = None
+        for step in range(20, 101, 20):
+            worse.report(2.0, step)
+            if worse.should_prune():
+                pruned_at = step
+                break
+        assert pruned_at == next(s for s in range(20, 101, 20) if s >= first)
+    else:
+        assert isinstance(pruner, st.optuna.pruners.HyperbandPruner)
+        assert pruner._min_resource == first and pruner._max_resource == 100
+
+
+@pytest.mark.parametrize(
     ("args", "says"),
     [
         (["--param", "optim.rhoo=log:0.1:1"], "unknown config key 'optim.rhoo'"),
         (["--param", "optim.rho=log:2:1"], "empty or inverted range"),
         (["--storage", "postgresql://flatlm:pw@127.0.0.1:9/none"], "cannot open storage"),
         (["--sampler", "cmaes"], "--sampler must be one of"),
+        (["--pruner", "median:1"], "fraction of the steps before which nothing is pruned"),
+        (["--pruner", "none:0.5"], "only for median or hyperband"),
+        (["--pruner", "median:half"], "in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_before_anything_runs(corpus_file, tmp_path, capsys, args, says):

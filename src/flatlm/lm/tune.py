@@ -295,8 +295,7 @@ def make_job(
     """Check every input (a ConfigError or StudyError naming it) and build the job."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if pruner not in PRUNERS:
-        raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    parse_pruner(pruner)
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     if not methods:
@@ -353,16 +352,40 @@ def _sampler(job: Job, number: int, n_trials: int) -> Any:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def parse_pruner(spec: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:FRACTION`` (median, hyperband): the pruner, and the fraction of the
+    training steps before which it prunes nothing (0: from the first evaluation on)."""
+    name, colon, after = spec.partition(":")
+    if name not in PRUNERS:
+        raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {spec!r}")
+    if not colon:
+        return name, 0.0
+    try:
+        fraction = float(after)
+    except ValueError:
+        fraction = -1.0
+    if name == "none" or not 0.0 <= fraction < 1.0:
+        raise ConfigError(
+            f"--pruner {spec!r}: the part after ':' is the fraction of the steps before which "
+            "nothing is pruned, in [0, 1), and only for median or hyperband (e.g. median:0.5)"
+        )
+    return name, fraction
+
+
 def _pruner(job: Job) -> Any:
     optuna = st.optuna
+    name, after = parse_pruner(job.pruner)
     steps, every = job.base["train"]["steps"], job.base["train"]["eval_every"] or 0
-    if job.pruner == "none" or every <= 0:
+    if name == "none" or every <= 0:
         return optuna.pruners.NopPruner()
-    if job.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps)
+    # No pruning before the first evaluation, nor before `after` of the run: early validation
+    # losses rank learning rates poorly (a high lr starts slower and ends lower).
+    first = max(every, math.ceil(after * steps))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=steps)
     # Median: prune a trial whose validation loss is worse than the median of the finished
-    # trials' at the same step, once two have finished, from the first evaluation on.
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every)
+    # trials' at the same step, once two have finished, from step `first` on.
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first)
 
 
 def check_meta(study: Any, job: Job) -> None:
