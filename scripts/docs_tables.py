@@ -359,6 +359,10 @@ def render_costs(data: dict[str, Any], data_dir: Path = DATA) -> str:
     return _table(head, rows)
 
 
+def _choice(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def render_tuned(data: dict[str, Any]) -> str:
     """Each tuned method: the chosen settings, what the search cost, Δ test vs AdamW and vs
     tuned SAM (paired by seed, 95 % t-intervals)."""
@@ -370,7 +374,7 @@ def render_tuned(data: dict[str, Any]) -> str:
             f"{p['key'].split('.')[-1]} {p['low']:g}–{p['high']:g}"
             + (" log" if p["kind"] == "log" else "")
             if p["kind"] != "cat"
-            else f"{p['key'].split('.')[-1]} {{{', '.join(map(str, p['choices']))}}}"
+            else f"{p['key'].split('.')[-1]} {{{', '.join(map(_choice, p['choices']))}}}"
             for p in t["space"]
         )
         full = t["steps_run"] / t["full_run_steps"]

@@ -171,6 +171,12 @@ def test_the_tuned_table_pairs_each_method_with_tuned_sam(tmp_path):
     adamw = next(line for line in table.splitlines() if line.startswith("| adamw |"))
     assert "| lr 0.001–0.1 log | 4 (1) | 3.25 | lr 0.03 | 5.9000 | – | baseline" in adamw
     assert adamw.endswith("| +0.4167 [+0.2269, +0.6064] | worse |")  # AdamW − SAM
+    # a listed space (one lr held at another study's choice) shows its values to 3 digits
+    lr = [{"key": "optim.lr", "kind": "cat", "low": None, "high": None,
+           "choices": [0.0026643960791019957, 0.01]}]  # fmt: skip
+    tune["meta"]["spaces"]["wsam"] = lr + space
+    table = dt.render_tuned(dt.extract(dt.load_results(comparison), tune=tune))
+    assert "| wsam | lr {0.00266, 0.01}; rho 0.02–1 log |" in table
 
     # SAM from another comparison with the same AdamW runs (--reference); refused otherwise
     other = _comparison(tmp_path / "other", {"adamw": test["adamw"], "bsam": [5.9, 6.0, 6.1]})
