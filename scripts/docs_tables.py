@@ -384,7 +384,7 @@ def render_tuned(data: dict[str, Any]) -> str:
             m, space, f"{t['trials']} ({t['pruned']})", f"{full:.2f}", chosen or "–",
             f"{t['value']:.4f}" if t["value"] is not None else "–",
             f"{_signed(vs_adamw['mean'])} {_interval(vs_adamw)}" if vs_adamw else "–",
-            vs_adamw["verdict"] if vs_adamw else "baseline (its lr tuned too)",
+            vs_adamw["verdict"] if vs_adamw else "baseline (tuned too)",
             f"{_signed(vs_sam['mean'])} {_interval(vs_sam)}" if vs_sam else "–",
             vs_sam["verdict"] if vs_sam else "–",
         ])  # fmt: skip
