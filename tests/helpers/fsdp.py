@@ -4,19 +4,16 @@ on this rank's half of every global batch (importable by spawned processes)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from flatlm.optim import create, gradient_sync
-from helpers.distributed import global_batches
+from helpers.distributed import global_batches, init_gloo
 from helpers.optim import make_mlp
 
 
@@ -44,22 +41,6 @@ class Spec:
         extra = f"/micro={self.micro}/dropout={self.dropout}/bf16={self.bf16}"
         extra += "/autocast" if self.autocast else ""
         return f"{self.name}:{opts}{extra}/poison={self.poison_step}:{self.poison}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker: Any, world: int, *args: Any) -> None:
-    mp.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)
-
-
-def init(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def shard(model: nn.Module, bf16: bool = False, mesh: Any = None) -> nn.Module:
@@ -176,7 +157,7 @@ def worker(rank: int, world: int, port: int, out: str, specs: list[Spec]) -> Non
     global batch) the low-precision specs again as their reference; then the restore checks."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         results: dict[str, Any] = {spec.key: train(spec, rank, world) for spec in specs}
         alone = dist.new_group([0])
@@ -253,7 +234,7 @@ def run_checkpointed(
 
 
 def checkpoint_worker(rank: int, world: int, port: int, folder: str) -> None:
-    init(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         results = {
             name: run_checkpointed(name, kw, rank, world, folder, sharded=True)

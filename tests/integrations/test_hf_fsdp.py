@@ -26,7 +26,7 @@ import transformers
 from accelerate.utils import FullyShardedDataParallelPlugin
 
 from flatlm.integrations.hf import SharpnessAwareTrainer
-from helpers.fsdp import spawn
+from helpers.distributed import spawn
 from helpers.hf_fsdp import STEPS, Run, train, worker
 from helpers.hf_models import tiny_gpt2
 

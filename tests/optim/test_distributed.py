@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from flatlm.optim import create
-from helpers.distributed import ddp_worker, global_batches
+from helpers.distributed import aborting_worker, ddp_worker, global_batches, spawn
 from helpers.optim import SAM_METHODS, make_mlp
 
 # Step policies: every rank takes the same decisions (AE-SAM from the all-reduced ‖g‖², RST from
@@ -32,16 +29,10 @@ SPECS = (
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(ddp_worker, args=(2, _free_port(), str(out), SPECS), nprocs=2, join=True)
+    spawn(ddp_worker, 2, str(out), SPECS)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -101,3 +92,11 @@ def test_local_mode_without_no_sync_is_an_error():
         opt.step(forward=lambda: model(torch.zeros(2, 5, dtype=torch.float64)), loss_fn=torch.sum)
     with pytest.raises(ValueError, match="'sync' or 'local'"):
         create("sam", model.parameters(), lr=0.01, distributed="global")
+
+
+def test_a_rank_killed_by_a_signal_is_retried_once_then_fails_with_its_standard_error():
+    with (
+        pytest.warns(UserWarning, match="retrying a spawned process group once: rank 0 died by"),
+        pytest.raises(RuntimeError, match=r"(?s)rank 0 died by SIGABRT.*rank 0's standard error"),
+    ):
+        spawn(aborting_worker, 2)

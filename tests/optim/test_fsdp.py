@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from flatlm.optim import create, gradient_sync
 from flatlm.optim.sharded import Sharding
-from helpers.distributed import global_batches
-from helpers.fsdp import CHECKPOINTED, Spec, checkpoint_worker, dcp_load, dcp_save, spawn, worker
+from helpers.distributed import global_batches, spawn
+from helpers.fsdp import CHECKPOINTED, Spec, checkpoint_worker, dcp_load, dcp_save, worker
 from helpers.optim import SAM_METHODS, make_mlp
 
 pytestmark = [
