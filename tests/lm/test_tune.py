@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -182,6 +183,41 @@ class StopAfter:
         self.looks += 1
         self._set = self._set or self.looks >= self.n
         return self._set
+
+
+def test_a_step_policys_options_are_tuned_for_that_method_alone(tiny_cfg, tmp_path):
+    """LookSAM's every and looksam_alpha live in [optim.method_kwargs.sam], which plain SAM
+    (compared beside it, and in the config's compare.methods) does not take: scoped to LookSAM
+    they are checked against it alone, each trial runs with the values drawn, and the best
+    config holds them and trains to the best trial's validation loss."""
+    look = "sam:policy=looksam"
+    cfg = tiny_cfg(train__steps=6, train__eval_every=3)
+    assert "sam" in cfg.compare.methods
+    params = [
+        f"{look}@optim.method_kwargs.sam.every=int:2:4",
+        f"{look}@optim.method_kwargs.sam.looksam_alpha=float:0.3:0.9",
+        f"{look}@optim.rho=log:0.01:1",
+    ]
+    job = tune.make_job(cfg, tmp_path, ["sam", look], params, trials=3, pruner="none", quiet=True)
+    tune.run(job)
+    trials = _finished(_trials(tmp_path, f"tune/tune/{look}"))
+    assert len(trials) == 3
+    for t in trials:
+        every = t.params["optim.method_kwargs.sam.every"]
+        counts = st.get_record(t)["result"]["step_counts"]
+        assert counts == {
+            "fresh": math.ceil(6 / every),
+            "reuse": 6 - math.ceil(6 / every),
+            "plain": 0,
+        }
+    best = min(trials, key=lambda t: t.value)
+    code = cli.main(
+        ["train", "--config", str(tmp_path / "best_sam_policy=looksam.yaml"), "--quiet",
+         "--out", str(tmp_path / "again")]
+    )  # fmt: skip
+    assert code == 0
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert again["val_loss"] == best.value
 
 
 def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):

@@ -189,14 +189,25 @@ def with_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
     return out
 
 
+def one_run(cfg: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+    """A copy of ``cfg`` (a dict) as the config of one run of ``method`` at ``seed``. Its
+    ``compare.methods`` is that method alone: the config is checked as this run's, so a table
+    only this method takes (a step policy's options in ``[optim.method_kwargs.sam]``) is not
+    refused for another method the preset compares (plain ``sam``)."""
+    out = copy.deepcopy(cfg)
+    out["optim"]["method"], out["train"]["seed"] = method, seed
+    out.setdefault("compare", {})["methods"] = [method]
+    return out
+
+
 def check_space(cfg: RunConfig, method: str, space: list[Param]) -> None:
     """Every parameter names a config key that takes its values (checked at both ends of a
     range), and none is fixed elsewhere (ρ in the method's name)."""
-    base = cfg.to_dict() | {}
-    base["optim"] = base["optim"] | {"method": method}
+    base = one_run(cfg.to_dict(), method, cfg.train.seed)
     keys = [p.key for p in space]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"--param names a key twice: {keys}")
+    ends = {}
     for p in space:
         if p.key in ("optim.method", "train.seed") or p.key.startswith("compare."):
             raise ConfigError(f"--param {p.key}: not a setting to tune (the job sets it)")
@@ -205,13 +216,16 @@ def check_space(cfg: RunConfig, method: str, space: list[Param]) -> None:
                 f"--param optim.rho: method {method!r} fixes rho in its name; drop it there"
             )
         values = list(p.choices) if p.kind == "cat" else [p.low, p.high]
-        if p.kind == "int":
-            values = [int(v) for v in values]
+        ends[p.key] = [int(v) for v in values] if p.kind == "int" else values
+    # Each parameter at both ends, the others at their first value: options that need each
+    # other (LookSAM's every and looksam_alpha) are checked together.
+    first = {key: values[0] for key, values in ends.items()}
+    for key, values in ends.items():
         for v in values:
             try:
-                with_overrides(base, {p.key: v})
+                with_overrides(base, {**first, key: v})
             except ConfigError as e:
-                raise ConfigError(f"--param {p.key}: {e}") from None
+                raise ConfigError(f"--param {key}: {e}") from None
 
 
 def grid_points(space: list[Param]) -> list[dict[str, Any]]:
@@ -557,8 +571,7 @@ def run_trial(job: Job, storage: Any, study: Any, trial: Any, stop: Flag) -> Non
             overrides = dict(attrs.get("overrides") or {})
     except DEAD:  # failed by another worker before it started (a late first heartbeat)
         return
-    base = copy.deepcopy(job.base)
-    base["optim"]["method"], base["train"]["seed"] = method, seed
+    base = one_run(job.base, method, seed)
     base["train"]["threads"] = job.threads
     cfg = with_overrides(base, overrides)
     resume_dir = attrs.get("resume_dir")
@@ -857,10 +870,7 @@ def tune_report(
             files.append(str(plot))
             lines.append(f"![{plot.stem}]({plot.name})\n")
         if top is not None:
-            cfg = with_overrides(
-                meta["config"],
-                {"optim.method": method, "train.seed": meta["tune_seed"], **top["params"]},
-            )
+            cfg = with_overrides(one_run(meta["config"], method, meta["tune_seed"]), top["params"])
             path = out / f"best_{_safe(method)}.yaml"
             header = (
                 f"# flatlm tune: the best of {len(rows)} trials of {method} (trial "
