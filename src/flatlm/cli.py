@@ -328,9 +328,11 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
     from flatlm.lm.tune import make_job, run
 
     if compare:
-        extra = {"compare.methods": args.methods, "compare.seeds": args.seeds}
-        cfg = _load(args, extra | {"compare.jobs": args.jobs})
-        methods, seeds, jobs = cfg.compare.methods, cfg.compare.seeds, cfg.compare.jobs
+        cfg = _load(args, {"compare.seeds": args.seeds, "compare.jobs": args.jobs})
+        # --methods are checked by make_job, each as one run's config with its own --param
+        # space: a step policy's required options may come only from there.
+        methods = args.methods or cfg.compare.methods
+        seeds, jobs = cfg.compare.seeds, cfg.compare.jobs
         out = args.out or f"runs/compare-{_run_name(args, cfg)}"
     else:
         cfg = _load(args, {"train.seed": args.seed})

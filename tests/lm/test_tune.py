@@ -220,6 +220,24 @@ def test_a_step_policys_options_are_tuned_for_that_method_alone(tiny_cfg, tmp_pa
     assert again["val_loss"] == best.value
 
 
+def test_compare_tune_takes_a_policys_required_option_from_its_param(corpus_file, tmp_path, capsys):
+    """LookSAM needs `every`: given only as its --param, `compare --tune` checks and runs it with
+    it (2 fresh steps of 6 at every = 3); without it, a one-line error before anything runs."""
+    look = "sam:policy=looksam"
+    argv = tiny_cli("compare", corpus_file, "--tune", "--methods", "adamw", look, "--seeds", "0",
+                    "--trials", "1", "--quiet", train__steps="6")[3:]  # fmt: skip
+    every = ["--param", f"{look}@optim.method_kwargs.sam.every=3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "bad")]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "step policy 'looksam' needs every" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "trials").exists()
+    assert cli.main([*argv, *every, "--out", str(tmp_path / "ok")]) == 0
+    result = json.loads(
+        (tmp_path / "ok" / "runs" / "sam_policy=looksam-s0" / "result.json").read_text()
+    )
+    assert result["step_counts"] == {"fresh": 2, "reuse": 4, "plain": 0}
+
+
 def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
     """Stopped in the middle of a trial, the study re-enqueues it; the same command then resumes
     that run from its checkpoint, and every trial ends as in a study never stopped (TPE seeded

@@ -217,9 +217,14 @@ def check_space(cfg: RunConfig, method: str, space: list[Param]) -> None:
             )
         values = list(p.choices) if p.kind == "cat" else [p.low, p.high]
         ends[p.key] = [int(v) for v in values] if p.kind == "int" else values
-    # Each parameter at both ends, the others at their first value: options that need each
-    # other (LookSAM's every and looksam_alpha) are checked together.
+    # The method with every parameter at its first value, then each parameter at both ends:
+    # options that need each other (LookSAM's every and looksam_alpha) are checked together.
     first = {key: values[0] for key, values in ends.items()}
+    try:
+        with_overrides(base, first)
+    except ConfigError as e:
+        at = f" at {', '.join(f'{k}={v}' for k, v in first.items())}" if first else ""
+        raise ConfigError(f"method {method!r}{at}: {e}") from None
     for key, values in ends.items():
         for v in values:
             try:
@@ -335,6 +340,7 @@ def make_job(
         raise ConfigError(f"--methods must include {BASELINE}: every verdict is against it")
     threads = cfg.train.threads or default_threads(jobs).threads
     base = cfg.to_dict()
+    base["compare"]["methods"] = list(methods)  # each checked above, with its own space
     return Job(
         folder=str(out),
         group=study or ("compare" if final_seeds is not None else "tune"),
