@@ -16,6 +16,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -557,6 +558,26 @@ def test_a_trial_is_claimed_by_one_worker_of_two(storage_url, tmp_path):
     assert st.claim(two, trial_id) is False
     assert st.pop_trial(study) is None  # a look for work neither fails it nor gets it
     assert one.get_trial(trial_id).state == st.TrialState.RUNNING
+
+
+def test_a_claim_left_without_its_time_expires(storage_url, tmp_path, monkeypatch):
+    """A worker killed (or interrupted) between creating its claim and stamping its time left a
+    marker that read as fresh for ever, so every later start waited for good: it now ages from
+    when a worker first sees it, and the slots are enqueued once it is CLAIM_WAIT_S old."""
+    storage = st.open_storage(storage_url, tmp_path, heartbeat_s=1)
+    study = st.open_study(storage, "g/runs")
+    st.optuna.create_study(storage=storage, study_name="g/runs#claim-0")  # no "at", not done
+    monkeypatch.setattr(st, "CLAIM_WAIT_S", 0.5)
+    started, added = time.monotonic(), []
+    look = threading.Thread(
+        target=lambda: added.append(st.add_slots(study, [{"slot": "a"}, {"slot": "b"}])),
+        daemon=True,
+    )
+    look.start()
+    look.join(timeout=30)
+    assert added == [2], "add_slots still waiting on the claim after 30 s"
+    assert time.monotonic() - started >= 0.5
+    assert sorted(t.user_attrs["slot"] for t in study.get_trials()) == ["a", "b"]
 
 
 def test_slots_enqueued_by_another_worker_during_the_look_are_not_enqueued_twice(

@@ -204,6 +204,7 @@ def add_slots(study: Any, slots: list[dict[str, Any]]) -> int:
     claim (a marker study ``<study>#claim-<n>``; creating a study is atomic in every storage)
     enqueues, the others wait for it to be done. Returns how many this call enqueued."""
     storage = study._storage
+    seen: dict[str, float] = {}  # when this call first saw each claim
     while True:
         missing = _missing(study, slots)
         if not missing:
@@ -212,7 +213,10 @@ def add_slots(study: Any, slots: list[dict[str, Any]]) -> int:
         pending = False
         for name in claims:
             attrs = open_study(storage, name, create=False).user_attrs
-            fresh = time.time() - attrs.get("at", time.time()) < CLAIM_WAIT_S
+            # A claim without its time (its worker died between creating and stamping it)
+            # ages from when this call first saw it: it must not count as fresh for ever.
+            at = attrs.get("at", seen.setdefault(name, time.time()))
+            fresh = time.time() - at < CLAIM_WAIT_S
             pending = pending or (not attrs.get("done") and fresh)
         if not pending:
             try:
