@@ -362,7 +362,17 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
         print("stopped; continue with the same command:")
         print(f"  {shlex.join(['flatlm', *args.argv])}")
         return EXIT_STOPPED
-    print("wrote " + ", ".join(report["files"]))
+    if report["files"]:
+        print("wrote " + ", ".join(report["files"]))
+    if report["failed"]:
+        n = len(report["failed"])
+        print(
+            f"flatlm {'compare' if compare else 'tune'}: error: {n} trial{'s' * (n > 1)} raised "
+            f"({'; '.join(report['failed'])}); fix the cause, then the same command runs "
+            f"{'them' if n > 1 else 'it'} again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 

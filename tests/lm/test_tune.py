@@ -100,6 +100,9 @@ def test_a_param_scoped_to_one_method_is_that_methods_space_alone(tiny_cfg):
         "sam": {"optim.rho": (0.02, 1.0)},
         bsam: {"optim.lr": (0.001, 1.0), "optim.rho": (1e-4, 0.1)},
     }
+    # flatlm tune too: a shared ρ is not AdamW's to tune (its trials would differ in nothing)
+    job = tune.make_job(tiny_cfg(), "unused", ["adamw", "sam"], ["optim.rho=log:0.02:1"])
+    assert job.spaces["adamw"] == [] and job.tuned() == ["sam"]
     with pytest.raises(ConfigError, match="'gsam' is not one of --methods"):
         tune.make_job(tiny_cfg(), "unused", ["sam"], ["gsam@optim.rho=log:0.1:1"])
     with pytest.raises(ConfigError, match="empty or inverted range"):
@@ -237,6 +240,18 @@ def test_compare_tune_takes_a_policys_required_option_from_its_param(corpus_file
         (tmp_path / "ok" / "runs" / "sam_policy=looksam-s0" / "result.json").read_text()
     )
     assert result["step_counts"] == {"fresh": 2, "reuse": 4, "plain": 0}
+
+
+def test_a_trial_that_raises_in_a_worker_fails_the_command(corpus_file, tmp_path, capsys):
+    """With two worker processes a trial's error ends its worker, not the command: the command
+    still exits non-zero naming the trial and its error (as one worker does by raising)."""
+    argv = tiny_cli("tune", corpus_file, "--method", "sam", "--sampler", "grid", "--param",
+                    "model.block_size=16,100000", "--pruner", "none", "--jobs", "2", "--quiet",
+                    train__steps="4")[3:]  # fmt: skip
+    assert cli.main([*argv, "--out", str(tmp_path / "t")]) == cli.EXIT_FAILED
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "1 trial raised" in err[0] and "block_size+1 = 100001" in err[0], err
+    assert (tmp_path / "t" / "best_sam.yaml").is_file()  # the trial that ran is reported
 
 
 def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):

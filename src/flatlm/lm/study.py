@@ -195,6 +195,21 @@ def _missing(study: Any, slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [s for s in slots if s["slot"] not in have]
 
 
+def failed_slots(storage: BaseStorage, group: str) -> list[str]:
+    """``"slot: error"`` for each slot of ``group`` whose last trial raised and that no trial
+    holds now (the next run of the command enqueues it again)."""
+    out = []
+    for name in study_names(storage, group):
+        study = open_study(storage, name, create=False)
+        for slot, trials in slot_trials(study).items():
+            if slot is None or any(t.state in LIVE for t in trials):
+                continue
+            error = trials[-1].user_attrs.get("error")
+            if error:
+                out.append(f"{slot}: {error}")
+    return out
+
+
 CLAIM_WAIT_S = 60.0  # a claim not done after this long was left by a dead worker
 
 

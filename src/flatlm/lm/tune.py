@@ -324,8 +324,8 @@ def make_job(
     spaces: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         shared = given
-        if method == BASELINE and final_seeds is not None:
-            shared = [p for p in given if p.key != "optim.rho"]  # AdamW has no radius
+        if default_rho(method) is None:  # AdamW has no radius: a shared ρ is not its to tune
+            shared = [p for p in given if p.key != "optim.rho"]
         space = (scoped.get(method) or shared or default_space(method)) if tune else []
         check_space(cfg, method, space)
         if sampler == "grid":
@@ -679,11 +679,13 @@ def run(job: Job, *, jobs: int = 1, stream: TextIO | None = None) -> dict[str, A
             "stopped: running trials wrote a checkpoint and went back to the queue; the same "
             "command continues the study" + (" (a second interrupt killed them)" if aborted else "")
         )
+    # With one worker an error in a trial is raised here; with several it ended a worker.
+    failed = [] if stopped else st.failed_slots(storage, job.group)
     recs = st.records(storage, job.group)
     if not any(recs.values()):
-        return {"stopped": stopped, "files": [], "best": {}, "table": ""}
+        return {"stopped": stopped, "files": [], "best": {}, "table": "", "failed": failed}
     report = write_reports(out, job.meta(), recs)
-    return report | {"stopped": stopped}
+    return report | {"stopped": stopped, "failed": failed}
 
 
 def _trials_text(job: Job) -> str:
