@@ -254,6 +254,26 @@ def test_a_trial_that_raises_in_a_worker_fails_the_command(corpus_file, tmp_path
     assert (tmp_path / "t" / "best_sam.yaml").is_file()  # the trial that ran is reported
 
 
+def test_a_comparison_refuses_a_new_best_its_runs_never_used(tiny_cfg, tmp_path):
+    """compare --tune continued with more trials: a new best would leave the runs at the old
+    best's settings under a report of the new one. It is refused, naming both, once the new
+    trials have run (they stay in the study)."""
+    cfg = tiny_cfg(train__steps=4)
+    kw = {"pruner": "none", "final_seeds": [0, 1], "quiet": True}
+    tune.run(tune.make_job(cfg, tmp_path, ["adamw", "sam"], [], trials=2, **kw))
+    runs = {t.user_attrs["slot"]: t for t in _trials(tmp_path, "compare/runs")}
+    first = runs["sam s1"].user_attrs["overrides"]
+    more = tune.make_job(cfg, tmp_path, ["adamw", "sam"], [], trials=6, **kw)
+    trials = _finished(_trials(tmp_path, "compare/tune/sam"))
+    best_of_2 = min(trials, key=lambda t: (t.value, t.number))
+    assert first == best_of_2.params
+    with pytest.raises(st.StudyError, match="trials were added after the runs started"):
+        tune.run(more)  # the 4 new trials (seeded per trial) draw a better rho
+    trials = _finished(_trials(tmp_path, "compare/tune/sam"))
+    assert len(trials) == 6
+    assert min(trials, key=lambda t: (t.value, t.number)).number != best_of_2.number
+
+
 def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
     """Stopped in the middle of a trial, the study re-enqueues it; the same command then resumes
     that run from its checkpoint, and every trial ends as in a study never stopped (TPE seeded

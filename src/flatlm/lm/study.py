@@ -343,6 +343,11 @@ def counts(study: Any) -> dict[str, int]:
     return out
 
 
+def finished(trials: list[FrozenTrial]) -> bool:
+    """A slot's trials hold a complete or pruned one."""
+    return any(t.state in FINISHED for t in trials)
+
+
 def settled(study: Any) -> bool:
     """Nothing waiting or running: every slot finished, or failed with an error (a slot that
     failed is enqueued again by the next :func:`add_slots`, i.e. the next run of the command)."""

@@ -466,12 +466,17 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> None:
     if job.final_seeds is None:
         return
     runs = studies[job.runs_key]
+    made = st.slot_trials(runs)
     slots = []
     for method in job.methods:
         best = None
         if job.spaces[method]:
             tune = studies[job.tune_key(method)]
-            if not st.settled(tune):
+            # Every slot finished, not only nothing running: a trial going back to the queue
+            # (failed, its retry not yet enqueued) or one that raised may still set the best.
+            wanted = len(grid_points(job.space(method))) if job.sampler == "grid" else job.trials
+            finished = [ts for ts in st.slot_trials(tune).values() if st.finished(ts)]
+            if not st.settled(tune) or len(finished) < wanted:
                 continue
             best = best_trial(tune)
             if best is None:
@@ -479,6 +484,7 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> None:
                     f"no tuning trial of {method} completed with a finite validation loss; "
                     "widen the --param range"
                 )
+            _check_runs_at(method, best, made, job)
         for seed in job.final_seeds:
             slot = {"slot": f"{method} s{seed}", "kind": "run", "method": method, "seed": seed}
             slot["overrides"] = dict(best.params) if best else {}
@@ -486,6 +492,22 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> None:
                 slot |= {"kind": "reuse", "from": [job.tune_key(method), best.number]}
             slots.append(slot)
     st.add_slots(runs, slots)
+
+
+def _check_runs_at(method: str, best: Any, made: dict[str, list[Any]], job: Job) -> None:
+    """Refuse a comparison whose runs of ``method`` were made at other settings than its
+    tuning's best now (more trials since): its report would pair those runs with a best they
+    never used."""
+    for seed in job.final_seeds or []:
+        for t in made.get(f"{method} s{seed}", []):
+            used = t.user_attrs.get("overrides")
+            if used is not None and used != dict(best.params):
+                raise st.StudyError(
+                    f"the runs of {method} were made at {used}, but its tuning's best is now "
+                    f"trial {best.number} ({dict(best.params)}): trials were added after the "
+                    "runs started. Compare at the new best in another --out (or --study), or "
+                    "continue this comparison with its first --trials"
+                )
 
 
 def best_trial(study: Any) -> Any | None:
