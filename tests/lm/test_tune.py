@@ -274,6 +274,20 @@ def test_a_comparison_refuses_a_new_best_its_runs_never_used(tiny_cfg, tmp_path)
     assert min(trials, key=lambda t: (t.value, t.number)).number != best_of_2.number
 
 
+def test_a_comparison_whose_tuning_trial_raised_ends_instead_of_waiting(corpus_file, tmp_path):
+    """compare --tune on two workers, one tuning trial of SAM raising: SAM's runs wait for
+    every tuning slot, so the workers must end (not wait for ever) once nothing more can run;
+    the command exits 1 naming the trial, AdamW's runs done, and the same command runs it again."""
+    argv = tiny_cli("compare", corpus_file, "--tune", "--methods", "adamw", "sam", "--seeds", "0",
+                    "--sampler", "grid", "--param", "sam@model.block_size=16,100000", "--pruner",
+                    "none", "--jobs", "2", "--quiet", "--out", str(tmp_path), train__steps="4")  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == cli.EXIT_FAILED, done.stderr[-2000:]
+    assert "1 trial raised" in done.stderr and "block_size+1 = 100001" in done.stderr
+    runs = {t.user_attrs["slot"]: t.state for t in _trials(tmp_path, "compare/runs")}
+    assert runs == {"adamw s0": st.TrialState.COMPLETE}
+
+
 def test_interrupted_study_continues_to_the_same_trials(tiny_cfg, tmp_path):
     """Stopped in the middle of a trial, the study re-enqueues it; the same command then resumes
     that run from its checkpoint, and every trial ends as in a study never stopped (TPE seeded

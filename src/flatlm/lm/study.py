@@ -196,17 +196,18 @@ def _missing(study: Any, slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def failed_slots(storage: BaseStorage, group: str) -> list[str]:
-    """``"slot: error"`` for each slot of ``group`` whose last trial raised and that no trial
-    holds now (the next run of the command enqueues it again)."""
+    """``"slot: why"`` for each slot of ``group`` whose last trial raised (or was dropped as a
+    duplicate) and that no trial holds now (the next run of the command enqueues it again)."""
     out = []
     for name in study_names(storage, group):
         study = open_study(storage, name, create=False)
         for slot, trials in slot_trials(study).items():
             if slot is None or any(t.state in LIVE for t in trials):
                 continue
-            error = trials[-1].user_attrs.get("error")
-            if error:
-                out.append(f"{slot}: {error}")
+            last = trials[-1].user_attrs
+            why = last.get("error") or (f"dropped ({last['dropped']})" if "dropped" in last else "")
+            if why:
+                out.append(f"{slot}: {why}")
     return out
 
 

@@ -460,11 +460,11 @@ def setup(job: Job, storage: Any) -> dict[str, Any]:
     return studies
 
 
-def advance(job: Job, storage: Any, studies: dict[str, Any]) -> None:
+def advance(job: Job, storage: Any, studies: dict[str, Any]) -> int:
     """Enqueue the comparison runs whose settings are known: untuned methods at once, a tuned
-    one when its tuning study has settled (at its best trial's settings)."""
+    one when its tuning study has settled (at its best trial's settings). Returns how many."""
     if job.final_seeds is None:
-        return
+        return 0
     runs = studies[job.runs_key]
     made = st.slot_trials(runs)
     slots = []
@@ -491,7 +491,7 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> None:
             if best is not None and seed == job.tune_seed:  # that run is the best trial
                 slot |= {"kind": "reuse", "from": [job.tune_key(method), best.number]}
             slots.append(slot)
-    st.add_slots(runs, slots)
+    return st.add_slots(runs, slots)
 
 
 def _check_runs_at(method: str, best: Any, made: dict[str, list[Any]], job: Job) -> None:
@@ -549,9 +549,11 @@ def work(job: Job, stop: Flag, on_trial: Any = None) -> None:
                 break
         if ran:
             continue
-        advance(job, storage, studies)
+        added = advance(job, storage, studies)
         if done(job, studies):
             return
+        if not added and all(st.settled(s) for s in studies.values()):
+            return  # a slot failed (st.failed_slots): only the next command can run it again
         _sleep(stop, POLL_S)
 
 
