@@ -51,7 +51,13 @@ def test_param_specs_parse_and_bad_ones_name_the_problem(tiny_cfg):
     assert tune.parse_param("optim.beta2=float:0.9:0.999").kind == "float"
     assert tune.parse_param("optim.rho=0.02,0.2,2").choices == (0.02, 0.2, 2)
     assert tune.parse_param("optim.method_kwargs.gasam.alpha=cat:-1,1").choices == (-1, 1)
+    assert tune.parse_param("optim.rho=.5,1e-3").choices == (0.5, 0.001)  # not TOML, still numbers
+    assert tune.parse_param("model.arch=gpt,lstm").choices == ("gpt", "lstm")
+    assert tune.parse_param("train.compile=true,false").choices == (True, False)
     for bad, says in [
+        ("optim.rho=log:0.01:inf", "finite"),
+        ("optim.lr=1,1.0", "listed twice"),
+        ("optim.lr=0.1,1e-1", "listed twice"),
         ("optim.rho=log:1:0.1", "empty or inverted range"),
         ("optim.rho=log:1:1", "empty or inverted range"),
         ("optim.rho=log:0:1", "LOW > 0"),

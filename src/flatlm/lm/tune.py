@@ -101,10 +101,18 @@ class Param:
 
 
 def _value(raw: str) -> Any:
+    """A listed value: an int, a float as Python writes it (``.5``, ``1e-3``, which TOML does
+    not all take), else a TOML value (``true``), else the text itself."""
+    text = raw.strip()
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
-        return tomllib.loads(f"v = {raw.strip()}")["v"]
+        return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return raw.strip()
+        return text
 
 
 def parse_param(item: str) -> Param:
@@ -122,7 +130,9 @@ def parse_param(item: str) -> Param:
             low, high = (float(b) for b in bounds)
         except ValueError:
             raise ConfigError(f"--param {item!r}: LOW and HIGH must be numbers") from None
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ConfigError(f"--param {item!r}: LOW and HIGH must be finite numbers")
+        if low >= high:
             raise ConfigError(
                 f"--param {item!r}: empty or inverted range (LOW {low:g} must be below HIGH {high:g})"
             )
@@ -135,7 +145,7 @@ def parse_param(item: str) -> Param:
     choices = tuple(_value(v) for v in values.split(",") if v.strip())
     if not choices:
         raise ConfigError(f"--param {item!r}: no values to choose from")
-    if len(set(map(repr, choices))) != len(choices):
+    if len({(type(c) in (int, float), c) for c in choices}) != len(choices):  # 1 and 1.0 too
         raise ConfigError(f"--param {item!r}: a value is listed twice")
     return Param(key, "cat", choices=choices)
 
