@@ -170,6 +170,14 @@ def test_bad_input_is_one_line_before_anything_runs(corpus_file, tmp_path, capsy
     assert not (out / "trials").exists()
 
 
+def test_a_report_from_a_journal_that_is_not_there_creates_nothing(tmp_path, capsys):
+    path = tmp_path / "typo" / "study.jornal"
+    argv = ["report", "--storage", str(path), "--study", "s", "--out", str(tmp_path / "r")]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert "no such journal file" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "r").exists()
+
+
 def test_a_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     monkeypatch.delitem(sys.modules, "flatlm.lm.study")

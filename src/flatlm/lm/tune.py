@@ -1021,6 +1021,8 @@ def _plot_search(
 
 def report_from_storage(url: str, group: str, out: str | Path) -> dict[str, Any]:
     """``flatlm report --storage URL --study NAME``: the reports from the storage alone."""
+    if "://" not in url and not Path(url).is_file():  # a journal to read, never to create
+        raise st.StudyError(f"--storage {url}: no such journal file (a study's study.journal)")
     storage = st.open_storage(url, Path(out))
     names = st.study_names(storage, group)
     if not names:
