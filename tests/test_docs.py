@@ -235,6 +235,15 @@ def _flatlm(argv: list[str], where: str, *, run: bool) -> None:
     except SystemExit as e:
         raise DocExampleError(f"{where}: `flatlm {shlex.join(argv)}` does not parse") from e
     if not run:
+        study = args.command == "tune" or (
+            args.command == "compare" and (args.tune or args.storage)
+        )
+        if study:  # checked as the command checks it: make_job, each method with its space
+            try:
+                cli.study_job(args, compare=args.command == "compare")
+            except Exception as e:
+                raise DocExampleError(f"{where}: `flatlm {shlex.join(argv)}`: {e}") from e
+            return
         extra = {
             "train": lambda: {"optim.method": args.method, "train.seed": args.seed},
             "compare": lambda: {
@@ -242,7 +251,6 @@ def _flatlm(argv: list[str], where: str, *, run: bool) -> None:
                 "compare.seeds": args.seeds,
                 "compare.jobs": args.jobs,
             },
-            "tune": lambda: {"train.seed": args.seed},
         }.get(args.command)
         if extra is not None:
             try:

@@ -323,9 +323,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return _study_command(args, compare=False)
 
 
-def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
-    """`flatlm tune`, and `flatlm compare --tune/--storage`: runs handed out by a study."""
-    from flatlm.lm.tune import make_job, run
+def study_job(args: argparse.Namespace, *, compare: bool) -> tuple[Any, int]:
+    """The job of `flatlm tune` or `flatlm compare --tune/--storage`, every input checked (a
+    ConfigError or StudyError naming it), and its number of local workers."""
+    from flatlm.lm.tune import make_job
 
     if compare:
         cfg = _load(args, {"compare.seeds": args.seeds, "compare.jobs": args.jobs})
@@ -356,6 +357,14 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
         jobs=jobs,
         tune=not compare or args.tune,
     )
+    return job, jobs
+
+
+def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
+    """`flatlm tune`, and `flatlm compare --tune/--storage`: runs handed out by a study."""
+    from flatlm.lm.tune import run
+
+    job, jobs = study_job(args, compare=compare)
     report = run(job, jobs=jobs)
     print(report["table"], end="")
     if report["stopped"]:
