@@ -682,6 +682,27 @@ def _long_record(steps: int) -> dict:
     return {"result": result, "metrics": metrics, "config": config}
 
 
+def test_a_rerun_keeps_its_slot_against_a_duplicate_enqueued_while_it_was_requeued(
+    storage_url, tmp_path
+):
+    """A trial going back to the queue is failed, then its re-run enqueued; another worker's
+    add_slots in between enqueues the slot again. The re-run (which resumes from the
+    checkpoint) must keep the slot and the duplicate be dropped, not the other way round."""
+    storage = st.open_storage(storage_url, tmp_path, heartbeat_s=1)
+    study = st.open_study(storage, "g/runs")
+    st.add_slots(study, [{"slot": "a"}])
+    trial = st.pop_trial(study)
+    trial.set_user_attr("resume_dir", "somewhere")
+    frozen = study.tell(trial, state=st.TrialState.FAIL)  # requeue's first write
+    assert st.add_slots(study, [{"slot": "a"}]) == 1  # the other worker, in the window
+    st._Retry(inherit_intermediate_values=True)(study, frozen)  # requeue's second write
+    kept = st.pop_trial(study)
+    assert kept.user_attrs["resume_dir"] == "somewhere"
+    assert st.pop_trial(study) is None  # the duplicate, dropped unrun
+    states = {t.number: (t.state.name, t.user_attrs.get("dropped")) for t in study.get_trials()}
+    assert states[1] == ("FAIL", f"slot 'a' is trial {kept.number}'s"), states
+
+
 def test_a_long_record_is_stored_in_chunks_a_mysql_column_holds(storage_url, tmp_path):
     """A record of > 200 kB round-trips exactly through the storage, read from it alone, and no
     stored attribute exceeds what a MySQL TEXT column holds (a database stores each as its

@@ -266,7 +266,7 @@ def pop_trial(study: Any, sampler_for: Callable[[int], Any] | None = None) -> An
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     # Re-runs first (a trial interrupted or left by a dead worker), then in enqueue order: a
     # study stopped and continued runs its trials in the order of one never stopped.
-    waiting.sort(key=lambda t: ("failed_trial" not in t.system_attrs, t.number))
+    waiting.sort(key=_pop_order)
     for t in waiting:
         if not claim(storage, t._trial_id):
             continue
@@ -306,14 +306,21 @@ def beat_once(storage: BaseStorage, trial_id: int) -> None:
         storage.record_heartbeat(trial_id)
 
 
+def _pop_order(t: FrozenTrial) -> tuple[bool, int]:
+    """Re-runs first (they may resume from a checkpoint), then in enqueue order."""
+    return ("failed_trial" not in t.system_attrs, t.number)
+
+
 def _slot_holder(study: Any, trial: FrozenTrial) -> int | None:
-    """The number of another trial that already holds this trial's slot, if any."""
+    """The number of another trial that already holds this trial's slot, if any: one running
+    or finished, or one waiting before it in pop order (so of a re-run and a duplicate
+    enqueued while it was being re-enqueued, the re-run, which holds the checkpoint, is kept)."""
     slot = trial.user_attrs.get("slot")
     for t in study.get_trials(deepcopy=False):
         if t.number == trial.number or t.user_attrs.get("slot") != slot:
             continue
         if t.state in (TrialState.RUNNING, *FINISHED) or (
-            t.state == TrialState.WAITING and t.number < trial.number
+            t.state == TrialState.WAITING and _pop_order(t) < _pop_order(trial)
         ):
             return t.number
     return None
