@@ -376,7 +376,7 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
     if report["failed"]:
         n = len(report["failed"])
         print(
-            f"flatlm {'compare' if compare else 'tune'}: error: {n} trial{'s' * (n > 1)} raised "
+            f"flatlm {'compare' if compare else 'tune'}: error: {n} trial{'s' * (n > 1)} failed "
             f"({'; '.join(report['failed'])}); fix the cause, then the same command runs "
             f"{'them' if n > 1 else 'it'} again",
             file=sys.stderr,

@@ -264,7 +264,7 @@ def test_a_trial_that_raises_in_a_worker_fails_the_command(corpus_file, tmp_path
                     train__steps="4")[3:]  # fmt: skip
     assert cli.main([*argv, "--out", str(tmp_path / "t")]) == cli.EXIT_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(err) == 1 and "1 trial raised" in err[0] and "block_size+1 = 100001" in err[0], err
+    assert len(err) == 1 and "1 trial failed" in err[0] and "block_size+1 = 100001" in err[0], err
     assert (tmp_path / "t" / "best_sam.yaml").is_file()  # the trial that ran is reported
 
 
@@ -297,7 +297,7 @@ def test_a_comparison_whose_tuning_trial_raised_ends_instead_of_waiting(corpus_f
                     "none", "--jobs", "2", "--quiet", "--out", str(tmp_path), train__steps="4")  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
     assert done.returncode == cli.EXIT_FAILED, done.stderr[-2000:]
-    assert "1 trial raised" in done.stderr and "block_size+1 = 100001" in done.stderr
+    assert "1 trial failed" in done.stderr and "block_size+1 = 100001" in done.stderr
     runs = {t.user_attrs["slot"]: t.state for t in _trials(tmp_path, "compare/runs")}
     assert runs == {"adamw s0": st.TrialState.COMPLETE}
 
