@@ -374,11 +374,9 @@ def _study_command(args: argparse.Namespace, *, compare: bool) -> int:
     if report["files"]:
         print("wrote " + ", ".join(report["files"]))
     if report["failed"]:
-        n = len(report["failed"])
         print(
-            f"flatlm {'compare' if compare else 'tune'}: error: {n} trial{'s' * (n > 1)} failed "
-            f"({'; '.join(report['failed'])}); fix the cause, then the same command runs "
-            f"{'them' if n > 1 else 'it'} again",
+            f"flatlm {'compare' if compare else 'tune'}: error: not everything ran "
+            f"({'; '.join(report['failed'])}); fix the cause, then the same command continues",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -695,13 +695,13 @@ def run(job: Job, *, jobs: int = 1, stream: TextIO | None = None) -> dict[str, A
     progress.update()
     multi = jobs > 1
     stop: Flag = SharedFlag(mp.get_context("spawn")) if multi else threading.Event()
-    aborted = False
+    aborted, crashed = False, []
     try:
         with stop_on_signals(stop):
             prepare_corpus(config_from_dict(job.base).data)  # tokenise once, before workers
             if not done(job, studies) and not stop.is_set():
                 if multi:
-                    _run_workers(job, jobs, stop, progress)
+                    crashed = _run_workers(job, jobs, stop, progress)
                 else:
                     work(job, stop, on_trial=progress.update)
     except KeyboardInterrupt:
@@ -713,8 +713,11 @@ def run(job: Job, *, jobs: int = 1, stream: TextIO | None = None) -> dict[str, A
             "stopped: running trials wrote a checkpoint and went back to the queue; the same "
             "command continues the study" + (" (a second interrupt killed them)" if aborted else "")
         )
-    # With one worker an error in a trial is raised here; with several it ended a worker.
+    # With one worker an error is raised here; with several it ended a worker: a slot left
+    # failed names it, else the worker's exit code (its traceback went to stderr).
     failed = [] if stopped else st.failed_slots(storage, job.group)
+    if crashed and not stopped and not failed:
+        failed = [f"{len(crashed)} worker process(es) ended with exit codes {crashed} (see above)"]
     recs = st.records(storage, job.group)
     if not any(recs.values()):
         return {"stopped": stopped, "files": [], "best": {}, "table": "", "failed": failed}
@@ -729,7 +732,7 @@ def _trials_text(job: Job) -> str:
     return f"{job.trials} trials each"
 
 
-def _run_workers(job: Job, jobs: int, stop: Flag, progress: Progress) -> None:
+def _run_workers(job: Job, jobs: int, stop: Flag, progress: Progress) -> list[int]:
     """``jobs`` spawned workers on the same storage (:func:`flatlm.lm._process.run_workers`, the
     pool ``flatlm compare`` uses too); the parent prints their trials. A worker that dies leaves
     its trial to the heartbeat (the others re-run it); a second interrupt kills them all."""
@@ -737,6 +740,7 @@ def _run_workers(job: Job, jobs: int, stop: Flag, progress: Progress) -> None:
     failed = [c for c in codes if c]
     if failed and not stop.is_set():
         progress.say(f"{len(failed)} worker(s) failed (exit codes {failed}); see above")
+    return failed
 
 
 class Progress:
