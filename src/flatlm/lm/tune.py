@@ -445,6 +445,20 @@ def check_meta(study: Any, job: Job) -> None:
         )
 
 
+def tuning_slots(job: Job, method: str) -> list[dict[str, Any]]:
+    """The trials ``method``'s tuning study holds: one per grid point, or ``job.trials``."""
+    if job.sampler == "grid":
+        points = grid_points(job.space(method))
+        slots = [{"slot": json.dumps(p, sort_keys=True), "params": p} for p in points]
+    else:
+        slots = [{"slot": f"{i}"} for i in range(job.trials)]
+    return [s | {"kind": "tune", "method": method, "seed": job.tune_seed} for s in slots]
+
+
+def _run_slot(method: str, seed: int) -> str:
+    return f"{method} s{seed}"
+
+
 def setup(job: Job, storage: Any) -> dict[str, Any]:
     """Create (or load and check) the group's studies and enqueue their slots; idempotent, so
     every worker on every machine may call it."""
@@ -452,15 +466,7 @@ def setup(job: Job, storage: Any) -> dict[str, Any]:
     for method in job.tuned():
         study = st.open_study(storage, job.tune_key(method), pruner=_pruner(job))
         check_meta(study, job)
-        space = job.space(method)
-        if job.sampler == "grid":
-            points = grid_points(space)
-            slots = [{"slot": json.dumps(p, sort_keys=True), "params": p} for p in points]
-        else:
-            slots = [{"slot": f"{i}"} for i in range(job.trials)]
-        for s in slots:
-            s |= {"kind": "tune", "method": method, "seed": job.tune_seed}
-        st.add_slots(study, slots)
+        st.add_slots(study, tuning_slots(job, method))
         studies[job.tune_key(method)] = study
     if job.final_seeds is not None:
         study = st.open_study(storage, job.runs_key)
@@ -484,9 +490,9 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> int:
             tune = studies[job.tune_key(method)]
             # Every slot finished, not only nothing running: a trial going back to the queue
             # (failed, its retry not yet enqueued) or one that raised may still set the best.
-            wanted = len(grid_points(job.space(method))) if job.sampler == "grid" else job.trials
-            finished = [ts for ts in st.slot_trials(tune).values() if st.finished(ts)]
-            if not st.settled(tune) or len(finished) < wanted:
+            trials = st.slot_trials(tune)
+            wanted = (s["slot"] for s in tuning_slots(job, method))
+            if not st.settled(tune) or not all(st.finished(trials.get(k, [])) for k in wanted):
                 continue
             best = best_trial(tune)
             if best is None:
@@ -496,7 +502,7 @@ def advance(job: Job, storage: Any, studies: dict[str, Any]) -> int:
                 )
             _check_runs_at(method, best, made, job)
         for seed in job.final_seeds:
-            slot = {"slot": f"{method} s{seed}", "kind": "run", "method": method, "seed": seed}
+            slot = {"slot": _run_slot(method, seed), "kind": "run", "method": method, "seed": seed}
             slot["overrides"] = dict(best.params) if best else {}
             if best is not None and seed == job.tune_seed:  # that run is the best trial
                 slot |= {"kind": "reuse", "from": [job.tune_key(method), best.number]}
@@ -509,7 +515,7 @@ def _check_runs_at(method: str, best: Any, made: dict[str, list[Any]], job: Job)
     tuning's best now (more trials since): its report would pair those runs with a best they
     never used."""
     for seed in job.final_seeds or []:
-        for t in made.get(f"{method} s{seed}", []):
+        for t in made.get(_run_slot(method, seed), []):
             used = t.user_attrs.get("overrides")
             if used is not None and used != dict(best.params):
                 raise st.StudyError(
